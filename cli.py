@@ -1,0 +1,277 @@
+"""`automodel-convert`: thin typer commands over `automodel_convert.convert`.
+
+    automodel-convert merge SRC DST      # hub id or folder -> fused checkpoint (transformers v5 layout)
+    automodel-convert split SRC DST      # fused -> the original per-expert layout
+    automodel-convert verify SRC         # there and back in a bounded-memory stream, compared bit for bit
+    automodel-convert inspect SRC        # model type, layout, plan, bytes per EP rank (--ep N)
+    automodel-convert list               # registered model types
+
+Exit codes: 0 ok, 1 verification mismatch, 2 bad input or usage (one line on stderr; `--debug` adds the traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from .convert import api
+from .convert.errors import ConvertError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reversible conversion of MoE checkpoints between per-expert and fused layouts.")
+out = Console()
+err = Console(stderr=True)
+
+Src = Annotated[str, typer.Argument(help="checkpoint folder or hub repo id (owner/name)")]
+Dst = Annotated[str, typer.Argument(help="output folder (created atomically)")]
+ModelType = Annotated[str | None, typer.Option("--model-type", help="override config.json's model_type (e.g. a remote-code wrapper of a known model)")]
+Revision = Annotated[str | None, typer.Option("--revision", help="hub revision (branch, tag or commit)")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="print the plan, write nothing")]
+MaxShard = Annotated[str, typer.Option("--max-shard-size", help="largest output shard, e.g. 5GB, 500MB, 2GiB")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace DST if it exists (atomically)")]
+Workers = Annotated[int, typer.Option("--workers", min=1, max=64, help="parallel I/O threads")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar or summary")]
+Debug = Annotated[bool, typer.Option("--debug", help="show tracebacks")]
+
+
+def _progress_factory(quiet: bool, label: str):
+    if quiet:
+        return None, None
+    prog = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+
+    def factory(total_bytes: int, _n: int):
+        task = prog.add_task(label, total=total_bytes)
+        return lambda n: prog.update(task, advance=n)
+
+    return prog, factory
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def _plan_table(res: api.ConvertResult) -> Table:
+    t = Table(title=f"plan: {res.command} {res.model_type} ({res.source_layout} -> {res.target_layout})")
+    t.add_column("output tensor (per layer)")
+    t.add_column("from", overflow="fold")
+    t.add_column("layers", justify="right")
+    t.add_column("experts", justify="right")
+    t.add_column("shape")
+    seen: dict[str, list] = {}
+    for gi in res.plan.instances:
+        row = seen.setdefault(gi.group.fused, [gi.group.fused, ", ".join(gi.group.parts), 0, gi.num_experts, gi])
+        row[2] += 1
+    for fused, parts, n, e, gi in seen.values():
+        shape = next((list(o.shape) for o in res.plan.outputs if o.group == fused), [])
+        t.add_row(fused, parts, str(n), str(e), str(shape))
+    t.add_row("(pass-through)", "keys no group matches", "", "", f"{len(res.plan.passthrough)} tensors")
+    return t
+
+
+def _summary(res: api.ConvertResult) -> Table:
+    t = Table(title=f"{res.command}: {'plan only (dry run)' if res.dry_run else 'done'}", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("model type", res.model_type)
+    t.add_row("layout", f"{res.source_layout} -> {res.target_layout}")
+    t.add_row("source", res.src)
+    t.add_row("destination", res.dst or "")
+    t.add_row("tensors", f"{res.tensors_in} -> {res.tensors_out}")
+    t.add_row("shards", f"{len(res.files_out)} ({res.files_out[0] if res.files_out else ''}{' ...' if len(res.files_out) > 1 else ''})")
+    t.add_row("bytes", _human(res.bytes_out))
+    if not res.dry_run:
+        t.add_row("time", f"{res.seconds:.2f} s ({_human(res.bytes_out / max(res.seconds, 1e-9))}/s)")
+    for note in res.notes:
+        t.add_row("note", note)
+    return t
+
+
+def _convert(cmd: str, quiet: bool, dry_run: bool, **kwargs) -> None:
+    prog, factory = _progress_factory(quiet or dry_run, cmd)
+    fn = api.merge if cmd == "merge" else api.split
+    if prog is not None:
+        with prog:
+            res = fn(progress=factory, dry_run=dry_run, **kwargs)
+    else:
+        res = fn(dry_run=dry_run, **kwargs)
+    if dry_run:
+        out.print(_plan_table(res))
+        files = Table(title="output shards")
+        files.add_column("file")
+        files.add_column("tensors", justify="right")
+        files.add_column("bytes", justify="right")
+        for f in res.file_layout.files:
+            files.add_row(f.name, str(len(f.tensors)), _human(f.nbytes))
+        out.print(files)
+    if not quiet:
+        out.print(_summary(res))
+
+
+@app.command()
+def merge(
+    src: Src,
+    dst: Dst,
+    layout: Annotated[str, typer.Option("--layout", help="fused layout: hf ([E, 2I, H], transformers v5) or transposed ([E, H, 2I], x @ W)")] = "hf",
+    model_type: ModelType = None,
+    revision: Revision = None,
+    dry_run: DryRun = False,
+    max_shard_size: MaxShard = "5GB",
+    overwrite: Overwrite = False,
+    workers: Workers = 4,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Fuse per-expert tensors into transformers v5's fused layout."""
+    _convert("merge", quiet, dry_run, src=src, dst=dst, layout=layout, model_type=model_type, revision=revision, max_shard_size=max_shard_size, overwrite=overwrite, workers=workers)
+
+
+@app.command()
+def split(
+    src: Src,
+    dst: Dst,
+    layout: Annotated[str | None, typer.Option("--layout", help="target: per_expert, hf or transposed (default: the recorded original, else the hub layout)")] = None,
+    model_type: ModelType = None,
+    revision: Revision = None,
+    dry_run: DryRun = False,
+    max_shard_size: MaxShard = "5GB",
+    overwrite: Overwrite = False,
+    workers: Workers = 4,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Split fused tensors back into the original (per-expert) layout."""
+    _convert("split", quiet, dry_run, src=src, dst=dst, layout=layout, model_type=model_type, revision=revision, max_shard_size=max_shard_size, overwrite=overwrite, workers=workers)
+
+
+@app.command()
+def verify(src: Src, model_type: ModelType = None, revision: Revision = None, quiet: Quiet = False, debug: Debug = False) -> None:
+    """Convert there and back in a bounded-memory stream and compare with the source bit for bit (exit 1 on mismatch)."""
+    prog, factory = _progress_factory(quiet, "verify")
+    if prog is not None:
+        with prog:
+            res = api.verify(src, model_type=model_type, revision=revision, progress=factory)
+    else:
+        res = api.verify(src, model_type=model_type, revision=revision)
+    if not quiet:
+        t = Table(title=f"verify: {'OK, bit-exact' if res.ok else 'MISMATCH'}", show_header=False)
+        t.add_column(style="bold")
+        t.add_column()
+        t.add_row("model type", res.model_type)
+        t.add_row("round trip", f"{res.source_layout} -> {res.via_layout} -> {res.source_layout}")
+        t.add_row("tensors", str(res.tensors))
+        t.add_row("bytes compared", _human(res.bytes_compared))
+        t.add_row("time", f"{res.seconds:.2f} s")
+        for m in res.mismatches[:20]:
+            t.add_row("mismatch", m)
+        out.print(t)
+    if not res.ok:
+        if quiet:
+            err.print(f"verify: {len(res.mismatches)} mismatch(es), first: {res.mismatches[0]}", highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+def inspect(
+    src: Src,
+    model_type: ModelType = None,
+    revision: Revision = None,
+    ep: Annotated[int | None, typer.Option("--ep", min=1, help="show the experts and bytes each of N expert-parallel ranks reads")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    debug: Debug = False,
+) -> None:
+    """Model type, detected layout, conversion plan and (with --ep) bytes per EP rank."""
+    info = api.inspect(src, model_type=model_type, revision=revision, ep=ep)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    t = Table(title=f"{info['model_type']} checkpoint", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    for k in ("source", "model_type", "family", "layout", "hub_layout", "quantization", "files", "tensors"):
+        t.add_row(k, str(info[k]))
+    t.add_row("bytes", f"{_human(info['total_bytes'])} ({_human(info['expert_bytes'])} experts)")
+    t.add_row("pass-through tensors", str(info["passthrough"]))
+    for note in info["plan"]["notes"]:
+        t.add_row("note", note)
+    out.print(t)
+    g = Table(title="expert groups")
+    for c in ("fused key", "per-expert parts", "layers", "experts", "part shape", "dtype"):
+        g.add_column(c)
+    for grp in info["groups"]:
+        g.add_row(grp["fused"], "\n".join(grp["parts"]), str(grp["instances"]), str(grp["experts"]), str(grp["part_shapes"][0]), grp["dtype"])
+    out.print(g)
+    if "ep" in info:
+        r = Table(title=f"expert parallel, ep={info['ep']['size']} (Shard(0) rule: first ranks get ceil(E/ep))")
+        for c in ("rank", "experts", "expert bytes", "non-expert bytes", "bytes read"):
+            r.add_column(c, justify="right")
+        for row in info["ep"]["ranks"]:
+            ex = f"{row['experts'][0]}-{row['experts'][1]}" if row["experts"] else "none"
+            r.add_row(str(row["rank"]), ex, _human(row["expert_bytes"]), _human(row["non_expert_bytes"]), _human(row["bytes_read"]))
+        out.print(r)
+
+
+@app.command("list")
+def list_types(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Registered model types and their layouts."""
+    from .convert.catalog import catalog_rows, render_table
+
+    rows = catalog_rows()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        out.print(render_table(rows))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        app(args=argv, prog_name="automodel-convert", standalone_mode=False)
+    except ConvertError as e:
+        if debug:
+            traceback.print_exc()
+        err.print(f"error: {e}", highlight=False, soft_wrap=True)
+        return e.exit_code
+    except typer.Exit as e:
+        return e.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted: nothing was written", highlight=False)
+        return 130
+    except Exception as e:  # usage errors (typer's bundled click) and anything unexpected
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
+            e.show()
+            return 2
+        if type(e).__name__ == "Abort":
+            err.print("aborted: nothing was written", highlight=False)
+            return 130
+        if debug:
+            raise
+        err.print(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback and report it)", highlight=False, soft_wrap=True)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def console_main() -> None:
+    sys.exit(main())

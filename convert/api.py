@@ -1,0 +1,454 @@
+"""Python API behind the CLI: merge, split, verify, inspect, and state-dict helpers for the model zoo.
+
+Contract:
+- `merge(src, dst)`: any supported checkpoint -> fused layout (`layout="fused"`, transformers v5's in-memory layout,
+  or `"transposed"`), key names as transformers v5 holds them. Records the source's shards in the sidecar.
+- `split(src, dst)`: any supported checkpoint -> the original layout recorded in its sidecar (shard names, tensor
+  order, per-file metadata), or the model type's hub layout when nothing was recorded (or `layout=` to choose).
+- `verify(src)`: plans the conversion there and back, streams both one expert at a time and compares every byte,
+  dtype, shape, name and shard assignment with the source; nothing is written.
+- `inspect(src)`: model type, detected layout, plan summary and, with `ep`, the experts and bytes each rank reads.
+All raise `ConvertError` (one line) on bad input; nothing is written on `dry_run`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from .checkpoint import Checkpoint, open_checkpoint
+from .engine import (
+    FileLayout,
+    SourceFiles,
+    parse_size,
+    piece_bytes,
+    record_original,
+    restore_layout,
+    shard_by_size,
+    write_checkpoint,
+)
+from .errors import ConvertError
+from .mapping import Layout, MoEMapping
+from .plan import LAYOUT_METADATA_KEY, Copy, OutTensor, Plan, Transform, plan_conversion
+from .registry import get_mapping
+from .safetensors_io import FileHeader, TensorInfo
+from .source import resolve_source
+
+TORCH_DTYPES = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": getattr(torch, "float8_e8m0fnu", torch.uint8),
+}
+
+
+@dataclass
+class ConvertResult:
+    command: str
+    src: str
+    dst: str | None
+    model_type: str
+    source_layout: Layout
+    target_layout: Layout
+    tensors_in: int
+    tensors_out: int
+    files_out: list[str]
+    bytes_out: int
+    seconds: float
+    dry_run: bool
+    notes: list[str] = field(default_factory=list)
+    plan: Plan | None = None
+    file_layout: FileLayout | None = None
+
+
+def _open(src: str | Path, revision: str | None, model_type: str | None) -> tuple[Checkpoint, MoEMapping, str]:
+    folder = resolve_source(str(src), revision)
+    ckpt = open_checkpoint(folder, require_config=model_type is None)
+    mt = model_type or ckpt.config.get("model_type")
+    if not isinstance(mt, str) or not mt:
+        raise ConvertError(f"{folder / 'config.json'} has no model_type; pass --model-type")
+    return ckpt, get_mapping(mt), mt
+
+
+def _layout_arg(layout: str | Layout | None, allowed: tuple[Layout, ...], option: str) -> Layout | None:
+    if layout is None or isinstance(layout, Layout):
+        return layout
+    names = {"hf": Layout.FUSED, "fused": Layout.FUSED, "transposed": Layout.TRANSPOSED, "per_expert": Layout.PER_EXPERT, "per-expert": Layout.PER_EXPERT}
+    if layout not in names or names[layout] not in allowed:
+        raise ConvertError(f"{option} {layout!r} is not one of {', '.join(str(a) for a in allowed)}")
+    return names[layout]
+
+
+def _file_metadata(layout: Layout) -> dict[str, str]:
+    meta = {"format": "pt"}
+    if layout is Layout.TRANSPOSED:
+        meta[LAYOUT_METADATA_KEY] = str(layout)
+    return meta
+
+
+def _sidecar(ckpt: Checkpoint, plan: Plan, mt: str) -> dict:
+    original = (ckpt.sidecar or {}).get("original") or record_original(ckpt)
+    source_layout = (ckpt.sidecar or {}).get("original_layout") or str(plan.source_layout)
+    return {
+        "tool": "automodel-convert",
+        "version": __version__,
+        "model_type": mt,
+        "layout": str(plan.target_layout),
+        "original_layout": source_layout,
+        "parts": {gi.group.fused_template.format(**gi.captures): [list(s) for s in gi.part_shapes] for gi in plan.instances},
+        "original": original,
+    }
+
+
+def merge(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    layout: str | Layout = "fused",
+    model_type: str | None = None,
+    revision: str | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    workers: int = 4,
+    dry_run: bool = False,
+    progress: Callable[[int, int], Callable[[int], None]] | None = None,
+) -> ConvertResult:
+    """Convert a checkpoint to the fused (or transposed) layout."""
+    target = _layout_arg(layout, (Layout.FUSED, Layout.TRANSPOSED), "--layout")
+    max_bytes = parse_size(max_shard_size)
+    t0 = time.perf_counter()
+    ckpt, mapping, mt = _open(src, revision, model_type)
+    plan = plan_conversion(ckpt, mapping, target, naming="model", model_type=mt)
+    file_layout = shard_by_size(plan.outputs, max_bytes, _file_metadata(target))
+    return _finish("merge", ckpt, plan, file_layout, dst, mt, overwrite, workers, dry_run, progress, t0, _sidecar(ckpt, plan, mt))
+
+
+def split(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    layout: str | Layout | None = None,
+    model_type: str | None = None,
+    revision: str | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    workers: int = 4,
+    dry_run: bool = False,
+    restore: bool = True,
+    progress: Callable[[int, int], Callable[[int], None]] | None = None,
+) -> ConvertResult:
+    """Convert a checkpoint back to its original layout (recorded, or the hub layout of its model type)."""
+    chosen = _layout_arg(layout, (Layout.PER_EXPERT, Layout.FUSED, Layout.TRANSPOSED), "--layout")
+    max_bytes = parse_size(max_shard_size)
+    t0 = time.perf_counter()
+    ckpt, mapping, mt = _open(src, revision, model_type)
+    recorded = (ckpt.sidecar or {}).get("original_layout")
+    target = chosen or (Layout(recorded) if recorded else (Layout.PER_EXPERT if mapping.groups and mapping.disk_layout is Layout.PER_EXPERT else mapping.disk_layout))
+    plan = plan_conversion(ckpt, mapping, target, naming="disk", model_type=mt)
+    original = (ckpt.sidecar or {}).get("original")
+    notes = []
+    if restore and original and recorded and Layout(recorded) is target:
+        file_layout = restore_layout(plan.outputs, original)
+        notes.append("restored the original shard names, tensor order and metadata recorded at merge time")
+    else:
+        file_layout = shard_by_size(plan.outputs, max_bytes, _file_metadata(target))
+        if original and restore:
+            notes.append(f"the recorded original layout is {recorded}, not {target}: sharded afresh by --max-shard-size")
+    res = _finish("split", ckpt, plan, file_layout, dst, mt, overwrite, workers, dry_run, progress, t0, None)
+    res.notes[:0] = notes
+    return res
+
+
+def _finish(cmd, ckpt, plan, file_layout, dst, mt, overwrite, workers, dry_run, progress, t0, sidecar) -> ConvertResult:
+    res = ConvertResult(
+        cmd,
+        str(ckpt.root),
+        str(dst),
+        mt,
+        plan.source_layout,
+        plan.target_layout,
+        len(ckpt.tensors),
+        len(plan.outputs),
+        [f.name for f in file_layout.files],
+        plan.total_bytes,
+        0.0,
+        dry_run,
+        list(plan.notes),
+        plan,
+        file_layout,
+    )
+    if not dry_run:
+        cb = progress(plan.total_bytes, len(plan.outputs)) if progress else None
+        write_checkpoint(plan, ckpt, Path(dst), file_layout, overwrite=overwrite, workers=workers, sidecar=sidecar, progress=cb)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+# ---------------------------------------------------------------- verify
+
+
+class PlannedReader:
+    """Reads byte ranges of a plan's OUTPUT tensors without writing them (one expert materialised at a time)."""
+
+    def __init__(self, plan: Plan, files: SourceFiles) -> None:
+        self.files = files
+        self.out = {t.name: t for t in plan.outputs}
+        self._starts = {t.name: [p.dst for p in sorted(t.pieces, key=lambda p: p.dst)] for t in plan.outputs}
+        self._sorted = {t.name: sorted(t.pieces, key=lambda p: p.dst) for t in plan.outputs}
+        self._cache: tuple[object, bytes] | None = None
+
+    def _piece(self, p: Copy | Transform, lo: int, hi: int) -> bytes:
+        if isinstance(p, Copy):
+            return self.files.read(p.key, p.src + lo, hi - lo)
+        if self._cache is None or self._cache[0] is not p:
+            self._cache = (p, piece_bytes(self.files, p))
+        return self._cache[1][lo:hi]
+
+    def read(self, key: str, off: int, n: int) -> bytes:
+        pieces, starts = self._sorted[key], self._starts[key]
+        i = max(0, bisect.bisect_right(starts, off) - 1)
+        out = bytearray()
+        pos, end = off, off + n
+        while pos < end:
+            p = pieces[i]
+            lo, hi = pos - p.dst, min(end, p.dst + p.n) - p.dst
+            out += self._piece(p, lo, hi)
+            pos = p.dst + hi
+            i += 1
+        return bytes(out)
+
+
+@dataclass
+class VerifyResult:
+    src: str
+    model_type: str
+    source_layout: Layout
+    via_layout: Layout
+    tensors: int
+    bytes_compared: int
+    mismatches: list[str]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+
+def _virtual_checkpoint(ckpt: Checkpoint, plan: Plan, sidecar: dict) -> Checkpoint:
+    tensors, pos = {}, 0
+    infos = []
+    for t in plan.outputs:
+        info = TensorInfo(t.name, t.dtype, t.shape, "<planned>", pos, t.nbytes)
+        tensors[t.name] = info
+        infos.append(info)
+        pos += t.nbytes
+    header = FileHeader("<planned>", tuple(infos), _file_metadata(plan.target_layout), 0, pos)
+    return Checkpoint(ckpt.root, {"<planned>": header}, tensors, ckpt.config, {}, sidecar)
+
+
+def verify(
+    src: str | Path,
+    *,
+    model_type: str | None = None,
+    revision: str | None = None,
+    progress: Callable[[int, int], Callable[[int], None]] | None = None,
+    window: int = 32 << 20,
+) -> VerifyResult:
+    """Convert there and back in a bounded-memory stream and compare bit for bit with the source."""
+    t0 = time.perf_counter()
+    ckpt, mapping, mt = _open(src, revision, model_type)
+    probe = plan_conversion(ckpt, mapping, Layout.FUSED, naming="model", model_type=mt)
+    src_layout = probe.source_layout
+    if src_layout is Layout.FUSED and mapping.groups:
+        via = Layout.PER_EXPERT
+    else:
+        via = Layout.FUSED
+    forward = probe if via is Layout.FUSED else plan_conversion(ckpt, mapping, via, naming="disk", model_type=mt)
+    disk_naming = src_layout is Layout.PER_EXPERT or any(mapping.to_model_key(k) != k for k in ckpt.tensors)
+    sidecar = _sidecar(ckpt, forward, mt)
+    sidecar["original_layout"] = str(src_layout)
+    sidecar["original"] = record_original(ckpt)
+    virtual = _virtual_checkpoint(ckpt, forward, sidecar)
+    back = plan_conversion(virtual, mapping, src_layout, naming="disk" if disk_naming else "model", model_type=mt)
+    mismatches: list[str] = []
+
+    # names, dtypes, shapes and shard assignment
+    out = {t.name: t for t in back.outputs}
+    if set(out) != set(ckpt.tensors):
+        lost = sorted(set(ckpt.tensors) - set(out))
+        new = sorted(set(out) - set(ckpt.tensors))
+        mismatches.append(f"key sets differ: {len(lost)} lost (e.g. {lost[:1]}), {len(new)} new (e.g. {new[:1]})")
+    try:
+        restored = restore_layout(back.outputs, sidecar["original"])
+        for f in restored.files:
+            orig = ckpt.files[f.name]
+            if [t.name for t in f.tensors] != [t.name for t in orig.tensors] or f.metadata != orig.metadata:
+                mismatches.append(f"shard {f.name}: tensor order or metadata would not be restored")
+    except ConvertError as e:
+        mismatches.append(f"shard assignment would not be restored: {e}")
+
+    files = SourceFiles(ckpt)
+    reader = PlannedReader(forward, files)
+    total = sum(t.nbytes for t in back.outputs)
+    cb = progress(total, len(back.outputs)) if progress else None
+    compared = 0
+    try:
+        for t in back.outputs:
+            orig = ckpt.tensors.get(t.name)
+            if orig is None:
+                continue
+            if (orig.dtype, orig.shape) != (t.dtype, t.shape):
+                mismatches.append(f"{t.name}: {t.dtype}{list(t.shape)} != source {orig.dtype}{list(orig.shape)}")
+                continue
+            for p in sorted(t.pieces, key=lambda p: p.dst):
+                if isinstance(p, Copy):
+                    for lo in range(0, p.n, window):
+                        n = min(window, p.n - lo)
+                        got = reader.read(p.key, p.src + lo, n)
+                        if got != files.read(t.name, p.dst + lo, n):
+                            mismatches.append(f"{t.name}: bytes {p.dst + lo}..{p.dst + lo + n} differ after the round trip")
+                            break
+                else:
+                    got = _transform_via(reader, p)
+                    if got != files.read(t.name, p.dst, p.n):
+                        mismatches.append(f"{t.name}: expert {p.expert} differs after the round trip")
+                compared += p.n
+                if cb:
+                    cb(p.n)
+    finally:
+        files.close()
+    return VerifyResult(str(ckpt.root), mt, src_layout, via, len(back.outputs), compared, mismatches, time.perf_counter() - t0)
+
+
+def _transform_via(reader: PlannedReader, p: Transform) -> bytes:
+    from .engine import transform_bytes
+
+    return transform_bytes(reader.read, p)
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def ep_ranges(num_experts: int, ep: int) -> list[range]:
+    """Experts of each EP rank under DTensor's `Shard(0)` (torch.chunk) rule: the first ranks get ceil(E/ep)."""
+    size = math.ceil(num_experts / ep)
+    return [range(min(r * size, num_experts), min((r + 1) * size, num_experts)) for r in range(ep)]
+
+
+def inspect(src: str | Path, *, model_type: str | None = None, revision: str | None = None, ep: int | None = None) -> dict:
+    ckpt, mapping, mt = _open(src, revision, model_type)
+    plan = plan_conversion(ckpt, mapping, Layout.FUSED, naming="model", model_type=mt)
+    groups: dict[str, dict] = {}
+    for gi in plan.instances:
+        g = groups.setdefault(
+            gi.group.fused,
+            {"fused": gi.group.fused, "parts": list(gi.group.parts), "instances": 0, "experts": gi.num_experts, "part_shapes": [list(s) for s in gi.part_shapes], "dtype": gi.dtype},
+        )
+        g["instances"] += 1
+    expert_bytes = sum(t.nbytes for t in plan.outputs if t.group is not None)
+    info = {
+        "source": str(ckpt.root),
+        "model_type": mt,
+        "family": mapping.family,
+        "layout": str(plan.source_layout),
+        "hub_layout": str(mapping.disk_layout) if mapping.groups else "fused (disk equals model)",
+        "files": len(ckpt.files),
+        "tensors": len(ckpt.tensors),
+        "total_bytes": ckpt.total_bytes,
+        "expert_bytes": expert_bytes,
+        "non_expert_bytes": ckpt.total_bytes - expert_bytes,
+        "groups": list(groups.values()),
+        "passthrough": len(plan.passthrough),
+        "plan": {"target": "fused", "outputs": len(plan.outputs), "notes": plan.notes},
+        "quantization": (ckpt.config.get("quantization_config") or {}).get("quant_method"),
+    }
+    if ep:
+        if ep < 1:
+            raise ConvertError("--ep must be a positive integer")
+        ranks = []
+        for r in range(ep):
+            nbytes = 0
+            experts: set[int] = set()
+            for t in plan.outputs:
+                if t.group is None:
+                    continue
+                E = t.shape[0]
+                owned = ep_ranges(E, ep)[r]
+                experts.update(owned)
+                nbytes += sum(p.n for p in t.pieces if p.expert in owned)
+            ranks.append(
+                {
+                    "rank": r,
+                    "experts": [min(experts), max(experts)] if experts else [],
+                    "num_experts": len(experts),
+                    "expert_bytes": nbytes,
+                    "non_expert_bytes": info["non_expert_bytes"],
+                    "bytes_read": nbytes + info["non_expert_bytes"],
+                }
+            )
+        info["ep"] = {"size": ep, "ranks": ranks}
+    return info
+
+
+# ---------------------------------------------------------------- state dicts for the model zoo
+
+
+def load_fused_state_dict(
+    src: str | Path, *, revision: str | None = None, model_type: str | None = None, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint (any supported layout) in transformers v5's naming and fused layout."""
+    ckpt, mapping, mt = _open(src, revision, model_type)
+    plan = plan_conversion(ckpt, mapping, Layout.FUSED, naming="model", model_type=mt)
+    files = SourceFiles(ckpt)
+    out: dict[str, torch.Tensor] = {}
+    try:
+        from .engine import tensor_from_pieces
+
+        for t in plan.outputs:
+            x = tensor_from_pieces(files, t, TORCH_DTYPES[t.dtype])
+            out[t.name] = x.to(dtype) if dtype is not None and x.is_floating_point() and x.element_size() > 1 else x
+    finally:
+        files.close()
+    return out
+
+
+def plan_summary(plan: Plan) -> dict:
+    return {
+        "source_layout": str(plan.source_layout),
+        "target_layout": str(plan.target_layout),
+        "outputs": len(plan.outputs),
+        "fused": sum(1 for t in plan.outputs if t.fused),
+        "passthrough": len(plan.passthrough),
+    }
+
+
+__all__ = [
+    "ConvertResult",
+    "OutTensor",
+    "VerifyResult",
+    "ep_ranges",
+    "inspect",
+    "load_fused_state_dict",
+    "merge",
+    "split",
+    "verify",
+]

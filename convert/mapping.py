@@ -1,0 +1,212 @@
+"""The mapping model: how a model type's checkpoint keys relate to transformers v5's fused in-memory layout.
+
+A mapping is data (see `families/`): renamings that apply to every key, plus expert groups. Nothing here touches
+tensor data.
+
+Templates are full keys with named captures:
+- `{prefix}`: any dotted path prefix, possibly empty (`model.`, `model.language_model.`, `thinker.model.`), so a
+  remote-code wrapper around a known language model still maps; the rest of its keys pass through;
+- `{layer}`, `{expert}`: decimal integers (parsed with `int`, so expert 10 sorts after expert 9);
+- `{rest}`: any non-empty remainder (renamings only).
+
+An `ExpertGroup` names, in MODEL naming (after renamings), the per-expert part keys (e.g. gate and up) and the fused
+key they become. Its canonical per-expert content is the list of parts in `F.linear` convention (`[out, in]`).
+Layouts encode that content:
+- `per_expert`: each part its own key (the hub layout);
+- `fused`: transformers v5's `[E, sum(out_p), in]`, i.e. per expert `cat(parts, 0)` (or the group's own `fused_ops`,
+  e.g. gpt_oss's transposed interleave);
+- `transposed`: the `x @ W` layout `[E, in, sum(out_p)]` (per expert the fused content transposed), which
+  torchtitan / NeMo AutoModel train with and qwen3_vl_moe hub files use.
+Renamings are inverted by swapping their two templates; the split mapping is derived, never written twice.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import cached_property
+
+from .ops import Chain, Concat, Op, Shape, Transpose
+
+_CAPTURES = {
+    "prefix": r"(?P<prefix>(?:[A-Za-z0-9_]+\.)*)",
+    "layer": r"(?P<layer>\d+)",
+    "expert": r"(?P<expert>\d+)",
+    "rest": r"(?P<rest>.+)",
+}
+_FIELD = re.compile(r"\{(\w+)\}")
+
+
+class Layout(str, Enum):
+    PER_EXPERT = "per_expert"
+    FUSED = "fused"
+    TRANSPOSED = "transposed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Template:
+    """A key template such as `{prefix}layers.{layer}.mlp.experts.{expert}.gate_proj.weight`."""
+
+    text: str
+
+    @cached_property
+    def regex(self) -> re.Pattern[str]:
+        out, pos = [], 0
+        for m in _FIELD.finditer(self.text):
+            out.append(re.escape(self.text[pos : m.start()]))
+            if m.group(1) not in _CAPTURES:
+                raise ValueError(f"unknown capture {{{m.group(1)}}} in template {self.text!r}")
+            out.append(_CAPTURES[m.group(1)])
+            pos = m.end()
+        out.append(re.escape(self.text[pos:]))
+        return re.compile("".join(out) + r"\Z")
+
+    @cached_property
+    def fields(self) -> frozenset[str]:
+        return frozenset(_FIELD.findall(self.text))
+
+    def match(self, key: str) -> dict[str, str] | None:
+        m = self.regex.match(key)
+        return m.groupdict() if m else None
+
+    def format(self, **captures: object) -> str:
+        return _FIELD.sub(lambda m: str(captures[m.group(1)]), self.text)
+
+
+@dataclass(frozen=True)
+class Rename:
+    """`disk` <-> `model` key templates with the same captures; each applies, in order, to every key it matches."""
+
+    disk: str
+    model: str
+
+    def __post_init__(self) -> None:
+        if Template(self.disk).fields != Template(self.model).fields:
+            raise ValueError(f"rename {self.disk!r} -> {self.model!r}: both sides need the same captures")
+
+
+def _apply_renames(key: str, pairs: Sequence[tuple[Template, Template]]) -> str:
+    for src, dst in pairs:
+        caps = src.match(key)
+        if caps is not None:
+            key = dst.format(**caps)
+    return key
+
+
+@dataclass(frozen=True)
+class ExpertGroup:
+    """Per-expert `parts` (model naming, with `{expert}`) that fuse into one `fused` key.
+
+    `fused_ops` turn the list of one expert's parts (F.linear `[out, in]` each) into that expert's slice of the fused
+    tensor; the default concatenates the parts along dim 0 (gate then up), giving `[E, sum(out), in]`.
+    `companions` are suffix pairs for tensors that fuse by the same rule: the block-FP8 scale grid
+    `...gate_proj.weight_scale_inv` -> `...gate_up_proj_scale_inv`.
+    """
+
+    fused: str
+    parts: tuple[str, ...]
+    fused_ops: tuple[Op, ...] | None = None
+    companions: tuple[tuple[str, str], ...] = ((".weight_scale_inv", "_scale_inv"),)
+
+    @cached_property
+    def fused_template(self) -> Template:
+        return Template(self.fused)
+
+    @cached_property
+    def part_templates(self) -> tuple[Template, ...]:
+        return tuple(Template(p) for p in self.parts)
+
+    def ops_for(self, layout: Layout) -> tuple[Op, ...]:
+        """Ops from the canonical list of parts to one expert's slice of the fused tensor in `layout`."""
+        base = self.fused_ops if self.fused_ops is not None else ((Concat(0),) if len(self.parts) > 1 else ())
+        if layout is Layout.FUSED:
+            return base
+        if layout is Layout.TRANSPOSED:
+            return base + (Transpose(0, 1),)
+        raise ValueError(f"no fused ops for layout {layout}")
+
+    def chain(self, layout: Layout, part_shapes: Sequence[Shape]) -> Chain:
+        return Chain.bind(self.ops_for(layout), part_shapes)
+
+    def variants(self) -> list[ExpertGroup]:
+        """This group and one per companion (same rule, suffixed keys)."""
+        out = [self]
+        for part_suffix, fused_suffix in self.companions:
+            if all(p.endswith(".weight") for p in self.parts):
+                out.append(
+                    ExpertGroup(
+                        fused=self.fused + fused_suffix,
+                        parts=tuple(p[: -len(".weight")] + part_suffix for p in self.parts),
+                        fused_ops=self.fused_ops,
+                        companions=(),
+                    )
+                )
+        return out
+
+
+def swiglu_groups(experts: str = "{prefix}layers.{layer}.mlp.experts", gate: str = "gate_proj", up: str = "up_proj", down: str = "down_proj") -> tuple[ExpertGroup, ...]:
+    """The common pair: `gate|up -> gate_up_proj [E, 2I, H]`, `down -> down_proj [E, H, I]`."""
+    return (
+        ExpertGroup(f"{experts}.gate_up_proj", (f"{experts}.{{expert}}.{gate}.weight", f"{experts}.{{expert}}.{up}.weight")),
+        ExpertGroup(f"{experts}.down_proj", (f"{experts}.{{expert}}.{down}.weight",)),
+    )
+
+
+@dataclass(frozen=True)
+class MoEMapping:
+    """Everything the converter knows about one model type.
+
+    - `renames`: disk key -> model key templates, applied in order to every key.
+    - `groups`: expert groups in model naming. Empty when the hub layout already is the model's layout.
+    - `disk_layout`: how hub checkpoints of this type store the groups (`per_expert`, or `fused`/`transposed`).
+    - `expert_tensors`: model-naming templates of other tensors with a leading expert dim (biases, MXFP4 blocks),
+      which expert parallelism shards like the fused weights.
+    - `num_experts_fields` / `intermediate_fields`: config fields giving E and I (first present wins).
+    """
+
+    model_type: str
+    family: str
+    groups: tuple[ExpertGroup, ...] = ()
+    renames: tuple[Rename, ...] = ()
+    disk_layout: Layout = Layout.PER_EXPERT
+    expert_tensors: tuple[str, ...] = ()
+    num_experts_fields: tuple[str, ...] = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+    intermediate_fields: tuple[str, ...] = ("moe_intermediate_size", "intermediate_size")
+    aliases: tuple[str, ...] = ()
+    text_config_field: str | None = None  # multimodal configs keep the MoE fields under e.g. `text_config`
+    notes: str = ""
+    extra: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
+
+    @cached_property
+    def _rename_pairs(self) -> tuple[tuple[Template, Template], ...]:
+        return tuple((Template(r.disk), Template(r.model)) for r in self.renames)
+
+    def to_model_key(self, disk_key: str) -> str:
+        return _apply_renames(disk_key, self._rename_pairs)
+
+    def to_disk_key(self, model_key: str) -> str:
+        return _apply_renames(model_key, tuple((b, a) for a, b in reversed(self._rename_pairs)))
+
+    @cached_property
+    def all_groups(self) -> tuple[ExpertGroup, ...]:
+        return tuple(v for g in self.groups for v in g.variants())
+
+    @property
+    def fused_on_disk(self) -> bool:
+        return self.disk_layout is not Layout.PER_EXPERT or not self.groups
+
+    def config_value(self, config: dict, fields: Sequence[str]) -> int | None:
+        for src in (config, config.get(self.text_config_field or "", None) or {}):
+            for f in fields:
+                v = src.get(f)
+                if isinstance(v, int) and not isinstance(v, bool):
+                    return v
+        return None
+
+    def num_experts(self, config: dict) -> int | None:
+        return self.config_value(config, self.num_experts_fields)

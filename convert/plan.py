@@ -1,0 +1,363 @@
+"""Conversion plans, built from safetensors headers alone.
+
+Contract: `plan_conversion(ckpt, mapping, target)` describes every output tensor of converting checkpoint `ckpt`
+into `target` layout as a list of pieces that exactly tile the tensor's bytes:
+- `Copy(key, src, n, dst)`: output bytes `[dst, dst+n)` are source tensor `key`'s bytes `[src, src+n)`;
+- `Transform(inputs, chain, select, dst, n)`: output bytes are `chain(inputs)[select]` for one expert, where the
+  inputs are byte ranges of source tensors viewed with their shapes (ops only move elements: bit-exact).
+Every source key is consumed exactly once; keys that no expert group matches pass through (renamed only).
+Pieces carry their expert index, so expert parallelism can read just one rank's experts.
+
+Layout detection: a checkpoint is `per_expert` when its keys match the groups' part templates, `fused`/`transposed`
+when they match the fused templates (which of the two comes from the recorded sidecar/metadata or, for hub files,
+the type's declared disk layout; never from shapes). Mixed or partial layouts are errors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from .checkpoint import Checkpoint
+from .errors import ConvertError, MappingError
+from .mapping import ExpertGroup, Layout, MoEMapping
+from .ops import Chain, Shape
+from .safetensors_io import DTYPE_SIZES
+
+LAYOUT_METADATA_KEY = "automodel_convert.layout"
+
+
+@dataclass(frozen=True)
+class Copy:
+    key: str
+    src: int
+    n: int
+    dst: int
+    expert: int | None = None
+
+
+@dataclass(frozen=True)
+class Transform:
+    inputs: tuple[tuple[str, int, int, Shape], ...]  # (source key, byte offset, nbytes, shape)
+    chain: Chain
+    select: int
+    itemsize: int
+    dst: int
+    n: int
+    expert: int | None = None
+
+
+Piece = Copy | Transform
+
+
+@dataclass
+class OutTensor:
+    name: str
+    dtype: str
+    shape: Shape
+    pieces: list[Piece]
+    group: str | None = None  # fused template of the group this tensor belongs to (None: pass-through)
+    fused: bool = False  # True when dim 0 is the expert dim of a fused tensor
+    sources: tuple[str, ...] = ()  # source keys consumed
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+@dataclass
+class GroupInstance:
+    """One group in one layer: the experts' part keys (per-expert source) or the fused key (fused source)."""
+
+    group: ExpertGroup
+    captures: dict[str, str]
+    num_experts: int
+    part_shapes: list[Shape]
+    dtype: str
+    parts: dict[int, list[str]] = field(default_factory=dict)  # expert -> part keys (per-expert source)
+    fused_key: str | None = None  # fused source
+
+
+@dataclass
+class Plan:
+    model_type: str
+    mapping: MoEMapping
+    source_layout: Layout
+    target_layout: Layout
+    outputs: list[OutTensor]
+    instances: list[GroupInstance]
+    passthrough: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.outputs)
+
+    def expert_bytes(self) -> int:
+        return sum(t.nbytes for t in self.outputs if t.group is not None)
+
+
+def _layout_from_records(ckpt: Checkpoint) -> Layout | None:
+    if ckpt.sidecar and ckpt.sidecar.get("layout"):
+        return Layout(ckpt.sidecar["layout"])
+    for h in ckpt.files.values():
+        if h.metadata and LAYOUT_METADATA_KEY in h.metadata:
+            return Layout(h.metadata[LAYOUT_METADATA_KEY])
+    return None
+
+
+def _fmt_keys(keys: list[str], n: int = 2) -> str:
+    return ", ".join(repr(k) for k in keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def _chunk_shapes(group: ExpertGroup, layout: Layout, expert_shape: Shape, recorded: list | None, key: str) -> list[Shape]:
+    """Part shapes of one expert of a fused tensor: recorded by us, or equal chunks of the fused output dim."""
+    if recorded is not None:
+        return [tuple(s) for s in recorded]
+    n = len(group.parts)
+    if len(expert_shape) != 2:
+        raise MappingError(f"fused tensor {key!r} has expert shape {list(expert_shape)}; expected 2 dims")
+    out_dim = 0 if layout is Layout.FUSED else 1
+    total = expert_shape[out_dim]
+    if total % n:
+        raise MappingError(f"fused tensor {key!r}: dim {out_dim + 1} ({total}) does not split into {n} equal parts; the checkpoint is not in the {layout} layout")
+    # Canonical parts are F.linear [out, in]; the fused layouts are cat(parts, 0) (+ a transpose).
+    inner = expert_shape[1 - out_dim]
+    base = [(total // n, inner)] * n
+    chain = group.chain(layout, base)
+    if chain.out_shapes(base)[0] != tuple(expert_shape):
+        raise MappingError(f"fused tensor {key!r}: shape {list(expert_shape)} does not fit the {layout} layout of its group")
+    return base
+
+
+def plan_conversion(
+    ckpt: Checkpoint, mapping: MoEMapping, target: Layout, *, naming: str = "model", model_type: str | None = None
+) -> Plan:
+    """Plan converting `ckpt` (any supported layout) into `target` layout.
+
+    `naming="model"` names outputs as transformers v5 holds them (merge); `naming="disk"` restores the hub's key
+    names (split). A `per_expert` target always uses hub naming.
+    """
+    if naming not in ("model", "disk"):
+        raise ValueError(f"naming must be 'model' or 'disk', not {naming!r}")
+    disk_names = naming == "disk" or target is Layout.PER_EXPERT
+    model_type = model_type or mapping.model_type
+    groups = mapping.all_groups
+    # 1. rename every key into model naming; the renaming must be invertible on this key set
+    model_keys: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for key in ckpt.tensors:
+        mk = mapping.to_model_key(key)
+        back = mapping.to_disk_key(mk)
+        if back != key and mapping.to_model_key(back) != mk:
+            raise MappingError(f"key {key!r} renames to {mk!r}, which does not rename back; the {model_type} mapping cannot convert this checkpoint")
+        if mk in seen:
+            raise MappingError(f"keys {seen[mk]!r} and {key!r} both map to {mk!r}; the checkpoint mixes naming schemes")
+        seen[mk] = key
+        model_keys[key] = mk
+
+    # 2. match expert groups
+    per_expert: dict[tuple[int, tuple], dict[int, dict[int, str]]] = defaultdict(lambda: defaultdict(dict))
+    fused_keys: dict[tuple[int, tuple], str] = {}
+    group_of: dict[str, tuple[int, tuple]] = {}
+    for key, mk in model_keys.items():
+        for gi, g in enumerate(groups):
+            hit = False
+            for pi, tpl in enumerate(g.part_templates):
+                caps = tpl.match(mk)
+                if caps is not None:
+                    e = int(caps.pop("expert"))
+                    inst = (gi, tuple(sorted(caps.items())))
+                    slot = per_expert[inst][e]
+                    if pi in slot:
+                        raise MappingError(
+                            f"expert {e} appears twice in {g.fused_template.format(**caps)!r}: {slot[pi]!r} and {key!r}; remove the duplicate"
+                        )
+                    slot[pi] = key
+                    group_of[key] = inst
+                    hit = True
+                    break
+            if hit:
+                break
+            caps = g.fused_template.match(mk)
+            if caps is not None:
+                inst = (gi, tuple(sorted(caps.items())))
+                fused_keys[inst] = key
+                group_of[key] = inst
+                break
+
+    if per_expert and fused_keys:
+        a = next(iter(per_expert.values()))
+        a_key = next(iter(next(iter(a.values())).values()))
+        raise MappingError(
+            f"the checkpoint mixes per-expert keys ({a_key!r}) and fused keys ({next(iter(fused_keys.values()))!r}); convert it from a consistent copy"
+        )
+    recorded = _layout_from_records(ckpt)
+    if per_expert:
+        source_layout = Layout.PER_EXPERT
+    elif fused_keys:
+        source_layout = recorded or (mapping.disk_layout if mapping.disk_layout is not Layout.PER_EXPERT else Layout.FUSED)
+        if source_layout is Layout.PER_EXPERT:
+            source_layout = Layout.FUSED
+    else:
+        source_layout = recorded or (Layout.PER_EXPERT if mapping.groups and mapping.disk_layout is Layout.PER_EXPERT else mapping.disk_layout)
+        if mapping.groups:
+            raise MappingError(
+                f"no expert tensors of model_type {model_type!r} found (expected keys like {mapping.groups[0].parts[0]!r} or {mapping.groups[0].fused!r}); check --model-type"
+            )
+
+    cfg_experts = mapping.num_experts(ckpt.config)
+    recorded_parts: dict[str, list] = (ckpt.sidecar or {}).get("parts", {}) if ckpt.sidecar else {}
+
+    # 3. group instances with validation
+    instances: list[GroupInstance] = []
+    first_key_of_inst: dict[tuple[int, tuple], str] = {}
+    if per_expert:
+        for inst, experts in per_expert.items():
+            g = groups[inst[0]]
+            caps = dict(inst[1])
+            fused_name = g.fused_template.format(**caps)
+            present = sorted(experts)
+            n_exp = cfg_experts if cfg_experts is not None else present[-1] + 1
+            missing = [e for e in range(n_exp) if e not in experts]
+            extra = [e for e in present if e >= n_exp]
+            if missing or extra:
+                what = f"missing expert(s) {missing[:5]}" if missing else f"expert index(es) {extra[:5]} beyond num_experts={n_exp}"
+                raise MappingError(f"{fused_name!r}: {what} (found {len(present)} of {n_exp}); the checkpoint is incomplete or its config is wrong")
+            shapes: list[Shape] | None = None
+            dtype = None
+            for e in range(n_exp):
+                slot = experts[e]
+                if len(slot) != len(g.parts):
+                    miss = [g.part_templates[p].format(**caps, expert=e) for p in range(len(g.parts)) if p not in slot]
+                    raise MappingError(f"{fused_name!r}: expert {e} lacks {_fmt_keys(miss)}; the checkpoint is incomplete")
+                infos = [ckpt.tensors[slot[p]] for p in range(len(g.parts))]
+                s = [t.shape for t in infos]
+                if shapes is None:
+                    shapes, dtype = s, infos[0].dtype
+                    ref_key = slot[0]
+                if s != shapes or any(t.dtype != dtype for t in infos):
+                    bad = next(t for t in infos if t.shape not in shapes or t.dtype != dtype)
+                    raise MappingError(
+                        f"experts of {fused_name!r} differ: {bad.name!r} is {bad.dtype}{list(bad.shape)} but {ref_key!r} is {dtype}{list(shapes[0])}; the checkpoint is inconsistent"
+                    )
+            try:
+                g.chain(Layout.FUSED, shapes)
+            except ValueError as e:
+                raise MappingError(f"{fused_name!r}: parts cannot be fused ({e})") from e
+            gi = GroupInstance(g, caps, n_exp, shapes, dtype, parts={e: [experts[e][p] for p in range(len(g.parts))] for e in range(n_exp)})
+            instances.append(gi)
+            first_key_of_inst[inst] = min((k for e in experts.values() for k in e.values()), key=_order_index(ckpt))
+    else:
+        for inst, key in fused_keys.items():
+            g = groups[inst[0]]
+            caps = dict(inst[1])
+            info = ckpt.tensors[key]
+            if len(info.shape) < 2:
+                raise MappingError(f"fused tensor {key!r} has shape {list(info.shape)}; expected [experts, ...]")
+            n_exp = info.shape[0]
+            if cfg_experts is not None and n_exp != cfg_experts:
+                raise MappingError(f"fused tensor {key!r} holds {n_exp} experts but the config says {cfg_experts}; the checkpoint and config disagree")
+            fused_model_name = g.fused_template.format(**caps)
+            shapes = _chunk_shapes(g, source_layout, info.shape[1:], recorded_parts.get(fused_model_name), key)
+            instances.append(GroupInstance(g, caps, n_exp, shapes, info.dtype, fused_key=key))
+            first_key_of_inst[inst] = key
+
+    # 4. outputs, in source order
+    order = _order_index(ckpt)
+    inst_by_first = {first_key_of_inst[i]: inst for i, inst in zip(first_key_of_inst, instances)}
+    outputs: list[OutTensor] = []
+    passthrough: list[str] = []
+    for key in sorted(ckpt.tensors, key=order):
+        if key in group_of:
+            if key in inst_by_first:
+                outputs.extend(_emit_instance(mapping, inst_by_first[key], source_layout, target, disk_names))
+            continue
+        info = ckpt.tensors[key]
+        name = mapping.to_disk_key(model_keys[key]) if disk_names else model_keys[key]
+        outputs.append(OutTensor(name, info.dtype, info.shape, [Copy(key, 0, info.nbytes, 0)], sources=(key,)))
+        passthrough.append(key)
+
+    names = [t.name for t in outputs]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise MappingError(f"two outputs would be named {dup!r}; the {model_type} mapping does not fit this checkpoint")
+    for t in outputs:
+        _check_tiling(t)
+    plan = Plan(model_type, mapping, source_layout, target, outputs, instances, passthrough)
+    if source_layout is target:
+        plan.notes.append(f"the checkpoint is already in the {target} layout: tensors are copied through unchanged")
+    return plan
+
+
+def _order_index(ckpt: Checkpoint):
+    files = {f: i for i, f in enumerate(ckpt.files)}
+    return lambda k: (files[ckpt.tensors[k].file], ckpt.tensors[k].start)
+
+
+def _emit_instance(mapping: MoEMapping, gi: GroupInstance, src: Layout, dst: Layout, disk_names: bool) -> list[OutTensor]:
+    g, caps, E = gi.group, gi.captures, gi.num_experts
+    itemsize = DTYPE_SIZES[gi.dtype]
+    part_nbytes = [math.prod(s) * itemsize for s in gi.part_shapes]
+    expert_nbytes = sum(part_nbytes)
+
+    # How to get part p of expert e from the source: a byte range, or a Transform of the source's expert slice.
+    def part_source(e: int, p: int) -> tuple[str, int, int] | None:
+        if src is Layout.PER_EXPERT:
+            return (gi.parts[e][p], 0, part_nbytes[p])
+        decode = g.chain(src, gi.part_shapes).inverse()
+        if decode.is_byte_concat():
+            return (gi.fused_key, e * expert_nbytes + sum(part_nbytes[:p]), part_nbytes[p])
+        return None
+
+    def expert_slice_input(e: int) -> tuple[str, int, int, Shape]:
+        shape = g.chain(src, gi.part_shapes).out_shapes(gi.part_shapes)[0]
+        return (gi.fused_key, e * expert_nbytes, expert_nbytes, shape)
+
+    sources = tuple(k for e in range(E) for k in gi.parts[e]) if src is Layout.PER_EXPERT else (gi.fused_key,)
+    if dst is Layout.PER_EXPERT:
+        outs = []
+        decode = None if src is Layout.PER_EXPERT else g.chain(src, gi.part_shapes).inverse()
+        for e in range(E):
+            for p, tpl in enumerate(g.part_templates):
+                name = mapping.to_disk_key(tpl.format(**caps, expert=e))
+                rng = part_source(e, p)
+                if rng is not None:
+                    piece: Piece = Copy(rng[0], rng[1], rng[2], 0, e)
+                else:
+                    piece = Transform((expert_slice_input(e),), decode, p, itemsize, 0, part_nbytes[p], e)
+                outs.append(OutTensor(name, gi.dtype, gi.part_shapes[p], [piece], g.fused, False, sources))
+        return outs
+
+    encode = g.chain(dst, gi.part_shapes)
+    expert_shape = encode.out_shapes(gi.part_shapes)[0]
+    pieces: list[Piece] = []
+    for e in range(E):
+        base = e * expert_nbytes
+        ranges = [part_source(e, p) for p in range(len(g.parts))]
+        if all(r is not None for r in ranges) and encode.is_byte_concat():
+            off = base
+            for r in ranges:
+                pieces.append(Copy(r[0], r[1], r[2], off, e))
+                off += r[2]
+        elif all(r is not None for r in ranges):
+            inputs = tuple((r[0], r[1], r[2], gi.part_shapes[p]) for p, r in enumerate(ranges))
+            pieces.append(Transform(inputs, encode, 0, itemsize, base, expert_nbytes, e))
+        else:
+            decode = g.chain(src, gi.part_shapes).inverse()
+            pieces.append(Transform((expert_slice_input(e),), decode.then(encode), 0, itemsize, base, expert_nbytes, e))
+    name = g.fused_template.format(**caps)
+    if disk_names:
+        name = mapping.to_disk_key(name)
+    return [OutTensor(name, gi.dtype, (E, *expert_shape), pieces, g.fused, True, sources)]
+
+
+def _check_tiling(t: OutTensor) -> None:
+    pos = 0
+    for p in sorted(t.pieces, key=lambda p: p.dst):
+        if p.dst != pos:
+            raise AssertionError(f"internal error: pieces of {t.name!r} leave a gap or overlap at byte {pos}")
+        pos += p.n
+    if pos != t.nbytes:
+        raise AssertionError(f"internal error: pieces of {t.name!r} cover {pos} of {t.nbytes} bytes")

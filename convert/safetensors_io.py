@@ -1,0 +1,161 @@
+"""Safetensors headers and byte ranges, read and written without the `safetensors` package's full-file loads.
+
+Contract:
+- `read_header(path)` parses and validates one `.safetensors` file from its header alone (no tensor data is read):
+  header length inside the file, valid JSON, known dtypes, `prod(shape) * itemsize == end - begin`, offsets inside
+  the data area, no two tensors overlapping, file not truncated. Anything else raises `ConvertError` (one line).
+- `TensorInfo.start` is the ABSOLUTE byte offset of the tensor's data in its file, so a tensor's bytes are
+  `file[start : start + nbytes]`, row-major (C order), little endian, exactly as safetensors stores them.
+- `encode_header(entries, metadata)` builds a header byte string identical to what the Rust `safetensors` writer
+  produces for the same tensors in the same order (compact JSON, `__metadata__` first, padded with spaces to a
+  multiple of 8), so files we write are byte-for-byte what `safetensors.torch.save_file` would write.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConvertError
+
+# safetensors dtype name -> item size in bytes
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+}
+
+MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: `file` (name relative to the checkpoint folder), absolute `start`, `nbytes`."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+    start: int
+    nbytes: int
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_SIZES[self.dtype]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    """One parsed safetensors file: tensors in data order, its `__metadata__`, sizes."""
+
+    file: str
+    tensors: tuple[TensorInfo, ...]
+    metadata: dict[str, str] | None
+    header_len: int
+    file_size: int
+
+    @property
+    def data_start(self) -> int:
+        return 8 + self.header_len
+
+
+def read_header(path: str | os.PathLike[str], name: str | None = None) -> FileHeader:
+    """Parse and validate the header of one safetensors file (reads at most the header's bytes)."""
+    path = Path(path)
+    name = name or path.name
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ConvertError(f"{name}: truncated safetensors file ({size} bytes, the 8-byte header length is missing); re-download or re-save it")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > size - 8:
+                raise ConvertError(
+                    f"{name}: header length {header_len} is larger than the file ({size} bytes): the file is truncated or not safetensors; re-download it"
+                )
+            if header_len > MAX_HEADER_BYTES:
+                raise ConvertError(f"{name}: header of {header_len} bytes exceeds the {MAX_HEADER_BYTES}-byte safetensors limit; the file is corrupt")
+            raw = f.read(header_len)
+    except OSError as e:
+        raise ConvertError(f"{name}: cannot read ({e.strerror}); check the path and its permissions") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConvertError(f"{name}: the safetensors header is not valid JSON ({e}); the file is corrupt, re-download it") from e
+    if not isinstance(header, dict):
+        raise ConvertError(f"{name}: the safetensors header is not a JSON object; the file is corrupt, re-download it")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise ConvertError(f"{name}: `__metadata__` must map strings to strings; the file is corrupt")
+    data_start = 8 + header_len
+    data_len = size - data_start
+    infos: list[TensorInfo] = []
+    for key, entry in header.items():
+        try:
+            dtype = entry["dtype"]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConvertError(f"{name}: tensor {key!r} has a malformed header entry ({e!r}); the file is corrupt") from e
+        if dtype not in DTYPE_SIZES:
+            raise ConvertError(f"{name}: tensor {key!r} has dtype {dtype!r}, which this tool does not support ({', '.join(DTYPE_SIZES)})")
+        if any(d < 0 for d in shape) or begin < 0 or end < begin:
+            raise ConvertError(f"{name}: tensor {key!r} has invalid shape or offsets {list(shape)} {[begin, end]}; the file is corrupt")
+        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+        if end - begin != nbytes:
+            raise ConvertError(
+                f"{name}: tensor {key!r} spans {end - begin} bytes but {dtype}{list(shape)} needs {nbytes}; the file is corrupt"
+            )
+        if end > data_len:
+            raise ConvertError(
+                f"{name}: tensor {key!r} ends at byte {end} of a {data_len}-byte data area: the file is truncated or its offsets are outside the data; re-download it"
+            )
+        infos.append(TensorInfo(key, dtype, shape, name, data_start + begin, nbytes))
+    infos.sort(key=lambda t: (t.start, t.nbytes))
+    for a, b in zip(infos, infos[1:]):
+        if b.start < a.start + a.nbytes:
+            raise ConvertError(f"{name}: tensors {a.name!r} and {b.name!r} overlap in the data area; the file is corrupt, re-download it")
+    return FileHeader(name, tuple(infos), metadata, header_len, size)
+
+
+def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> tuple[bytes, list[int]]:
+    """Header bytes (with the 8-byte length prefix) for tensors laid out back to back in `entries` order.
+
+    Returns the header and each tensor's offset relative to the data area. Matches the Rust writer byte for byte.
+    """
+    obj: dict[str, object] = {}
+    if metadata is not None:
+        obj["__metadata__"] = metadata
+    offsets = []
+    pos = 0
+    for name, dtype, shape in entries:
+        n = math.prod(shape) * DTYPE_SIZES[dtype]
+        obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + n]}
+        offsets.append(pos)
+        pos += n
+    raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
