@@ -70,16 +70,17 @@ def _human(n: float) -> str:
 
 def _plan_table(res: api.ConvertResult) -> Table:
     t = Table(title=f"plan: {res.command} {res.model_type} ({res.source_layout} -> {res.target_layout})")
-    t.add_column("output tensor (per layer)")
+    t.add_column("output tensor (per layer)", overflow="fold")
     t.add_column("from", overflow="fold")
     t.add_column("layers", justify="right")
     t.add_column("experts", justify="right")
     t.add_column("shape")
     seen: dict[str, list] = {}
     for gi in res.plan.instances:
-        row = seen.setdefault(gi.group.fused, [gi.group.fused, ", ".join(gi.group.parts), 0, gi.num_experts, gi])
+        short = [p.replace("{prefix}", "") for p in (gi.group.fused, *gi.group.parts)]
+        row = seen.setdefault(gi.group.fused, [short[0], " + ".join(short[1:]), 0, gi.num_experts, gi])
         row[2] += 1
-    for fused, parts, n, e, gi in seen.values():
+    for fused, parts, n, e, _gi in seen.values():
         shape = next((list(o.shape) for o in res.plan.outputs if o.group == fused), [])
         t.add_row(fused, parts, str(n), str(e), str(shape))
     t.add_row("(pass-through)", "keys no group matches", "", "", f"{len(res.plan.passthrough)} tensors")
@@ -214,9 +215,9 @@ def inspect(
     out.print(t)
     g = Table(title="expert groups")
     for c in ("fused key", "per-expert parts", "layers", "experts", "part shape", "dtype"):
-        g.add_column(c)
+        g.add_column(c, overflow="fold")
     for grp in info["groups"]:
-        g.add_row(grp["fused"], "\n".join(grp["parts"]), str(grp["instances"]), str(grp["experts"]), str(grp["part_shapes"][0]), grp["dtype"])
+        g.add_row(grp["fused"].replace("{prefix}", ""), "\n".join(p.replace("{prefix}", "") for p in grp["parts"]), str(grp["instances"]), str(grp["experts"]), str(grp["part_shapes"][0]), grp["dtype"])
     out.print(g)
     if "ep" in info:
         r = Table(title=f"expert parallel, ep={info['ep']['size']} (Shard(0) rule: first ranks get ceil(E/ep))")
@@ -244,7 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        app(args=argv, prog_name="automodel-convert", standalone_mode=False)
+        rc = app(args=argv, prog_name="automodel-convert", standalone_mode=False)
+        if rc == 130:  # typer turns KeyboardInterrupt / SIGTERM into exit code 130 in non-standalone mode
+            err.print("interrupted: nothing was written", highlight=False)
+        return rc if isinstance(rc, int) else 0
     except ConvertError as e:
         if debug:
             traceback.print_exc()

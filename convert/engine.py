@@ -33,7 +33,7 @@ from .checkpoint import INDEX_NAME, PICKLE_SUFFIXES, SIDECAR_NAME, Checkpoint
 from .errors import ConvertError
 from .ops import from_bytes, to_bytes
 from .plan import Copy, OutTensor, Plan, Transform
-from .safetensors_io import DTYPE_SIZES, encode_header
+from .safetensors_io import encode_header
 
 CHUNK = 16 << 20
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -64,12 +64,11 @@ def parse_size(text: str | int) -> int:
         return text
     t = text.strip().upper().replace(" ", "")
     units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
-    for u, m in units.items():
-        if t.endswith(u):
-            num = t[: -len(u)]
+    num, m = t, 1
+    for unit, mult in units.items():
+        if t.endswith(unit):
+            num, m = t[: -len(unit)], mult
             break
-    else:
-        num, m = t, 1
     try:
         val = float(num)
     except ValueError as e:
@@ -234,7 +233,16 @@ def atomic_folder(dst: Path, overwrite: bool) -> Iterator[Path]:
         else:
             os.rename(staging, dst)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        # a second Ctrl-C / SIGTERM must not interrupt the clean-up
+        masked = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                masked[sig] = signal.signal(sig, signal.SIG_IGN)
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            for sig, handler in masked.items():
+                signal.signal(sig, handler)
         raise
     finally:
         if old_handler is not None:
@@ -321,7 +329,7 @@ def write_checkpoint(
 
                 def run(task: tuple[int, int, list]) -> None:
                     fd, _, batch = task
-                    for t, p, base in batch:
+                    for _t, p, base in batch:
                         if isinstance(p, Copy):
                             sfd, soff = files.locate(p.key, p.src)
                             copy_range(sfd, soff, fd, base + p.dst, p.n, repr(p.key))
@@ -331,9 +339,12 @@ def write_checkpoint(
                         if progress:
                             progress(p.n)
 
-                with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+                pool = ThreadPoolExecutor(max_workers=max(1, workers))
+                try:
                     for _ in pool.map(run, tasks):
                         pass
+                finally:
+                    pool.shutdown(wait=True, cancel_futures=True)
                 for fd in fds:
                     os.close(fd)
                 fds.clear()

@@ -20,7 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from .checkpoint import Checkpoint
-from .errors import ConvertError, MappingError
+from .errors import MappingError
 from .mapping import ExpertGroup, Layout, MoEMapping
 from .ops import Chain, Shape
 from .safetensors_io import DTYPE_SIZES
