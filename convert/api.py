@@ -19,8 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .. import __version__
 from .checkpoint import Checkpoint, open_checkpoint
@@ -41,24 +40,33 @@ from .registry import get_mapping
 from .safetensors_io import FileHeader, TensorInfo
 from .source import resolve_source
 
-TORCH_DTYPES = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "U16": torch.uint16,
-    "I32": torch.int32,
-    "U32": torch.uint32,
-    "I64": torch.int64,
-    "U64": torch.uint64,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "F8_E8M0": getattr(torch, "float8_e8m0fnu", torch.uint8),
-}
+if TYPE_CHECKING:
+    import torch
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name."""
+    import torch
+
+    table = {
+        "BOOL": torch.bool,
+        "U8": torch.uint8,
+        "I8": torch.int8,
+        "I16": torch.int16,
+        "U16": torch.uint16,
+        "I32": torch.int32,
+        "U32": torch.uint32,
+        "I64": torch.int64,
+        "U64": torch.uint64,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "F32": torch.float32,
+        "F64": torch.float64,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+        "F8_E8M0": getattr(torch, "float8_e8m0fnu", torch.uint8),
+    }
+    return table[name]
 
 
 @dataclass
@@ -92,7 +100,13 @@ def _open(src: str | Path, revision: str | None, model_type: str | None) -> tupl
 def _layout_arg(layout: str | Layout | None, allowed: tuple[Layout, ...], option: str) -> Layout | None:
     if layout is None or isinstance(layout, Layout):
         return layout
-    names = {"hf": Layout.FUSED, "fused": Layout.FUSED, "transposed": Layout.TRANSPOSED, "per_expert": Layout.PER_EXPERT, "per-expert": Layout.PER_EXPERT}
+    names = {
+        "hf": Layout.FUSED,
+        "fused": Layout.FUSED,
+        "transposed": Layout.TRANSPOSED,
+        "per_expert": Layout.PER_EXPERT,
+        "per-expert": Layout.PER_EXPERT,
+    }
     if layout not in names or names[layout] not in allowed:
         raise ConvertError(f"{option} {layout!r} is not one of {', '.join(str(a) for a in allowed)}")
     return names[layout]
@@ -114,7 +128,9 @@ def _sidecar(ckpt: Checkpoint, plan: Plan, mt: str) -> dict:
         "model_type": mt,
         "layout": str(plan.target_layout),
         "original_layout": source_layout,
-        "parts": {gi.group.fused_template.format(**gi.captures): [list(s) for s in gi.part_shapes] for gi in plan.instances},
+        "parts": {
+            gi.group.fused_template.format(**gi.captures): [list(s) for s in gi.part_shapes] for gi in plan.instances
+        },
         "original": original,
     }
 
@@ -139,7 +155,9 @@ def merge(
     ckpt, mapping, mt = _open(src, revision, model_type)
     plan = plan_conversion(ckpt, mapping, target, naming="model", model_type=mt)
     file_layout = shard_by_size(plan.outputs, max_bytes, _file_metadata(target))
-    return _finish("merge", ckpt, plan, file_layout, dst, mt, overwrite, workers, dry_run, progress, t0, _sidecar(ckpt, plan, mt))
+    return _finish(
+        "merge", ckpt, plan, file_layout, dst, mt, overwrite, workers, dry_run, progress, t0, _sidecar(ckpt, plan, mt)
+    )
 
 
 def split(
@@ -162,7 +180,11 @@ def split(
     t0 = time.perf_counter()
     ckpt, mapping, mt = _open(src, revision, model_type)
     recorded = (ckpt.sidecar or {}).get("original_layout")
-    target = chosen or (Layout(recorded) if recorded else (Layout.PER_EXPERT if mapping.groups and mapping.disk_layout is Layout.PER_EXPERT else mapping.disk_layout))
+    target = chosen or (
+        Layout(recorded)
+        if recorded
+        else (Layout.PER_EXPERT if mapping.groups and mapping.disk_layout is Layout.PER_EXPERT else mapping.disk_layout)
+    )
     plan = plan_conversion(ckpt, mapping, target, naming="disk", model_type=mt)
     original = (ckpt.sidecar or {}).get("original")
     notes = []
@@ -172,7 +194,9 @@ def split(
     else:
         file_layout = shard_by_size(plan.outputs, max_bytes, _file_metadata(target))
         if original and restore:
-            notes.append(f"the recorded original layout is {recorded}, not {target}: sharded afresh by --max-shard-size")
+            notes.append(
+                f"the recorded original layout is {recorded}, not {target}: sharded afresh by --max-shard-size"
+            )
     res = _finish("split", ckpt, plan, file_layout, dst, mt, overwrite, workers, dry_run, progress, t0, None)
     res.notes[:0] = notes
     return res
@@ -198,7 +222,9 @@ def _finish(cmd, ckpt, plan, file_layout, dst, mt, overwrite, workers, dry_run, 
     )
     if not dry_run:
         cb = progress(plan.total_bytes, len(plan.outputs)) if progress else None
-        write_checkpoint(plan, ckpt, Path(dst), file_layout, overwrite=overwrite, workers=workers, sidecar=sidecar, progress=cb)
+        write_checkpoint(
+            plan, ckpt, Path(dst), file_layout, overwrite=overwrite, workers=workers, sidecar=sidecar, progress=cb
+        )
     res.seconds = time.perf_counter() - t0
     return res
 
@@ -325,7 +351,9 @@ def verify(
                         n = min(window, p.n - lo)
                         got = reader.read(p.key, p.src + lo, n)
                         if got != files.read(t.name, p.dst + lo, n):
-                            mismatches.append(f"{t.name}: bytes {p.dst + lo}..{p.dst + lo + n} differ after the round trip")
+                            mismatches.append(
+                                f"{t.name}: bytes {p.dst + lo}..{p.dst + lo + n} differ after the round trip"
+                            )
                             break
                 else:
                     got = _transform_via(reader, p)
@@ -336,7 +364,9 @@ def verify(
                     cb(p.n)
     finally:
         files.close()
-    return VerifyResult(str(ckpt.root), mt, src_layout, via, len(back.outputs), compared, mismatches, time.perf_counter() - t0)
+    return VerifyResult(
+        str(ckpt.root), mt, src_layout, via, len(back.outputs), compared, mismatches, time.perf_counter() - t0
+    )
 
 
 def _transform_via(reader: PlannedReader, p: Transform) -> bytes:
@@ -354,14 +384,23 @@ def ep_ranges(num_experts: int, ep: int) -> list[range]:
     return [range(min(r * size, num_experts), min((r + 1) * size, num_experts)) for r in range(ep)]
 
 
-def inspect(src: str | Path, *, model_type: str | None = None, revision: str | None = None, ep: int | None = None) -> dict:
+def inspect(
+    src: str | Path, *, model_type: str | None = None, revision: str | None = None, ep: int | None = None
+) -> dict:
     ckpt, mapping, mt = _open(src, revision, model_type)
     plan = plan_conversion(ckpt, mapping, Layout.FUSED, naming="model", model_type=mt)
     groups: dict[str, dict] = {}
     for gi in plan.instances:
         g = groups.setdefault(
             gi.group.fused,
-            {"fused": gi.group.fused, "parts": list(gi.group.parts), "instances": 0, "experts": gi.num_experts, "part_shapes": [list(s) for s in gi.part_shapes], "dtype": gi.dtype},
+            {
+                "fused": gi.group.fused,
+                "parts": list(gi.group.parts),
+                "instances": 0,
+                "experts": gi.num_experts,
+                "part_shapes": [list(s) for s in gi.part_shapes],
+                "dtype": gi.dtype,
+            },
         )
         g["instances"] += 1
     expert_bytes = sum(t.nbytes for t in plan.outputs if t.group is not None)
@@ -424,7 +463,7 @@ def load_fused_state_dict(
         from .engine import tensor_from_pieces
 
         for t in plan.outputs:
-            x = tensor_from_pieces(files, t, TORCH_DTYPES[t.dtype])
+            x = tensor_from_pieces(files, t, torch_dtype(t.dtype))
             out[t.name] = x.to(dtype) if dtype is not None and x.is_floating_point() and x.element_size() > 1 else x
     finally:
         files.close()

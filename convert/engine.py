@@ -26,14 +26,16 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .checkpoint import INDEX_NAME, PICKLE_SUFFIXES, SIDECAR_NAME, Checkpoint
 from .errors import ConvertError
 from .ops import from_bytes, to_bytes
 from .plan import Copy, OutTensor, Plan, Transform
 from .safetensors_io import encode_header
+
+if TYPE_CHECKING:
+    import torch
 
 CHUNK = 16 << 20
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -388,6 +390,8 @@ def _coalesce(pieces: list) -> list:
 
 def tensor_from_pieces(files: SourceFiles, t: OutTensor, dtype: torch.dtype) -> torch.Tensor:
     """Materialise one output tensor in memory (used by `load_state_dict`, never by the streaming writer)."""
+    import torch
+
     buf = bytearray(t.nbytes)
     for p in t.pieces:
         buf[p.dst : p.dst + p.n] = piece_bytes(files, p)

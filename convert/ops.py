@@ -20,8 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported lazily: byte-range conversions never need it (small, fast CLI)
+    import torch
 
 Shape = tuple[int, ...]
 
@@ -53,6 +55,8 @@ class Concat(Op):
     sizes: tuple[int, ...] | None = None  # filled in by `bind` from the input shapes; needed for the inverse
 
     def apply(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        import torch
+
         return [torch.cat(list(xs), dim=self.dim)]
 
     def bind(self, shapes: Sequence[Shape]) -> Concat:
@@ -83,7 +87,7 @@ class Chunk(Op):
 
     def apply(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         (x,) = xs
-        return list(torch.split(x, list(self.sizes), dim=self.dim))
+        return list(x.split(list(self.sizes), dim=self.dim))
 
     def inverse(self) -> Op:
         return Concat(self.dim, self.sizes)
@@ -125,6 +129,8 @@ class Interleave(Op):
     dim: int
 
     def apply(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        import torch
+
         a, b = xs
         d = _norm(self.dim, a.dim())
         return [torch.stack([a, b], dim=d + 1).flatten(d, d + 1)]
@@ -204,15 +210,22 @@ class Chain:
         return all(op.is_byte_concat() for op in self.ops)
 
 
-INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+def int_view_dtype(itemsize: int) -> torch.dtype:
+    import torch
+
+    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[itemsize]
 
 
 def from_bytes(buf: bytes | bytearray | memoryview, shape: Shape, itemsize: int) -> torch.Tensor:
     """A tensor viewing raw little-endian bytes as integers of `itemsize` (bit-exact for every dtype)."""
+    import torch
+
     if len(buf) == 0:
-        return torch.empty(shape, dtype=INT_VIEW[itemsize])
-    return torch.frombuffer(bytearray(buf) if isinstance(buf, bytes) else buf, dtype=INT_VIEW[itemsize]).reshape(shape)
+        return torch.empty(shape, dtype=int_view_dtype(itemsize))
+    return torch.frombuffer(bytearray(buf) if isinstance(buf, bytes) else buf, dtype=int_view_dtype(itemsize)).reshape(shape)
 
 
 def to_bytes(t: torch.Tensor) -> bytes:
+    import torch
+
     return t.contiguous().view(torch.uint8).numpy().tobytes()
