@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import filecmp
-import statistics
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
