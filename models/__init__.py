@@ -1,0 +1,27 @@
+"""Tuned MoE model zoo with transformers v5 parameter names and fused expert layouts.
+
+    from automodel_convert.models import AutoModelForCausalLM, BackendConfig
+    model = AutoModelForCausalLM.from_pretrained("Qwen/Qwen3-30B-A3B", dtype=torch.bfloat16,
+                                                 backend=BackendConfig(attn="sdpa", experts="grouped_mm"))
+    model.save_pretrained("./out")               # per-expert original layout; layout="fused" on request
+
+Verified families (parity with transformers tested): qwen3_moe, qwen2_moe, olmoe, mixtral, deepseek_v3, glm4_moe,
+dots1, gpt_oss (one file each under models/, shared parts under models/common/). Other MoE types load as
+transformers' own class with our grouped experts registered through its experts interface.
+"""
+
+from .auto import AutoModelForCausalLM
+from .backend import BackendConfig, MissingPackageError
+from .common.model import MoECausalLM
+from .registry import MODEL_REGISTRY, VERIFIED, get_model_class, register
+
+__all__ = [
+    "MODEL_REGISTRY",
+    "VERIFIED",
+    "AutoModelForCausalLM",
+    "BackendConfig",
+    "MissingPackageError",
+    "MoECausalLM",
+    "get_model_class",
+    "register",
+]

@@ -1,0 +1,112 @@
+"""`AutoModelForCausalLM`: the zoo class for a checkpoint's model_type, or transformers' class with our experts.
+
+Contract:
+- `from_pretrained(src, dtype=None, backend=None, device=None, device_mesh=None, revision=None)`: reads config.json
+  with transformers' AutoConfig; for a registered type (models/registry.py) builds our model on the meta device and
+  assigns every tensor of the checkpoint (per-expert or fused, via models/common/io.py), strict: a missing or
+  unexpected key is an error (extra decoder layers beyond `num_hidden_layers`, e.g. DeepSeek's MTP layer, and
+  stale `rotary_emb.inv_freq` entries are dropped). dtype None keeps the checkpoint's dtype; sigmoid routers stay
+  fp32. Other MoE types: transformers' own class with `experts_implementation="automodel_grouped"` (our grouped
+  GEMM path, models/common/hf_experts.py). `device_mesh` (sharded loading by parallel/) is not implemented yet.
+- `from_config(config, backend, dtype, device)`: random initialisation, same dispatch.
+- `save_pretrained(model, dst, layout="original" | "fused")`: works for both kinds of model.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backend import BackendConfig, as_backend
+from .common import hf_experts
+from .common.io import load_state_dict, save_state_dict
+from .registry import get_model_class
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _clean_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    expected = set(model.state_dict().keys())
+    dropped = []
+    for k in list(sd):
+        m = _LAYER.match(k)
+        if (m and int(m.group(1)) >= num_layers) or k.endswith("rotary_emb.inv_freq"):
+            dropped.append(k)
+            del sd[k]
+    if dropped:
+        warnings.warn(f"ignored {len(dropped)} checkpoint tensors the model does not use (e.g. {dropped[0]})", stacklevel=3)
+    if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" in expected and "lm_head.weight" not in sd:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    return sd
+
+
+class AutoModelForCausalLM:
+    @staticmethod
+    def from_config(
+        config: Any,
+        backend: BackendConfig | dict | str | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> nn.Module:
+        backend = as_backend(backend)
+        cls = get_model_class(config.model_type)
+        if cls is not None:
+            return cls.from_config(config, backend, dtype=dtype, device=device)
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, **hf_experts.hf_load_kwargs(backend))
+        hf_experts.set_backend(model, backend.experts, backend.swiglu)
+        return model.to(device) if device is not None else model
+
+    @staticmethod
+    def from_pretrained(
+        src: str | Path,
+        *,
+        dtype: torch.dtype | None = None,
+        backend: BackendConfig | dict | str | None = None,
+        device: torch.device | str | None = None,
+        device_mesh: Any = None,
+        revision: str | None = None,
+        model_class: type | None = None,
+        **kwargs: Any,
+    ) -> nn.Module:
+        if device_mesh is not None:
+            raise NotImplementedError(
+                "from_pretrained(device_mesh=...) hands sharded loading to parallel/, which is not wired yet: "
+                "load without device_mesh and shard afterwards"
+            )
+        from transformers import AutoConfig
+
+        backend = as_backend(backend)
+        config = AutoConfig.from_pretrained(str(src), revision=revision, **kwargs)
+        if getattr(config, "quantization_config", None):
+            raise NotImplementedError(
+                "quantized checkpoints (FP8 / MXFP4) are not supported by the zoo yet: dequantize them first"
+            )
+        cls = model_class or get_model_class(config.model_type)
+        if cls is None:
+            import transformers
+
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                str(src), revision=revision, dtype=dtype or "auto", **hf_experts.hf_load_kwargs(backend)
+            )
+            hf_experts.set_backend(model, backend.experts, backend.swiglu)
+            return model.to(device) if device is not None else model
+        with torch.device("meta"):
+            model = cls(config, backend)
+        sd = _clean_state_dict(model, load_state_dict(src, revision=revision, model_type=config.model_type), config.num_hidden_layers)
+        model.load_state_dict(sd, strict=True, assign=True)
+        model.reset_buffers(model.lm_head.weight.device)  # non-persistent buffers are still on meta
+        model.to(torch.device(device) if device is not None else model.lm_head.weight.device)
+        model.cast(dtype)
+        return model
+
+    @staticmethod
+    def save_pretrained(model: nn.Module, dst: str | Path, *, layout: str = "original", **kwargs: Any) -> Path:
+        return save_state_dict(model.state_dict(), dst, config=model.config, layout=layout, **kwargs)

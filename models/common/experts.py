@@ -1,0 +1,236 @@
+"""Routed experts as grouped GEMMs over tokens sorted by expert (one permutation shared by both projections).
+
+Layouts (transformers v5, fused): `layout="concat"`: `gate_up_proj [E, 2I, H]` (rows [:I] gate, [I:] up),
+`down_proj [E, H, I]` (F.linear convention); `layout="gpt_oss"`: `gate_up_proj [E, H, 2I]` with gate/up interleaved
+along the last dim (gate = even columns), `gate_up_proj_bias [E, 2I]`, `down_proj [E, I, H]`, `down_proj_bias [E, H]`.
+
+`GroupedExperts.forward(x [T, H], indices [T, K], weights [T, K]) -> [T, H]` computes
+`sum_k weights[t, k] * expert_{indices[t, k]}(x[t])`:
+1. `dispatch_plan`: one stable sort of the T*K (token, slot) pairs by expert; `offsets [E]` (int32, cumulative row
+   counts) come from `searchsorted` on the sorted ids: no host-device sync.
+2. `gather_rows`: x rows in expert order (forward and backward are gathers: deterministic, no atomics).
+3. `grouped_linear` (gate_up) -> activation with the routing weight folded in (`a = act(gate) * up * w`, exact since
+   the down projection is linear; a bias is scaled accordingly) -> `grouped_linear` (down).
+4. `combine_rows`: back to (token, slot) order and summed over the K slots (gathers again).
+`grouped_linear` back-ends: "grouped_mm" (`torch._grouped_mm`, offsets as a device tensor), "padded" (loop-free:
+rows scattered into per-expert buckets of the largest count, one batched bmm; one host sync for that count),
+"loop" (reference loop over experts); "auto" takes grouped_mm when the call's shapes/dtype allow it, else padded. `run_grouped(x_sorted, offsets, sorted_ids)` runs the experts on rows that
+are already sorted (the expert-parallel dispatcher's entry point).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backend import triton_ok
+
+
+@dataclass
+class DispatchPlan:
+    perm: torch.Tensor  # [S] flat (token*K + slot) index of the i-th row in expert order
+    inv_perm: torch.Tensor  # [S] position in expert order of flat pair p
+    token_idx: torch.Tensor  # [S] token of the i-th sorted row
+    sorted_ids: torch.Tensor  # [S] expert of the i-th sorted row
+    offsets: torch.Tensor  # [E] int32 cumulative counts (end of each expert's rows)
+    top_k: int
+
+
+def dispatch_plan(indices: torch.Tensor, num_experts: int) -> DispatchPlan:
+    top_k = indices.shape[-1]
+    flat = indices.reshape(-1)
+    sorted_ids, perm = torch.sort(flat, stable=True)
+    bounds = torch.arange(num_experts, device=flat.device, dtype=sorted_ids.dtype)
+    offsets = torch.searchsorted(sorted_ids, bounds, right=True).to(torch.int32)
+    inv_perm = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
+    return DispatchPlan(perm, inv_perm, perm // top_k, sorted_ids, offsets, top_k)
+
+
+class _GatherRows(torch.autograd.Function):
+    """x[token_idx]; backward sums the K copies of each token by gathering in (token, slot) order."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, token_idx: torch.Tensor, inv_perm: torch.Tensor, top_k: int) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(inv_perm)
+        ctx.top_k = top_k
+        return x.index_select(0, token_idx)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        (inv_perm,) = ctx.saved_tensors
+        g = grad.index_select(0, inv_perm)
+        return g.view(-1, ctx.top_k, g.shape[-1]).sum(dim=1), None, None, None
+
+
+class _CombineRows(torch.autograd.Function):
+    """y (expert order) -> (token, slot) order, summed over slots; backward is y_grad = grad[token_idx]."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, inv_perm: torch.Tensor, token_idx: torch.Tensor, top_k: int) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(token_idx)
+        u = y.index_select(0, inv_perm)
+        return u.view(-1, top_k, u.shape[-1]).sum(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        (token_idx,) = ctx.saved_tensors
+        return grad.index_select(0, token_idx), None, None, None
+
+
+def gather_rows(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    return _GatherRows.apply(x, plan.token_idx, plan.inv_perm, plan.top_k)
+
+
+def combine_rows(y: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    return _CombineRows.apply(y, plan.inv_perm, plan.token_idx, plan.top_k)
+
+
+# ---------------------------------------------------------------- grouped GEMM back-ends
+
+
+def _grouped_mm_fn() -> Callable:
+    return getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+
+
+def grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch's grouped GEMM needs 16-byte aligned strides and base pointers, and bf16 on CUDA."""
+    if x.is_cuda and x.dtype != torch.bfloat16:
+        return False
+    es = x.element_size()
+    if (x.shape[1] * es) % 16 or (w.shape[2] * es) % 16:  # input rows, output rows (and the backward's)
+        return False
+    return all(t.data_ptr() % 16 == 0 and all(s == 1 or s * es % 16 == 0 for s in t.stride()) for t in (x, w))
+
+
+def _padded_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, sorted_ids: torch.Tensor) -> torch.Tensor:
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).long()
+    cap = int(counts.max()) if counts.numel() else 0  # the one host sync of this path
+    if x.shape[0] == 0 or cap == 0:
+        return x.new_zeros(x.shape[0], w.shape[2])
+    starts = offsets.long() - counts
+    pos = torch.arange(x.shape[0], device=x.device) - starts[sorted_ids]
+    buckets = x.new_zeros(w.shape[0], cap, x.shape[1]).index_put((sorted_ids, pos), x)
+    return torch.bmm(buckets, w)[sorted_ids, pos]
+
+
+def _loop_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    outs, start = [], 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            outs.append(x[start:end] @ w[e])
+        start = end
+    return torch.cat(outs) if outs else x.new_zeros(0, w.shape[2])
+
+
+def grouped_linear(
+    x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, sorted_ids: torch.Tensor, impl: str = "grouped_mm"
+) -> torch.Tensor:
+    """`x [S, in]` sorted by expert, `w [E, in, out]` (any strides) -> `[S, out]`, row i uses `w[sorted_ids[i]]`."""
+    if impl in ("grouped_mm", "auto") and grouped_mm_ok(x, w):
+        return _grouped_mm_fn()(x, w.to(x.dtype), offs=offsets)
+    if impl == "grouped_mm":
+        raise ValueError(
+            f"experts='grouped_mm' needs 16-byte aligned rows (in={x.shape[1]}, out={w.shape[2]}, {x.dtype}) and "
+            "bf16 on CUDA: use experts='padded' or 'auto'"
+        )
+    if impl == "loop":
+        return _loop_mm(x, w.to(x.dtype), offsets)
+    return _padded_mm(x, w.to(x.dtype), offsets, sorted_ids)
+
+
+# ---------------------------------------------------------------- activations
+
+
+def swiglu(h: torch.Tensor, row_weight: torch.Tensor | None, act: Callable = F.silu, impl: str = "torch") -> torch.Tensor:
+    """`h [S, 2I]` = [gate | up] -> `act(gate) * up * row_weight[:, None]`."""
+    if triton_ok(h, impl) and act is F.silu:
+        from .kernels import swiglu_weighted
+
+        return swiglu_weighted(h, row_weight)
+    gate, up = h.chunk(2, dim=-1)
+    out = act(gate) * up
+    return out if row_weight is None else out * row_weight[:, None]
+
+
+def gpt_oss_glu(h: torch.Tensor, row_weight: torch.Tensor | None, alpha: float, limit: float) -> torch.Tensor:
+    """GPT-OSS clamped SwiGLU on interleaved columns: `(clamp(up) + 1) * g * sigmoid(alpha * g)`, g = clamp(gate)."""
+    gate, up = h[..., ::2], h[..., 1::2]
+    gate = gate.clamp(min=None, max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    out = (up + 1) * (gate * torch.sigmoid(gate * alpha))
+    return out if row_weight is None else out * row_weight[:, None]
+
+
+# ---------------------------------------------------------------- the module
+
+
+class GroupedExperts(nn.Module):
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        act: str = "silu",
+        layout: str = "concat",
+        swiglu_alpha: float = 1.702,
+        swiglu_limit: float = 7.0,
+        impl: str = "grouped_mm",
+        swiglu_impl: str = "torch",
+    ) -> None:
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.layout = layout
+        e, h, i = num_experts, hidden_size, intermediate_size
+        if layout == "concat":
+            self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+            self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        elif layout == "gpt_oss":
+            self.gate_up_proj = nn.Parameter(torch.empty(e, h, 2 * i))
+            self.gate_up_proj_bias = nn.Parameter(torch.empty(e, 2 * i))
+            self.down_proj = nn.Parameter(torch.empty(e, i, h))
+            self.down_proj_bias = nn.Parameter(torch.empty(e, h))
+        else:
+            raise ValueError(f"unknown experts layout {layout!r}")
+        self.act_name = act
+        self.act_fn = F.silu if act == "silu" else ACT2FN[act]
+        self.alpha, self.limit = swiglu_alpha, swiglu_limit
+        self.impl, self.swiglu_impl = impl, swiglu_impl
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, layout={self.layout}, impl={self.impl}"
+
+    def run_grouped(
+        self,
+        x_sorted: torch.Tensor,
+        offsets: torch.Tensor,
+        sorted_ids: torch.Tensor,
+        row_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Experts on rows already sorted by expert: `[S, H] -> [S, H]`, scaled by `row_weight [S]` if given."""
+        if self.layout == "concat":
+            w1, w2 = self.gate_up_proj.transpose(1, 2), self.down_proj.transpose(1, 2)
+        else:
+            w1, w2 = self.gate_up_proj, self.down_proj
+        h = grouped_linear(x_sorted, w1, offsets, sorted_ids, self.impl)
+        if self.layout == "concat":
+            a = swiglu(h, row_weight, self.act_fn, self.swiglu_impl)
+            return grouped_linear(a, w2, offsets, sorted_ids, self.impl)
+        h = h + self.gate_up_proj_bias[sorted_ids].to(h.dtype)
+        a = gpt_oss_glu(h, row_weight, self.alpha, self.limit)
+        y = grouped_linear(a, w2, offsets, sorted_ids, self.impl)
+        bias = self.down_proj_bias[sorted_ids].to(y.dtype)
+        return y + (bias if row_weight is None else bias * row_weight[:, None])
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        plan = dispatch_plan(indices, self.num_experts)
+        xs = gather_rows(x, plan)
+        row_weight = weights.reshape(-1)[plan.perm].to(x.dtype)
+        y = self.run_grouped(xs, plan.offsets, plan.sorted_ids, row_weight)
+        return combine_rows(y, plan)

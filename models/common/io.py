@@ -1,0 +1,114 @@
+"""Checkpoint I/O for the zoo, through the conversion engine in convert/.
+
+Contract:
+- `load_state_dict(src, revision, model_type) -> {name: tensor}`: every tensor of a local folder or hub id, per-expert
+  or fused on disk, in transformers v5's in-memory naming and fused layout (what the zoo models and transformers'
+  models hold). Uses `automodel_convert.convert.load_fused_state_dict` for the model types convert/ maps.
+- `save_state_dict(state_dict, dst, config, layout="original" | "fused", max_shard_size)`: writes a checkpoint folder
+  (config.json + safetensors shards): "original" = the per-expert hub layout of the model type, "fused" = the fused
+  layout. Uses `automodel_convert.convert.save_state_dict` when it exists.
+
+TODO(convert): two temporary bridges, to delete once convert/ has the pieces:
+  * model types convert/ does not map are loaded with transformers (`from_pretrained` then `state_dict()`);
+  * until `convert.save_state_dict` exists, the fused state dict is written to a temporary folder and `convert.split`
+    turns it into the requested layout (one extra write of the checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FUSED_FILE = "model.safetensors"
+
+
+def _convert():  # noqa: ANN202
+    from ... import convert as _c  # noqa: PLC0415 - automodel_convert.convert
+
+    return _c
+
+
+def convert_supports(model_type: str) -> bool:
+    try:
+        from ...convert.registry import registry  # noqa: PLC0415
+    except ImportError:
+        return False
+    return model_type in registry()
+
+
+def load_state_dict(src: str | Path, *, revision: str | None = None, model_type: str | None = None) -> dict[str, torch.Tensor]:
+    if model_type is None:
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(str(src), revision=revision).model_type
+    conv = _convert()
+    if hasattr(conv, "load_fused_state_dict") and convert_supports(model_type):
+        return conv.load_fused_state_dict(src, revision=revision, model_type=model_type)
+    # TODO(convert): model types convert/ does not map yet load through transformers.
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(src), revision=revision, dtype="auto")
+    return {k: v.detach() for k, v in hf.state_dict().items()}
+
+
+def _unshare(state_dict: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    """Drop a tied lm_head (transformers does not write it) and make every tensor contiguous and unshared."""
+    out: dict[str, torch.Tensor] = {}
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for k, v in state_dict.items():
+        if tied and k == "lm_head.weight":
+            continue
+        out[k] = v.detach().to("cpu").contiguous()
+    return out
+
+
+def save_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    dst: str | Path,
+    *,
+    config: Any,
+    layout: str = "original",
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+) -> Path:
+    if layout not in ("original", "fused"):
+        raise ValueError(f"layout must be 'original' or 'fused', not {layout!r}")
+    from safetensors.torch import save_file
+
+    dst = Path(dst)
+    conv = _convert()
+    tensors = _unshare(state_dict, config)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:
+        config.save_pretrained(tmp)
+        if hasattr(conv, "save_state_dict"):
+            conv.save_state_dict(tensors, dst, src_config_dir=tmp, layout=layout)
+            return dst
+        # TODO(convert): replace with convert.save_state_dict once it exists.
+        save_file(tensors, str(Path(tmp) / FUSED_FILE), metadata={"format": "pt"})
+        (Path(tmp) / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": dict.fromkeys(tensors, FUSED_FILE)})
+        )
+        if convert_supports(config.model_type):
+            target = None if layout == "original" else "fused"
+            conv.split(tmp, dst, layout=target, max_shard_size=max_shard_size, overwrite=overwrite)
+            return dst
+        if layout == "fused":
+            raise NotImplementedError(f"convert/ does not map {config.model_type!r}: cannot write its fused layout")
+        _save_with_transformers(tensors, dst, config)
+    return dst
+
+
+def _save_with_transformers(tensors: dict[str, torch.Tensor], dst: Path, config: Any) -> None:
+    """TODO(convert): types convert/ does not map are written by transformers (a model made by `from_config` saves
+    the per-expert original layout)."""
+    import transformers
+
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(config)
+    hf.load_state_dict(tensors, strict=False, assign=True)
+    hf.save_pretrained(str(dst))
