@@ -24,7 +24,7 @@ from torch import nn
 
 from .backend import BackendConfig, as_backend
 from .common import hf_experts
-from .common.io import load_state_dict, save_state_dict
+from .common.io import disk_dtypes, load_state_dict, save_state_dict
 from .registry import get_model_class
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -105,8 +105,16 @@ class AutoModelForCausalLM:
         model.reset_buffers(model.lm_head.weight.device)  # non-persistent buffers are still on meta
         model.to(torch.device(device) if device is not None else model.lm_head.weight.device)
         model.cast(dtype)
+        if dtype is None:  # remember what loading widened by itself (fp32 routers) for a bit-exact save
+            on_disk = disk_dtypes(src, revision)
+            model._source_dtypes = {
+                k: on_disk.get(k, v.dtype) for k, v in model.state_dict().items() if on_disk.get(k, v.dtype) != v.dtype
+            }
         return model
 
     @staticmethod
     def save_pretrained(model: nn.Module, dst: str | Path, *, layout: str = "original", **kwargs: Any) -> Path:
+        if hasattr(model, "_source_dtypes"):
+            model.save_pretrained(dst, layout=layout, **kwargs)
+            return Path(dst)
         return save_state_dict(model.state_dict(), dst, config=model.config, layout=layout, **kwargs)

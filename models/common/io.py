@@ -6,7 +6,8 @@ Contract:
   models hold). Uses `automodel_convert.convert.load_fused_state_dict` for the model types convert/ maps.
 - `save_state_dict(state_dict, dst, config, layout="original" | "fused", max_shard_size)`: writes a checkpoint folder
   (config.json + safetensors shards): "original" = the per-expert hub layout of the model type, "fused" = the fused
-  layout. Uses `automodel_convert.convert.save_state_dict` when it exists.
+  layout. Uses `automodel_convert.convert.save_state_dict` when it exists, else `convert.split` for the types convert/
+  maps; other types: "fused" is written as is (transformers' naming), "original" through transformers' save.
 
 TODO(convert): two temporary bridges, to delete once convert/ has the pieces:
   * model types convert/ does not map are loaded with transformers (`from_pretrained` then `state_dict()`);
@@ -55,6 +56,29 @@ def load_state_dict(src: str | Path, *, revision: str | None = None, model_type:
     return {k: v.detach() for k, v in hf.state_dict().items()}
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def disk_dtypes(src: str | Path, revision: str | None = None) -> dict[str, torch.dtype]:
+    """On-disk dtype of every floating tensor of a checkpoint (safetensors headers only), by on-disk name."""
+    from safetensors import safe_open
+
+    try:
+        from ...convert.source import resolve_source  # noqa: PLC0415
+
+        folder = resolve_source(str(src), revision)
+    except Exception:  # noqa: BLE001 - best effort: unknown source layout
+        folder = Path(src)
+    out: dict[str, torch.dtype] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for name in h.keys():  # noqa: SIM118 - safe_open has no __iter__
+                dt = _ST_DTYPES.get(h.get_slice(name).get_dtype())
+                if dt is not None:
+                    out[name] = dt
+    return out
+
+
 def _unshare(state_dict: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
     """Drop a tied lm_head (transformers does not write it) and make every tensor contiguous and unshared."""
     out: dict[str, torch.Tensor] = {}
@@ -97,10 +121,29 @@ def save_state_dict(
             target = None if layout == "original" else "fused"
             conv.split(tmp, dst, layout=target, max_shard_size=max_shard_size, overwrite=overwrite)
             return dst
-        if layout == "fused":
-            raise NotImplementedError(f"convert/ does not map {config.model_type!r}: cannot write its fused layout")
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise FileExistsError(f"{dst} exists and is not empty (pass overwrite=True)")
+    if layout == "fused":
+        _write_fused(tensors, dst, config, max_shard_size)
+    else:
         _save_with_transformers(tensors, dst, config)
     return dst
+
+
+def _write_fused(tensors: dict[str, torch.Tensor], dst: Path, config: Any, max_shard_size: str | int) -> None:
+    """The in-memory (fused) names and layout, sharded like transformers (what it writes for a fused model)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(dst)
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: tensors[n] for n in names}, str(dst / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": split.tensor_to_filename}
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _save_with_transformers(tensors: dict[str, torch.Tensor], dst: Path, config: Any) -> None:

@@ -322,9 +322,15 @@ class MoECausalLM(nn.Module):
         return AutoModelForCausalLM.from_pretrained(src, model_class=cls, **kwargs)
 
     def save_pretrained(self, dst: str, *, layout: str = "original", **kwargs: Any) -> None:
+        """Write a checkpoint folder; tensors that loading widened on its own (fp32 routers of a bf16 checkpoint)
+        go back to their checkpoint dtype, so an untouched model round-trips bit for bit."""
         from .io import save_state_dict
 
-        save_state_dict(self.state_dict(), dst, config=self.config, layout=layout, **kwargs)
+        sd = self.state_dict()
+        for name, dtype in getattr(self, "_source_dtypes", {}).items():
+            if name in sd:
+                sd[name] = sd[name].to(dtype)
+        save_state_dict(sd, dst, config=self.config, layout=layout, **kwargs)
 
     def tie_weights(self) -> None:
         if getattr(self.config, "tie_word_embeddings", False):
