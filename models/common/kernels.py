@@ -1,0 +1,209 @@
+"""Triton kernels for the CUDA hot path, each with a plain-torch reference it is tested against (gpu tests).
+
+Imported lazily, only when a layer runs on CUDA with Triton installed (backend "triton" or "auto").
+- `rms_norm(x [..., N], weight [N], eps)`: fp32 statistics, `weight * (x * rstd).to(dtype)` (transformers'
+  rounding); backward recomputes nothing but x and rstd; the weight gradient is reduced from per-program partials.
+- `swiglu_weighted(h [S, 2I], row_weight [S] | None) -> [S, I]`: `silu(gate) * up * w` with gate = h[:, :I],
+  up = h[:, I:], fp32 inside, one rounding; backward writes d(gate|up) straight into one [S, 2I] buffer (what the
+  grouped GEMM backward wants) and reduces d(row_weight) per row.
+- `cross_entropy_fwd_bwd(logits [C, V], targets [C], grad_scale | None, ignore_index) -> (loss [C] fp32, grad)`:
+  per row an online max / sum-exp pass then, if `grad_scale` (0-dim tensor) is given, a second pass that overwrites
+  the logits IN PLACE with `(softmax - onehot) * grad_scale` (0 on ignored rows) in the logits dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _warps(block: int) -> int:
+    return max(1, min(16, block // 256))
+
+
+# ---------------------------------------------------------------- RMSNorm
+
+
+@triton.jit
+def _rms_fwd(X, W, Y, RSTD, stride_x, stride_y, N, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+    xhat = (x * rstd).to(Y.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, (w * xhat).to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _rms_bwd(DY, X, W, RSTD, DX, DW, rows, N, rows_per_prog, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    start = pid * rows_per_prog
+    end = tl.minimum(start + rows_per_prog, rows)
+    for row in range(start, end):
+        off = tl.cast(row, tl.int64) * N
+        x = tl.load(X + off + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + off + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row)
+        xhat = x * rstd
+        g = dy * w
+        dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / N))
+        tl.store(DX + off + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        dw += dy * xhat.to(X.dtype.element_ty).to(tl.float32)
+    tl.store(DW + pid.to(tl.int64) * N + cols, dw, mask=mask)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # noqa: ANN001
+        n = x.shape[-1]
+        x2 = x.reshape(-1, n).contiguous()
+        y = torch.empty_like(x2)
+        rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+        block = triton.next_power_of_2(n)
+        if x2.shape[0]:
+            _rms_fwd[(x2.shape[0],)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n, eps, BLOCK=block, num_warps=_warps(block))
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.shape = x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):  # noqa: ANN001, ANN205
+        x2, weight, rstd = ctx.saved_tensors
+        n = x2.shape[-1]
+        rows = x2.shape[0]
+        dy2 = dy.reshape(-1, n).contiguous()
+        dx = torch.empty_like(x2)
+        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 4
+        progs = max(1, min(rows, sms * 8))
+        per = triton.cdiv(rows, progs) if rows else 1
+        dw_part = torch.zeros(progs, n, dtype=torch.float32, device=x2.device)
+        block = triton.next_power_of_2(n)
+        if rows:
+            _rms_bwd[(progs,)](dy2, x2, weight, rstd, dx, dw_part, rows, n, per, BLOCK=block, num_warps=_warps(block))
+        return dx.view(ctx.shape), dw_part.sum(0).to(weight.dtype), None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _RMSNorm.apply(x, weight, eps)
+
+
+# ---------------------------------------------------------------- SwiGLU with the routing weight folded in
+
+
+@triton.jit
+def _swiglu_fwd(H, S, OUT, inter, HAS_S: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter
+    g = tl.load(H + row * 2 * inter + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(H + row * 2 * inter + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    out = g * tl.sigmoid(g) * u
+    if HAS_S:
+        out = out * tl.load(S + row).to(tl.float32)
+    tl.store(OUT + row * inter + cols, out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd(DOUT, H, S, DH, DS, inter, HAS_S: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    if HAS_S:
+        s = tl.load(S + row).to(tl.float32)
+    else:
+        s = 1.0
+    ds = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, inter, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < inter
+        g = tl.load(H + row * 2 * inter + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(H + row * 2 * inter + inter + cols, mask=mask, other=0.0).to(tl.float32)
+        dout = tl.load(DOUT + row * inter + cols, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        silu = g * sig
+        dsilu = sig * (1.0 + g * (1.0 - sig))
+        tl.store(DH + row * 2 * inter + cols, (dout * u * s * dsilu).to(DH.dtype.element_ty), mask=mask)
+        tl.store(DH + row * 2 * inter + inter + cols, (dout * silu * s).to(DH.dtype.element_ty), mask=mask)
+        ds += dout * silu * u
+    if HAS_S:
+        tl.store(DS + row, tl.sum(ds, axis=0))
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
+        h = h.contiguous()
+        rows, inter = h.shape[0], h.shape[1] // 2
+        out = torch.empty(rows, inter, dtype=h.dtype, device=h.device)
+        block = min(triton.next_power_of_2(inter), 1024)
+        if rows:
+            _swiglu_fwd[(rows, triton.cdiv(inter, block))](h, s if s is not None else h, out, inter, HAS_S=s is not None, BLOCK=block, num_warps=4)
+        ctx.save_for_backward(h, s)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):  # noqa: ANN001, ANN205
+        h, s = ctx.saved_tensors
+        rows, inter = h.shape[0], h.shape[1] // 2
+        dh = torch.empty_like(h)
+        ds = torch.empty(rows, dtype=torch.float32, device=h.device) if s is not None else None
+        block = min(triton.next_power_of_2(inter), 1024)
+        if rows:
+            _swiglu_bwd[(rows,)](dout.contiguous(), h, s if s is not None else h, dh, ds if ds is not None else dh, inter, HAS_S=s is not None, BLOCK=block, num_warps=4)
+        return dh, (ds.to(s.dtype) if s is not None else None)
+
+
+def swiglu_weighted(h: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
+    return _SwiGLU.apply(h, None if row_weight is None else row_weight.contiguous())
+
+
+# ---------------------------------------------------------------- cross-entropy on a chunk of logits
+
+
+@triton.jit
+def _ce_kernel(X, T, LOSS, SCALE, stride, V, ignore_index, HAS_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = X + row * stride
+    t = tl.load(T + row)
+    m = -float("inf")
+    acc = 0.0
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(base + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(acc)
+    valid = t != ignore_index
+    t_safe = tl.where(valid, t, 0)
+    x_t = tl.load(base + t_safe).to(tl.float32)
+    tl.store(LOSS + row, tl.where(valid, lse - x_t, 0.0))
+    if HAS_GRAD:
+        scale = tl.where(valid, tl.load(SCALE).to(tl.float32), 0.0)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < V
+            x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+            g = (tl.exp(x - lse) - tl.where(cols == t_safe, 1.0, 0.0)) * scale
+            tl.store(base + cols, g.to(X.dtype.element_ty), mask=mask)
+
+
+def cross_entropy_fwd_bwd(
+    logits: torch.Tensor, targets: torch.Tensor, grad_scale: torch.Tensor | None, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    logits = logits.contiguous()
+    rows, vocab = logits.shape
+    loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    scale = grad_scale.reshape(1).float() if grad_scale is not None else loss
+    if rows:
+        _ce_kernel[(rows,)](
+            logits, targets.contiguous(), loss, scale, logits.stride(0), vocab, ignore_index,
+            HAS_GRAD=grad_scale is not None, BLOCK=4096, num_warps=8,
+        )
+    return loss, (logits if grad_scale is not None else None)

@@ -1,0 +1,154 @@
+"""Triton kernels and the CUDA paths of the zoo, each against the plain torch computation.
+
+Marked `gpu`: skipped without CUDA. `TRITON_INTERPRET=1` (with triton importable) runs the kernel tests on the CPU
+through Triton's interpreter instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from automodel_convert.models import BackendConfig, get_model_class
+from automodel_convert.models.backend import has_package
+from automodel_convert.models.common.loss import causal_lm_loss
+from automodel_convert.models.common.norms import rms_norm_reference
+from automodel_convert.models.testing import VOCAB, grad_diffs, max_abs, tiny_hf_model
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not has_package("triton"), reason="needs triton"),
+    pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRET), reason="needs CUDA (or TRITON_INTERPRET=1)"),
+]
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="model paths need CUDA")
+
+
+def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
+    """fp32: tight; bf16: a few units in the last place of bf16, relative to the size of the values."""
+    a, b = a.float(), b.float()
+    if dtype == torch.float32:
+        return torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    return torch.allclose(a, b, rtol=2e-2, atol=1e-3 * max(1.0, b.abs().max().item()))
+
+
+def no_worse(kernel: torch.Tensor, torch_same_dtype: torch.Tensor, truth: torch.Tensor) -> bool:
+    """The kernel is at least about as accurate as torch in the same dtype, both measured against fp32 math."""
+    err_k = (kernel.float() - truth).abs().max().item()
+    err_t = (torch_same_dtype.float() - truth).abs().max().item()
+    return err_k <= 2 * err_t + 1e-5 * max(1.0, truth.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 17, 64), (5, 4, 2, 128), (9, 2048)])
+def test_rms_norm_kernel(dtype: torch.dtype, shape: tuple) -> None:
+    from automodel_convert.models.common.kernels import rms_norm
+
+    if INTERPRET and dtype == torch.bfloat16:
+        pytest.skip("Triton's CPU interpreter truncates fp32 -> bf16 instead of rounding to nearest")
+    torch.manual_seed(0)
+    x = torch.randn(shape, device=DEV, dtype=dtype, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(shape[-1], device=DEV)).to(dtype).requires_grad_()
+    x32, w32 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    y, yr, y32 = rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6), rms_norm_reference(x32, w32, 1e-6)
+    assert no_worse(y, yr, y32.detach())
+    dy = torch.randn_like(y)
+    got, want = torch.autograd.grad(y, (x, w), dy), torch.autograd.grad(yr, (x, w), dy)
+    truth = torch.autograd.grad(y32, (x32, w32), dy.float())
+    for a, b, t in zip(got, want, truth):
+        assert no_worse(a, b, t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_swiglu_kernel(dtype: torch.dtype, weighted: bool) -> None:
+    from automodel_convert.models.common.kernels import swiglu_weighted
+
+    torch.manual_seed(1)
+    h = torch.randn(67, 2 * 200, device=DEV, dtype=dtype, requires_grad=True)
+    s = torch.rand(67, device=DEV, dtype=dtype, requires_grad=True) if weighted else None
+    out = swiglu_weighted(h, s)
+    g, u = h.float().chunk(2, dim=-1)
+    ref = F.silu(g) * u * (s.float()[:, None] if weighted else 1.0)
+    assert close(out, ref, dtype)
+    dout = torch.randn_like(out)
+    inputs = (h, s) if weighted else (h,)
+    got, want = torch.autograd.grad(out, inputs, dout), torch.autograd.grad(ref, inputs, dout.float())
+    for a, b in zip(got, want):
+        assert close(a, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_kernel(dtype: torch.dtype) -> None:
+    from automodel_convert.models.common.kernels import cross_entropy_fwd_bwd
+
+    torch.manual_seed(2)
+    logits = (3 * torch.randn(13, 9001, device=DEV)).to(dtype)
+    t = torch.randint(0, 9001, (13,), device=DEV)
+    t[[1, 7]] = -100
+    lf = logits.float().requires_grad_()
+    ref = F.cross_entropy(lf, t, ignore_index=-100, reduction="sum") / 11
+    ref.backward()
+    loss, grad = cross_entropy_fwd_bwd(logits.clone(), t, torch.tensor(1 / 11, device=DEV), -100)
+    assert abs(loss.sum().item() / 11 - ref.item()) < 1e-4
+    assert torch.allclose(grad.float(), lf.grad, atol=1e-6 if dtype == torch.float32 else 2e-3)
+    loss_only, none = cross_entropy_fwd_bwd(logits.clone(), t, None, -100)
+    assert none is None and torch.allclose(loss_only, loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_linear_cross_entropy_triton_vs_torch(dtype: torch.dtype) -> None:
+    torch.manual_seed(3)
+    h = torch.randn(2, 37, 64, device=DEV, dtype=dtype, requires_grad=True)
+    w = (0.05 * torch.randn(3001, 64, device=DEV)).to(dtype).requires_grad_()
+    labels = torch.randint(0, 3001, (2, 37), device=DEV)
+    labels[0, :5] = -100
+    grads = {}
+    for impl in ("triton", "chunked", "full"):
+        loss = causal_lm_loss(h, w, labels, impl=impl, chunk_tokens=16)
+        grads[impl] = (loss.detach(), *torch.autograd.grad(loss, (h, w)))
+    for impl in ("triton", "chunked"):
+        for a, b in zip(grads[impl], grads["full"]):
+            assert close(a, b, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_cuda_fp32_model_matches_transformers(model_type: str) -> None:
+    ref = tiny_hf_model(model_type).cuda()
+    ours = get_model_class(model_type).from_config(ref.config, BackendConfig(), device="cuda", init=False)
+    ours.load_state_dict(ref.state_dict())
+    ids = torch.randint(3, VOCAB, (2, 13), device="cuda")
+    out_ref = ref(input_ids=ids, labels=ids, use_cache=False)
+    out = ours(input_ids=ids, labels=ids, return_logits=True)
+    assert max_abs(out.logits, out_ref.logits) < 1e-4  # TF32 may be on for matmuls on this device
+    out_ref.loss.backward()
+    out.loss.backward()
+    assert max(grad_diffs(ref, ours).values()) < 1e-3
+
+
+@needs_cuda
+def test_cuda_bf16_fast_path_matches_torch_path() -> None:
+    """grouped_mm + Triton SwiGLU/RMSNorm/CE against the same model on torch kernels, both in bf16."""
+    ref = tiny_hf_model("qwen3_moe", num_experts=16, moe_intermediate_size=64, hidden_size=128, head_dim=32)
+    models = {}
+    for name, be in {
+        "fast": BackendConfig(experts="grouped_mm", swiglu="triton", rms_norm="triton", loss="triton"),
+        "torch": BackendConfig(experts="padded", swiglu="torch", rms_norm="torch", loss="full"),
+    }.items():
+        m = get_model_class("qwen3_moe").from_config(ref.config, be, device="cuda", init=False)
+        m.load_state_dict(ref.state_dict())
+        models[name] = m.cast(torch.bfloat16)
+    ids = torch.randint(3, VOCAB, (2, 64), device="cuda")
+    losses = {k: m(input_ids=ids, labels=ids).loss for k, m in models.items()}
+    assert abs(losses["fast"].item() - losses["torch"].item()) < 2e-2
+    for loss in losses.values():
+        loss.backward()
+    fast, slow = dict(models["fast"].named_parameters()), dict(models["torch"].named_parameters())
+    for name, p in fast.items():
+        rel = (p.grad.float() - slow[name].grad.float()).norm() / (slow[name].grad.float().norm() + 1e-12)
+        assert rel < 5e-2, (name, rel.item())
