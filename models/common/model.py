@@ -303,12 +303,17 @@ class MoECausalLM(nn.Module):
     ) -> MoECausalLM:
         """Build on the meta device, materialise on `device` in `dtype`, initialise (random) weights."""
         device = torch.device(device) if device is not None else _default_device()
-        with torch.device("meta"):
-            model = cls(config, backend)
+        previous = torch.get_default_dtype()
+        if dtype is not None and dtype.is_floating_point:
+            torch.set_default_dtype(dtype)  # parameters are born in `dtype`: no fp32 copy on the device
+        try:
+            with torch.device("meta"):
+                model = cls(config, backend)
+        finally:
+            torch.set_default_dtype(previous)
         model.to_empty(device=device)
         model.tie_weights()
-        if dtype is not None:
-            model.cast(dtype)
+        model.cast(dtype)
         if init:
             model.init_weights()
         else:

@@ -1,0 +1,281 @@
+"""Training-step benchmark: the zoo's Qwen3-MoE against transformers v5, same process, same optimizer.
+
+    python bench/train_bench.py                           # one H200: Qwen3-30B-A3B shapes, 8 layers, seq 4096
+    python bench/train_bench.py --gate balanced           # plus labelled runs with the round-robin gate
+    python bench/train_bench.py --profile /tmp/prof.txt   # plus a torch profiler summary per run
+    python bench/train_bench.py --device cpu --layers 1 --seq 64 --tiny   # CPU smoke test
+
+Shapes: vocab 151936, H 2048, I 768, 128 experts top-8 (norm_topk_prob), 32 heads, 4 KV heads, head_dim 128,
+`--layers` layers, batch 1, bf16 parameters, random tokens (labels = inputs), AdamW (fused where the device has it).
+Each run: build the model, warm up (`--warmup` steps, excluded), then `--steps` timed steps; the median of forward
+(model call with labels, loss included), backward, optimizer (step + zero_grad) and whole step, tokens/s, TFLOP/s
+with the FLOP formula of shared/bench/hf_v5_train_baseline.py, MFU against the measured 790 TFLOP/s bf16 matmul
+ceiling, and peak allocated memory. Note the zoo computes the loss's gradient in the forward (chunked
+cross-entropy), so compare forward+backward ("fb_ms") rather than forward and backward separately.
+transformers runs `Qwen3MoeForCausalLM` with `_experts_implementation="grouped_mm"` and sdpa. The first model is
+freed before the second is built. One JSON line per run, then a table with ours/transformers ratios.
+Runs on torch >= 2.9 with transformers 5.17 .. 5.24; does not need the package to be installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PEAK_TFLOPS = 790.0  # measured bf16 matmul ceiling of the H200 (shared/docs/moe-layouts.md)
+
+
+def import_package() -> None:
+    """Make `automodel_convert` importable from this checkout when it is not installed (the repo root IS the package)."""
+    try:
+        import automodel_convert  # noqa: F401
+    except ImportError:
+        spec = importlib.util.spec_from_file_location(
+            "automodel_convert", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["automodel_convert"] = module
+        spec.loader.exec_module(module)
+
+
+def qwen3_config(layers: int, tiny: bool):  # noqa: ANN201
+    from transformers import Qwen3MoeConfig
+
+    if tiny:
+        return Qwen3MoeConfig(
+            vocab_size=1024, hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=16, num_experts_per_tok=4,
+            norm_topk_prob=True, decoder_sparse_step=1, max_position_embeddings=4096, rope_theta=1e6,
+            tie_word_embeddings=False, output_router_logits=False, router_aux_loss_coef=0.001,
+        )
+    return Qwen3MoeConfig(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        norm_topk_prob=True, decoder_sparse_step=1, max_position_embeddings=40960, rope_theta=1e6,
+        tie_word_embeddings=False, output_router_logits=False, router_aux_loss_coef=0.001,
+    )
+
+
+def train_flops_per_token(cfg, seq: int) -> float:  # noqa: ANN001 - same formula as hf_v5_train_baseline.py
+    h, layers = cfg.hidden_size, cfg.num_hidden_layers
+    q = cfg.num_attention_heads * cfg.head_dim
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    attn_proj = h * q + 2 * h * kv + q * h
+    experts = cfg.num_experts_per_tok * 3 * h * cfg.moe_intermediate_size
+    router = h * cfg.num_experts
+    dense = layers * (attn_proj + experts + router) + h * cfg.vocab_size
+    attn_scores = layers * 2 * q * seq / 2 * 2
+    return 6 * dense + 3 * attn_scores
+
+
+def balance_hf_routers(model: torch.nn.Module) -> int:
+    """Give transformers' Qwen3-MoE routers the same round-robin assignment as our `balanced` gate."""
+    from automodel_convert.models.common.router import balanced_indices
+
+    def forward(self, hidden_states):  # noqa: ANN001, ANN202
+        x = hidden_states.reshape(-1, self.hidden_dim)
+        logits = torch.nn.functional.linear(x, self.weight)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+        idx = balanced_indices(x.shape[0], self.top_k, self.num_experts, x.device)
+        top = probs.gather(1, idx)
+        if self.norm_topk_prob:
+            top = top / top.sum(dim=-1, keepdim=True)
+        return logits, top.to(logits.dtype), idx
+
+    n = 0
+    for m in model.modules():
+        if type(m).__name__.endswith("TopKRouter"):
+            m.forward = forward.__get__(m)
+            n += 1
+    return n
+
+
+def build(kind: str, cfg, device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> torch.nn.Module:  # noqa: ANN001
+    if kind == "transformers":
+        from transformers import Qwen3MoeForCausalLM
+
+        cfg._attn_implementation = "sdpa"
+        cfg._experts_implementation = "grouped_mm"
+        with torch.device(device):
+            model = Qwen3MoeForCausalLM(cfg).to(dtype)
+        return model
+    from automodel_convert.models import BackendConfig
+    from automodel_convert.models.backend import as_backend
+    from automodel_convert.models.qwen3_moe import Qwen3MoeForCausalLM as Ours
+
+    backend = as_backend(args.backend) if args.backend else BackendConfig()
+    if args.compile:
+        backend = BackendConfig(**{**backend.__dict__, "compile": True})
+    return Ours.from_config(cfg, backend, dtype=dtype, device=device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        return torch.optim.AdamW(params, lr=1e-5, fused=True)
+    except (RuntimeError, TypeError):  # no fused kernel for this device/dtype
+        return torch.optim.AdamW(params, lr=1e-5, foreach=device.type == "cuda")
+
+
+def one_step(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor, device: torch.device) -> tuple[float, ...]:
+    """One training step; returns (forward, backward, optimizer, whole step) seconds."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = model(input_ids=tokens, labels=tokens)
+    sync(device)
+    t1 = time.perf_counter()
+    out.loss.backward()
+    sync(device)
+    t2 = time.perf_counter()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync(device)
+    t3 = time.perf_counter()
+    return t1 - t0, t2 - t1, t3 - t2, t3 - t0
+
+
+def run(kind: str, gate: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    torch.manual_seed(0)
+    cfg = qwen3_config(args.layers, args.tiny)
+    model = build(kind, cfg, device, dtype, args)
+    model.train()
+    if gate == "balanced":
+        if kind == "transformers":
+            balance_hf_routers(model)
+        else:
+            model.set_gate("balanced")
+    opt = make_optimizer(model, device)
+    fused = bool(opt.defaults.get("fused"))
+    nparams = sum(p.numel() for p in model.parameters())
+    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
+    fwd, bwd, optim, step = [], [], [], []
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+    for i in range(args.warmup + args.steps):
+        f, b, o, s = one_step(model, opt, tokens, device)
+        if i >= args.warmup:
+            fwd.append(f)
+            bwd.append(b)
+            optim.append(o)
+            step.append(s)
+    peak = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+    if args.profile:
+        profile_steps(kind, gate, lambda: one_step(model, opt, tokens, device), device, args.profile)
+    med = statistics.median
+    tps = args.batch * args.seq / med(step)
+    tflops = train_flops_per_token(cfg, args.seq) * tps / 1e12
+    res = dict(
+        impl=("ours" if kind == "ours" else "transformers") + ("+balanced" if gate == "balanced" else ""),
+        gate=gate, layers=args.layers, seq=args.seq, batch=args.batch, params_b=round(nparams / 1e9, 3),
+        adamw="fused" if fused else "foreach",
+        fwd_ms=round(med(fwd) * 1e3, 2), bwd_ms=round(med(bwd) * 1e3, 2),
+        fb_ms=round(med([a + b for a, b in zip(fwd, bwd)]) * 1e3, 2), opt_ms=round(med(optim) * 1e3, 2),
+        step_ms=round(med(step) * 1e3, 2), tps=round(tps), tflops=round(tflops, 1),
+        mfu=round(tflops / PEAK_TFLOPS, 4), peak_gib=peak, device=str(device),
+        torch=torch.__version__, transformers=__import__("transformers").__version__,
+    )
+    if kind == "ours":
+        res["backend"] = model.backend.resolve(device, dtype).__dict__
+    model = opt = tokens = None  # free the first model before the second is built
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+def profile_steps(kind: str, gate: str, step_fn, device: torch.device, path: str) -> None:  # noqa: ANN001
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            step_fn()
+    table = None
+    keys = ("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" else ()
+    for key in (*keys, "self_cpu_time_total"):
+        try:
+            table = prof.key_averages().table(sort_by=key, row_limit=40)
+            break
+        except (AttributeError, KeyError, ValueError):
+            continue
+    with open(path, "a") as f:
+        f.write(f"\n===== {kind} gate={gate} (2 steps, top kernels by device time) =====\n{table}\n")
+
+
+RATIOS = ("fwd_ms", "bwd_ms", "fb_ms", "opt_ms", "step_ms", "tps", "tflops", "peak_gib")
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    cols = ("impl", "fwd_ms", "bwd_ms", "fb_ms", "opt_ms", "step_ms", "tps", "tflops", "mfu", "peak_gib")
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(str(r.get(c)) for c in cols))
+    by_impl = {r["impl"]: r for r in rows}
+    for gate_suffix in ("", "+balanced"):
+        ours, ref = by_impl.get("ours" + gate_suffix), by_impl.get("transformers" + gate_suffix)
+        if ours and ref:
+            ratio = {k: round(ours[k] / ref[k], 3) if ref[k] and ours[k] is not None else None for k in RATIOS}
+            speed = {k: round(ref[k] / ours[k], 2) for k in ("fb_ms", "step_ms") if ours[k]}
+            print(f"ratio ours/transformers{gate_suffix}: " + ", ".join(f"{k}={v}" for k, v in ratio.items()))
+            print(f"speed-up{gate_suffix}: forward+backward {speed.get('fb_ms')}x, full step {speed.get('step_ms')}x")
+            print(json.dumps({"ratio": "ours/transformers" + gate_suffix, **ratio}), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--gate", default="native", choices=["native", "balanced"], help="balanced: add labelled runs")
+    ap.add_argument("--runs", default="transformers,ours", help="comma list of transformers,ours (order of runs)")
+    ap.add_argument("--backend", default="", help="our BackendConfig as key=value,... (default: all auto)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile our per-layer dense parts")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test)")
+    ap.add_argument("--profile", default="", help="append a torch profiler summary of each run to this file")
+    args = ap.parse_args(argv)
+    import_package()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    if args.profile:
+        Path(args.profile).write_text(f"train_bench profile: {vars(args)}\n")
+    gates = ["native"] + (["balanced"] if args.gate == "balanced" else [])
+    rows = []
+    for gate in gates:
+        for kind in args.runs.split(","):
+            try:
+                res = run(kind.strip(), gate, args, device, dtype)
+            except Exception as e:  # report and go on with the other runs
+                res = dict(impl=kind + ("+balanced" if gate == "balanced" else ""), error=repr(e)[:500])
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            print(json.dumps(res), flush=True)
+            if "error" not in res:
+                rows.append(res)
+    print_table(rows)
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
