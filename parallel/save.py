@@ -1,0 +1,332 @@
+"""Expert-parallel saving: every rank writes the bytes it holds into one planned checkpoint, published atomically.
+
+Contract: `save_sharded(state, dst, mesh, layout=...)` is collective (call it on every rank) and writes a standard
+HF checkpoint equal, tensor for tensor and byte for byte, to what the single-process converter writes:
+- `layout="fused"`: `api.merge(src, dst)` (transformers v5 naming and fused layout, `max_shard_size` shards, the
+  sidecar recording the original shards);
+- `layout="original"`: `api.split(merge(src))`, i.e. the source's own shards restored (names, tensor order,
+  per-file metadata, index or not): bit for bit the source checkpoint when the state is unchanged.
+How: every rank plans the same files from headers alone (the planner of `convert/`, on a virtual checkpoint of
+the state's names, dtypes and global shapes). Rank 0 creates the staging folder with `engine.atomic_folder`
+(`.<dst>.partial-<pid>-<hex>`), writes every header and sizes every file with `ftruncate`, copies the non-weight
+files; after a broadcast every rank `pwrite`s the plan pieces whose bytes it is responsible for
+(`shards.writer_runs`: every byte exactly once, no gather of experts); the ranks then exchange their status and
+byte counts; rank 0 checks that they add up, writes the index last and renames the staging folder into place.
+A rank that fails or dies mid-save leaves no `dst` (the staging folder is removed by rank 0, or, if rank 0
+died, left as `.<dst>.partial-<pid>-*` without an index and removed by the next save once that pid is gone).
+The state may be a `ShardedState` from `load_sharded` or any `name -> DTensor | Tensor` dict given `source=`
+(the checkpoint folder it came from: config, non-weight files and original shard layout).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..convert.api import _file_metadata
+from ..convert.checkpoint import INDEX_NAME, SIDECAR_NAME, Checkpoint
+from ..convert.engine import (
+    FileLayout,
+    atomic_folder,
+    copy_extra_files,
+    parse_size,
+    restore_layout,
+    shard_by_size,
+    transform_bytes,
+)
+from ..convert.errors import ConvertError
+from ..convert.mapping import Layout
+from ..convert.plan import Copy, Plan, plan_conversion
+from ..convert.safetensors_io import DTYPE_SIZES, FileHeader, TensorInfo, encode_header
+from .load import ShardedState, SourceInfo, TensorSpec, describe, tensor_memory
+from .shards import Box, Run, box_runs, full_box, intersect, local_box, writer_runs
+
+if TYPE_CHECKING:
+    import torch
+
+    from .mesh import ParallelMesh
+
+# Test hook: called as `_fault_hook(stage, rank)` at "written" (after this rank's first piece) and "gathered".
+_fault_hook: Callable[[str, int], None] | None = None
+
+_SAFETENSORS_DTYPE = {
+    "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16", "int32": "I32", "uint32": "U32",
+    "int64": "I64", "uint64": "U64", "float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "float8_e8m0fnu": "F8_E8M0",
+}
+
+
+@dataclass
+class SaveResult:
+    dst: str
+    layout: str
+    files: list[str]
+    bytes_written: int  # by this rank
+    total_bytes: int  # tensor bytes of the whole checkpoint
+    seconds: float
+
+
+@dataclass
+class _Local:
+    """One state tensor as this rank holds it: local bytes, its box, and the runs it writes."""
+
+    tensor: torch.Tensor  # contiguous CPU local tensor (kept alive for `mem`)
+    mem: memoryview
+    box: Box
+    held: list[Run]
+    held_starts: list[int]
+    writes: list[Run]
+    write_starts: list[int]
+
+    def read(self, off: int, n: int) -> bytes:
+        """Global bytes `[off, off+n)`, which this rank must hold."""
+        parts = intersect(self.held, off, off + n, self.held_starts)
+        if sum(r.n for r in parts) != n:
+            raise ConvertError("internal error: a computed piece needs bytes this rank does not hold; save with expert_dp='replicate'")
+        return b"".join(bytes(self.mem[r.l : r.l + r.n]) for r in parts)
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    name = str(t.dtype).removeprefix("torch.")
+    if name not in _SAFETENSORS_DTYPE:
+        raise ConvertError(f"dtype {t.dtype} cannot be stored in safetensors")
+    return _SAFETENSORS_DTYPE[name]
+
+
+def _local_view(value: torch.Tensor, rank: int, world: int) -> _Local:
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    itemsize = value.element_size()
+    if isinstance(value, DTensor):
+        mesh, placements = value.device_mesh, value.placements
+        local = value.to_local()
+        box = local_box(tuple(value.shape), mesh, placements)
+    else:
+        mesh, placements, local = None, None, value
+        box = full_box(tuple(value.shape))
+    if tuple(local.shape) != box.shape:
+        raise ConvertError(f"a local shard has shape {list(local.shape)}, not the {list(box.shape)} its placements give")
+    local = local.detach().to("cpu").contiguous()
+    if local.dim() == 0:
+        local = local.reshape(1)
+    local = local.view(torch.uint8) if local.numel() else local
+    held = box_runs(box, itemsize)
+    writes = writer_runs(box, mesh, placements, rank, world, itemsize)
+    return _Local(local, tensor_memory(local), box, held, [r.g for r in held], writes, [r.g for r in writes])
+
+
+def _virtual(info: SourceInfo, specs: dict[str, TensorSpec]) -> Checkpoint:
+    """The state as a checkpoint that exists only as a plan source (one virtual file, merge order)."""
+    tensors, infos, pos = {}, [], 0
+    for name, s in specs.items():
+        nbytes = DTYPE_SIZES[s.dtype] * math.prod(s.shape)
+        t = TensorInfo(name, s.dtype, s.shape, "<state>", pos, nbytes)
+        tensors[name] = t
+        infos.append(t)
+        pos += nbytes
+    header = FileHeader("<state>", tuple(infos), _file_metadata(Layout.FUSED), 0, pos)
+    return Checkpoint(info.root, {"<state>": header}, tensors, info.config, {}, info.sidecar)
+
+
+def plan_output(info: SourceInfo, specs: dict[str, TensorSpec], layout: str, max_shard_size: str | int) -> tuple[Plan, FileLayout, dict | None]:
+    """The files `api.merge` (fused) or `api.split` of the merge (original) would write for this state."""
+    virtual = _virtual(info, specs)
+    if layout == "fused":
+        plan = plan_conversion(virtual, info.mapping, Layout.FUSED, naming="model", model_type=info.model_type)
+        return plan, shard_by_size(plan.outputs, parse_size(max_shard_size), _file_metadata(Layout.FUSED)), info.sidecar
+    if layout == "original":
+        target = Layout(info.sidecar["original_layout"])
+        plan = plan_conversion(virtual, info.mapping, target, naming="disk", model_type=info.model_type)
+        return plan, restore_layout(plan.outputs, info.sidecar["original"]), None
+    raise ConvertError(f"layout {layout!r} is not 'original' or 'fused'")
+
+
+def clean_stale_partials(dst: Path) -> list[str]:
+    """Remove `.<dst>.partial-<pid>-*` staging folders whose writer process no longer exists on this host."""
+    removed = []
+    parent = dst.parent if str(dst.parent) else Path(".")
+    if not parent.is_dir():
+        return removed
+    prefix = f".{dst.name}.partial-"
+    for p in parent.iterdir():
+        if not p.name.startswith(prefix) or not p.is_dir():
+            continue
+        try:
+            pid = int(p.name[len(prefix) :].split("-", 1)[0])
+        except ValueError:
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # still running (another save in progress)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p.name)
+    return removed
+
+
+def _write_my_pieces(staging: Path, layout: FileLayout, locals_: dict[str, _Local], rank: int) -> int:
+    """`pwrite` every piece byte this rank is responsible for; returns the bytes written."""
+    written = 0
+    hooked = False
+    for of in layout.files:
+        header, offsets = encode_header([(t.name, t.dtype, t.shape) for t in of.tensors], of.metadata)
+        fd = os.open(staging / of.name, os.O_WRONLY)
+        try:
+            for t, off in zip(of.tensors, offsets):
+                base = len(header) + off
+                for p in t.pieces:
+                    if isinstance(p, Copy):
+                        loc = locals_[p.key]
+                        for r in intersect(loc.writes, p.src, p.src + p.n, loc.write_starts):
+                            _pwrite(fd, loc.mem[r.l : r.l + r.n], base + p.dst + (r.g - p.src))
+                            written += r.n
+                    else:  # computed from one expert: written by the rank that writes the first input byte
+                        key, in_off, _, _ = p.inputs[0]
+                        loc = locals_[key]
+                        if not intersect(loc.writes, in_off, in_off + 1, loc.write_starts):
+                            continue
+                        data = transform_bytes(lambda k, o, n: locals_[k].read(o, n), p)
+                        _pwrite(fd, memoryview(data), base + p.dst)
+                        written += p.n
+                    if written and not hooked and _fault_hook is not None:
+                        hooked = True
+                        _fault_hook("written", rank)
+        finally:
+            os.close(fd)
+    return written
+
+
+def _pwrite(fd: int, data: memoryview, off: int) -> None:
+    while len(data):
+        k = os.pwrite(fd, data, off)
+        data, off = data[k:], off + k
+
+
+def save_sharded(
+    state: Mapping[str, torch.Tensor],
+    dst: str | Path,
+    mesh: ParallelMesh,
+    *,
+    layout: str = "original",
+    source: str | Path | None = None,
+    model_type: str | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+) -> SaveResult:
+    """Write `state` as a checkpoint at `dst` from all ranks at once (see the module docstring)."""
+    import torch.distributed as dist
+
+    t0 = time.perf_counter()
+    dst = Path(dst)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if isinstance(state, ShardedState) and source is None:
+        info = state.source
+    elif source is not None:
+        info = describe(source, model_type=model_type)[2]
+    else:
+        raise ConvertError("save_sharded needs source= (the checkpoint folder the state came from) for a plain state dict")
+    missing = [n for n in info.specs if n not in state]
+    extra = [n for n in state if n not in info.specs]
+    if missing or extra:
+        raise ConvertError(f"the state does not match its source checkpoint: missing {missing[:2]}, unexpected {extra[:2]}")
+    specs = {n: TensorSpec(s.kind, _dtype_name(state[n]), tuple(state[n].shape)) for n, s in info.specs.items()}
+    plan, file_layout, sidecar = plan_output(info, specs, layout, max_shard_size)
+    locals_ = {n: _local_view(state[n], rank, world) for n in specs}
+    total = sum(of.nbytes for of in file_layout.files)
+
+    def bcast(obj: object) -> object:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    # A: rank 0 creates the staging folder with every file's header and size; the others wait for its name
+    cm = atomic_folder(dst, overwrite) if rank == 0 else None
+    msg = None
+    if rank == 0:
+        clean_stale_partials(dst)
+        try:
+            staging = cm.__enter__()
+        except ConvertError as e:
+            cm, msg = None, f"!{e}"
+        else:
+            try:
+                _create_files(info.root, staging, file_layout)
+                msg = str(staging)
+            except BaseException as e:
+                cm.__exit__(type(e), e, e.__traceback__)
+                cm, msg = None, f"!cannot create the output files in {str(dst.parent)!r}: {e}"
+    msg = bcast(msg)
+    if msg.startswith("!"):
+        raise ConvertError(msg[1:])
+    staging = Path(msg)
+    # B: every rank writes its bytes; statuses and byte counts are exchanged
+    try:
+        error, written = None, 0
+        try:
+            written = _write_my_pieces(staging, file_layout, locals_, rank)
+        except Exception as e:  # noqa: BLE001 - reported to every rank
+            error = f"rank {rank}: {e}"
+        statuses: list = [None] * world
+        dist.all_gather_object(statuses, (error, written))
+        if _fault_hook is not None:
+            _fault_hook("gathered", rank)
+        # C: rank 0 checks, writes the index last and publishes the folder
+        outcome = "ok"
+        if rank == 0:
+            errors = [s[0] for s in statuses if s[0]]
+            done = sum(s[1] for s in statuses)
+            try:
+                if errors:
+                    raise ConvertError(f"save_sharded failed on {errors[0]}")
+                if done != total:
+                    raise ConvertError(f"internal error: the ranks wrote {done} of {total} tensor bytes")
+                _finish(staging, file_layout, sidecar, total)
+            except BaseException as e:
+                cm.__exit__(type(e), e, e.__traceback__)
+                cm, outcome = None, f"!{e}"
+            else:
+                cm.__exit__(None, None, None)
+                cm = None
+        outcome = bcast(outcome)
+    except BaseException as e:  # a collective failed (a rank died): never publish, remove the staging folder
+        if cm is not None:
+            cm.__exit__(type(e), e, e.__traceback__)
+        raise
+    if outcome != "ok":
+        raise ConvertError(outcome[1:])
+    return SaveResult(str(dst), layout, [of.name for of in file_layout.files], written, total, time.perf_counter() - t0)
+
+
+def _create_files(root: Path, staging: Path, layout: FileLayout) -> None:
+    copy_extra_files(root, staging)
+    for of in layout.files:
+        header, _ = encode_header([(t.name, t.dtype, t.shape) for t in of.tensors], of.metadata)
+        fd = os.open(staging / of.name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _pwrite(fd, memoryview(header), 0)
+            os.ftruncate(fd, len(header) + of.nbytes)
+        finally:
+            os.close(fd)
+
+
+def _finish(staging: Path, layout: FileLayout, sidecar: dict | None, total: int) -> None:
+    """The sidecar and, last, the index (what makes a folder look like a complete checkpoint)."""
+    if sidecar is not None:
+        (staging / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=1) + "\n")
+    if layout.write_index:
+        meta = dict(layout.index_metadata)
+        meta["total_size"] = total
+        weight_map = {t.name: of.name for of in layout.files for t in of.tensors}
+        index = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
+        (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
