@@ -33,6 +33,6 @@ class GptOssForCausalLM(MoECausalLM):
         router = SoftmaxTopKRouter(c.num_local_experts, c.hidden_size, c.num_experts_per_tok, scoring="topk_softmax", bias=True)
         experts = self.experts(
             c.num_local_experts, c.intermediate_size, layout="gpt_oss",
-            swiglu_alpha=getattr(c, "swiglu_alpha", 1.702), swiglu_limit=c.swiglu_limit,
+            swiglu_alpha=getattr(c, "swiglu_alpha", 1.702), swiglu_limit=getattr(c, "swiglu_limit", 7.0),
         )
         return self.layer(attn, MoEBlock(router, experts, router_name="router"))

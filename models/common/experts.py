@@ -231,6 +231,6 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         plan = dispatch_plan(indices, self.num_experts)
         xs = gather_rows(x, plan)
-        row_weight = weights.reshape(-1)[plan.perm].to(x.dtype)
+        row_weight = weights.reshape(-1).index_select(0, plan.perm).to(x.dtype)
         y = self.run_grouped(xs, plan.offsets, plan.sorted_ids, row_weight)
         return combine_rows(y, plan)

@@ -40,7 +40,7 @@ def hf_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index
         idx = idx.clamp(max=num_experts - 1)
     plan = dispatch_plan(idx, num_experts)
     xs = gather_rows(hidden_states, plan)
-    row_w = weights.reshape(-1)[plan.perm].to(hidden_states.dtype)
+    row_w = weights.reshape(-1).index_select(0, plan.perm).to(hidden_states.dtype)
     has_gate = getattr(self, "has_gate", True)
     has_bias = getattr(self, "has_bias", False)
     transposed = getattr(self, "is_transposed", False)

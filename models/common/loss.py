@@ -100,9 +100,13 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # noqa: ANN001, ANN205
+        if getattr(ctx, "used", False):
+            raise RuntimeError("the chunked cross-entropy cannot be back-propagated twice (retain_graph)")
+        ctx.used = True
         grad_h, grad_w = ctx.saved_tensors
-        gh = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
-        gw = None if grad_w is None else grad_w * grad_out.to(grad_w.dtype)
+        # in place: these buffers exist only for this backward; saves a copy of the [V, H] weight gradient
+        gh = None if grad_h is None else grad_h.mul_(grad_out.to(grad_h.dtype))
+        gw = None if grad_w is None else grad_w.mul_(grad_out.to(grad_w.dtype))
         return gh, gw, None, None, None, None, None
 
 
