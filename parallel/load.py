@@ -12,6 +12,7 @@ Each rank reads its shard's bytes only, through the same plan pieces as `api.mer
 keys of its experts; a fused one: one contiguous `Shard(0)` byte range per tensor), with `pread` into the local
 tensor's memory: no rank ever holds a whole fused expert tensor or the whole checkpoint. `state.stats` (LoadStats)
 counts the bytes read; with the defaults they equal `api.inspect(src, ep=...)`'s prediction for its ep rank.
+`io_threads` threads read in parallel (the first touch of fresh memory is the cost on CPU hosts).
 `target` (a state dict, possibly on the meta device, or a module) fixes the names to load, their global shapes
 (mismatch: `ConvertError`) and dtypes (floating tensors are cast; a quantized or integer tensor is never cast).
 """
@@ -23,8 +24,10 @@ import ctypes
 import math
 import os
 import resource
+import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -120,8 +123,15 @@ def tensor_memory(t: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())).cast("B")
 
 
+CHUNK = 32 << 20  # reads are split into chunks this large so that `io_threads` can share one big tensor
+
+
 class RangeReader(SourceFiles):
     """`SourceFiles` that also reads a byte range straight into caller memory (`preadv`, no extra copy)."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        super().__init__(ckpt)
+        self._count_lock = threading.Lock()
 
     def read_into(self, key: str, off: int, dest: memoryview) -> None:
         fd, pos = self.locate(key, off)
@@ -131,14 +141,20 @@ class RangeReader(SourceFiles):
             if k == 0:
                 raise ConvertError(f"{self.ckpt.tensors[key].file}: ended early while reading {key!r}; the shard is truncated, re-download it")
             done += k
-        self.bytes_read += n
+        with self._count_lock:
+            self.bytes_read += n
 
 
-def read_runs(files: RangeReader, t: OutTensor, runs: list[Run], dest: memoryview) -> None:
-    """Fill `dest` (the local tensor's bytes) with global bytes `runs` of plan output `t`."""
+def read_runs(files: RangeReader, t: OutTensor, runs: list[Run], dest: memoryview, pool: ThreadPoolExecutor | None = None) -> None:
+    """Fill `dest` (the local tensor's bytes) with global bytes `runs` of plan output `t`.
+
+    Copy pieces are read straight into `dest` (in `CHUNK`s, on `pool` when given); a computed piece (transposed
+    source, interleave...) reads all of its inputs once and is copied in.
+    """
     pieces = _coalesce(t.pieces)
     starts = [p.dst for p in pieces]
     cached: tuple[Any, bytes] | None = None
+    reads: list[tuple[str, int, memoryview]] = []
     for run in runs:
         pos, end = run.g, run.g + run.n
         i = max(0, bisect.bisect_right(starts, pos) - 1)
@@ -147,13 +163,21 @@ def read_runs(files: RangeReader, t: OutTensor, runs: list[Run], dest: memoryvie
             lo, hi = pos - p.dst, min(end, p.dst + p.n) - p.dst
             at = run.l + (pos - run.g)
             if isinstance(p, Copy):
-                files.read_into(p.key, p.src + lo, dest[at : at + hi - lo])
-            else:  # a computed expert (transposed source, interleave...): all of its inputs, once
+                for a in range(lo, hi, CHUNK):
+                    b = min(hi, a + CHUNK)
+                    reads.append((p.key, p.src + a, dest[at + a - lo : at + b - lo]))
+            else:
                 if cached is None or cached[0] is not p:
                     cached = (p, transform_bytes(files.read, p))
                 dest[at : at + hi - lo] = cached[1][lo:hi]
             pos = p.dst + hi
             i += 1
+    if pool is not None and len(reads) > 1:
+        for _ in pool.map(lambda r: files.read_into(*r), reads):
+            pass
+    else:
+        for r in reads:
+            files.read_into(*r)
 
 
 # ---------------------------------------------------------------- the state
@@ -211,6 +235,7 @@ def load_sharded(
     target: Mapping[str, torch.Tensor] | torch.nn.Module | None = None,
     dtype: torch.dtype | None = None,
     strict: bool = True,
+    io_threads: int = 2,
 ) -> ShardedState:
     """Load this rank's shards of `src` (see the module docstring). Collective: call it on every rank."""
     import torch
@@ -243,6 +268,7 @@ def load_sharded(
     state = ShardedState()
     device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
     files = RangeReader(ckpt)
+    pool = ThreadPoolExecutor(io_threads) if io_threads > 1 else None
     try:
         for t in plan.outputs:
             spec = info.specs[t.name]
@@ -254,7 +280,7 @@ def load_sharded(
             src_dtype = torch_dtype(t.dtype)
             local = torch.empty(box.shape, dtype=src_dtype)
             before = files.bytes_read
-            read_runs(files, t, box_runs(box, DTYPE_SIZES[t.dtype]), tensor_memory(local))
+            read_runs(files, t, box_runs(box, DTYPE_SIZES[t.dtype]), tensor_memory(local), pool)
             got = files.bytes_read - before
             if spec.kind == EXPERT:
                 stats.expert_bytes_read += got
@@ -273,6 +299,8 @@ def load_sharded(
                 local, dmesh, placements, run_check=False, shape=torch.Size(spec.shape), stride=_contiguous_stride(spec.shape)
             )
     finally:
+        if pool is not None:
+            pool.shutdown()
         stats.bytes_read = files.bytes_read
         files.close()
     stats.seconds = time.perf_counter() - t0
