@@ -77,6 +77,16 @@ class ParallelMesh:
     def sizes(self) -> dict[str, int]:
         return {"world": self.world, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "ep": self.ep, "ep_dp": self.ep_dp}
 
+    def __getitem__(self, name: str) -> DeviceMesh:
+        """`mesh["dp"]`, `mesh["dp_replicate"]`, `mesh["dp_shard"]`, `mesh["ep"]`, `mesh["ep_dp"]`: 1-D views."""
+        if name == "dp":
+            return self.dp_mesh
+        if name in ("dp_replicate", "dp_shard"):
+            return self.dp_root[name]
+        if name in ("ep", "ep_dp"):
+            return self.ep_root[name]
+        raise KeyError(f"no mesh dim {name!r}; use dp, dp_replicate, dp_shard, ep or ep_dp")
+
     def train_meshes(self):  # noqa: ANN201
         """The same meshes as `expert_parallel.TrainMeshes` (for `expert_parallel.parallelize`)."""
         from .expert_parallel import TrainMeshes

@@ -15,7 +15,8 @@ byte counts; rank 0 checks that they add up, writes the index last and renames t
 A rank that fails or dies mid-save leaves no `dst` (the staging folder is removed by rank 0, or, if rank 0
 died, left as `.<dst>.partial-<pid>-*` without an index and removed by the next save once that pid is gone).
 The state may be a `ShardedState` from `load_sharded` or any `name -> DTensor | Tensor` dict given `source=`
-(the checkpoint folder it came from: config, non-weight files and original shard layout).
+(the checkpoint folder it came from: config, non-weight files and original shard layout); `config=` replaces the
+copied `config.json`. The parent of `dst` must exist; `overwrite=True` replaces an existing `dst` atomically.
 """
 
 from __future__ import annotations
@@ -223,6 +224,7 @@ def save_sharded(
     model_type: str | None = None,
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
+    config: dict | None = None,
 ) -> SaveResult:
     """Write `state` as a checkpoint at `dst` from all ranks at once (see the module docstring)."""
     import torch.distributed as dist
@@ -261,7 +263,7 @@ def save_sharded(
             cm, msg = None, f"!{e}"
         else:
             try:
-                _create_files(info.root, staging, file_layout)
+                _create_files(info.root, staging, file_layout, config)
                 msg = str(staging)
             except BaseException as e:
                 cm.__exit__(type(e), e, e.__traceback__)
@@ -308,8 +310,10 @@ def save_sharded(
     return SaveResult(str(dst), layout, [of.name for of in file_layout.files], written, total, time.perf_counter() - t0)
 
 
-def _create_files(root: Path, staging: Path, layout: FileLayout) -> None:
+def _create_files(root: Path, staging: Path, layout: FileLayout, config: dict | None) -> None:
     copy_extra_files(root, staging)
+    if config is not None:
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for of in layout.files:
         header, _ = encode_header([(t.name, t.dtype, t.shape) for t in of.tensors], of.metadata)
         fd = os.open(staging / of.name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)

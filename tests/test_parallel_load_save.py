@@ -170,6 +170,36 @@ def _check_state(fixture: str, folder: Path, state, mesh, ep: int, dense: str, e
     return errs
 
 
+def _mesh_job(mesh) -> dict:  # noqa: ANN001
+    """Group membership of every view, and an all-reduce over the expert data-parallel group."""
+    x = torch.tensor([float(mesh.rank)])
+    dist.all_reduce(x, group=mesh.ep_dp_mesh.get_group())
+    return {
+        "errors": [],
+        "sizes": mesh.sizes,
+        "rank": mesh.rank,
+        "groups": {d: sorted(dist.get_process_group_ranks(mesh[d].get_group())) for d in ("dp", "dp_replicate", "dp_shard", "ep", "ep_dp")},
+        "local": {"ep": mesh.ep_rank, "ep_dp": mesh.ep_dp_rank, "dp": mesh.dp_rank},
+        "ep_dp_sum": x.item(),
+    }
+
+
+def _overwrite_job(job: dict, mesh, dst: Path) -> dict:  # noqa: ANN001
+    """An existing dst is refused on every rank (nobody hangs); overwrite=True replaces it, config= rewrites config.json."""
+    from automodel_convert.parallel import load_sharded, save_sharded
+
+    state = load_sharded(FIXTURES / job["fixture"], mesh)
+    save_sharded(state, dst, mesh, layout="fused")
+    res: dict = {"errors": []}
+    try:
+        save_sharded(state, dst, mesh, layout="original")
+    except ConvertError as e:
+        res["exists_error"] = str(e)
+    config = dict(json.loads((FIXTURES / job["fixture"] / "config.json").read_text()), note="rewritten")
+    save_sharded(state, dst, mesh, layout="original", overwrite=True, config=config)
+    return res
+
+
 def _target_job(job: dict, mesh) -> dict:  # noqa: ANN001
     """load_sharded into a meta-device state dict: bf16 -> float32 casts, strict name and shape checks."""
     from automodel_convert.parallel import load_sharded
@@ -211,8 +241,12 @@ def _job(job: dict, rank: int, world: int, out: Path, meshes: dict) -> dict:
     if key not in meshes:
         meshes[key] = build_mesh(ep=ep, dp_shard=job.get("dp_shard"), dp_replicate=job.get("dp_replicate"))
     mesh = meshes[key]
+    if job.get("kind") == "mesh":
+        return _mesh_job(mesh)
     if job.get("kind") == "target":
         return _target_job(job, mesh)
+    if job.get("kind") == "overwrite":
+        return _overwrite_job(job, mesh, out / job["name"] / "dst")
     dense, expert_dp = job.get("dense", "replicate"), job.get("expert_dp", "replicate")
     state = load_sharded(folder, mesh, dense=dense, expert_dp=expert_dp)
     res = {"ep_rank": mesh.ep_rank, "stats": {k: v for k, v in vars(state.stats).items() if k != "experts"}}
@@ -391,13 +425,42 @@ def test_ep_times_dp(tmp_path, merged):
             assert _same_files(tmp_path / job["name"] / "fused", ref_dir) == []
 
 
-def test_target_state_dict(tmp_path):
+def test_build_mesh_views_of_the_same_ranks(tmp_path):
+    """build_mesh(ep=2, dp_shard=2) on 4 ranks: HSDP 2 x 2 over all ranks; ep groups {0,1} {2,3}, expert dp groups
+    {0,2} {1,3}: every rank is a dp rank and an ep rank at once."""
+    reports, codes = run_world(4, [{"name": "m", "fixture": "qwen3_moe", "ep": 2, "dp_shard": 2, "kind": "mesh"}], tmp_path)
+    assert codes == [0] * 4
+    for rep in reports:
+        res = rep["m"]
+        assert "exception" not in res, res.get("traceback")
+        r = res["rank"]
+        assert res["sizes"] == {"world": 4, "dp_replicate": 2, "dp_shard": 2, "ep": 2, "ep_dp": 2}
+        assert res["groups"]["dp"] == [0, 1, 2, 3]
+        assert res["groups"]["dp_shard"] == ([0, 1] if r < 2 else [2, 3])
+        assert res["groups"]["dp_replicate"] == [r % 2, r % 2 + 2]
+        assert res["groups"]["ep"] == ([0, 1] if r < 2 else [2, 3])
+        assert res["groups"]["ep_dp"] == [r % 2, r % 2 + 2]
+        assert res["local"] == {"ep": r % 2, "ep_dp": r // 2, "dp": r}
+        assert res["ep_dp_sum"] == float(r % 2 + r % 2 + 2)
+
+
+def test_target_state_dict_and_overwrite(tmp_path):
     """A meta-device target fixes names, shapes and dtypes: casts bf16 -> float32, refuses missing names and
-    wrong shapes, and with strict=False skips (does not read) checkpoint tensors the target lacks."""
+    wrong shapes, and with strict=False skips (does not read) checkpoint tensors the target lacks. Saving over an
+    existing folder is refused on every rank unless overwrite=True."""
     if missing_reason("qwen3_moe"):
         pytest.skip(missing_reason("qwen3_moe"))
-    reports, codes = run_world(2, [{"name": "t", "fixture": "qwen3_moe", "ep": 2, "kind": "target"}], tmp_path)
+    jobs = [{"name": "t", "fixture": "qwen3_moe", "ep": 2, "kind": "target"}, {"name": "o", "fixture": "qwen3_moe", "ep": 2, "kind": "overwrite"}]
+    reports, codes = run_world(2, jobs, tmp_path)
     assert codes == [0, 0]
+    # save_sharded into an existing folder: refused on every rank; overwrite=True replaces it atomically
+    for rep in reports:
+        assert "exception" not in rep["o"], rep["o"].get("traceback")
+        assert "exists; pass --overwrite" in rep["o"]["exists_error"]
+    dst = tmp_path / "o" / "dst"
+    assert json.loads((dst / "config.json").read_text())["note"] == "rewritten"
+    assert _same_files(dst, FIXTURES / "qwen3_moe") == ["config.json"]
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["dst"]
     for rep in reports:
         res = rep["t"]
         assert "exception" not in res, res.get("traceback")
