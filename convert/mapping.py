@@ -106,12 +106,16 @@ class ExpertGroup:
     tensor; the default concatenates the parts along dim 0 (gate then up), giving `[E, sum(out), in]`.
     `companions` are suffix pairs for tensors that fuse by the same rule: the block-FP8 scale grid
     `...gate_proj.weight_scale_inv` -> `...gate_up_proj_scale_inv`.
+    `stacked=False` marks a non-expert fusion (parts without `{expert}`, e.g. kimi_linear's `q_conv1d|k_conv1d|
+    v_conv1d -> conv1d`): once per layer, no expert dim, always the `fused` encoding (never transposed), not an
+    expert tensor for expert parallelism, and it never decides the checkpoint's layout.
     """
 
     fused: str
     parts: tuple[str, ...]
     fused_ops: tuple[Op, ...] | None = None
     companions: tuple[tuple[str, str], ...] = ((".weight_scale_inv", "_scale_inv"),)
+    stacked: bool = True
 
     @cached_property
     def fused_template(self) -> Template:
@@ -124,7 +128,7 @@ class ExpertGroup:
     def ops_for(self, layout: Layout) -> tuple[Op, ...]:
         """Ops from the canonical list of parts to one expert's slice of the fused tensor in `layout`."""
         base = self.fused_ops if self.fused_ops is not None else ((Concat(0),) if len(self.parts) > 1 else ())
-        if layout is Layout.FUSED:
+        if layout is Layout.FUSED or not self.stacked:
             return base
         if layout is Layout.TRANSPOSED:
             return base + (Transpose(0, 1),)
@@ -144,6 +148,7 @@ class ExpertGroup:
                         parts=tuple(p[: -len(".weight")] + part_suffix for p in self.parts),
                         fused_ops=self.fused_ops,
                         companions=(),
+                        stacked=self.stacked,
                     )
                 )
         return out

@@ -116,15 +116,16 @@ def _chunk_shapes(group: ExpertGroup, layout: Layout, expert_shape: Shape, recor
     if recorded is not None:
         return [tuple(s) for s in recorded]
     n = len(group.parts)
-    if len(expert_shape) != 2:
+    if len(expert_shape) != 2 and (layout is not Layout.FUSED or not expert_shape):
         raise MappingError(f"fused tensor {key!r} has expert shape {list(expert_shape)}; expected 2 dims")
     out_dim = 0 if layout is Layout.FUSED else 1
     total = expert_shape[out_dim]
     if total % n:
         raise MappingError(f"fused tensor {key!r}: dim {out_dim + 1} ({total}) does not split into {n} equal parts; the checkpoint is not in the {layout} layout")
-    # Canonical parts are F.linear [out, in]; the fused layouts are cat(parts, 0) (+ a transpose).
-    inner = expert_shape[1 - out_dim]
-    base = [(total // n, inner)] * n
+    # Canonical parts are F.linear [out, in] (or any [out, ...] for the fused layout); the fused layouts are
+    # cat(parts, 0) (+ a transpose).
+    inner = tuple(expert_shape[1:]) if layout is Layout.FUSED else (expert_shape[1 - out_dim],)
+    base = [(total // n, *inner)] * n
     chain = group.chain(layout, base)
     if chain.out_shapes(base)[0] != tuple(expert_shape):
         raise MappingError(f"fused tensor {key!r}: shape {list(expert_shape)} does not fit the {layout} layout of its group")
@@ -143,6 +144,10 @@ def plan_conversion(
         raise ValueError(f"naming must be 'model' or 'disk', not {naming!r}")
     disk_names = naming == "disk" or target is Layout.PER_EXPERT
     model_type = model_type or mapping.model_type
+    if target is Layout.TRANSPOSED and not any(g.stacked for g in mapping.groups):
+        raise MappingError(
+            f"model type {model_type!r} stores its experts as the model holds them (no per-expert groups), so it has no transposed layout; use --layout hf"
+        )
     groups = mapping.all_groups
     # 1. rename every key into model naming; the renaming must be invertible on this key set
     model_keys: dict[str, str] = {}
@@ -167,7 +172,7 @@ def plan_conversion(
             for pi, tpl in enumerate(g.part_templates):
                 caps = tpl.match(mk)
                 if caps is not None:
-                    e = int(caps.pop("expert"))
+                    e = int(caps.pop("expert", 0))  # a non-stacked group has one "expert"
                     inst = (gi, tuple(sorted(caps.items())))
                     slot = per_expert[inst][e]
                     if pi in slot:
@@ -187,22 +192,25 @@ def plan_conversion(
                 group_of[key] = inst
                 break
 
-    if per_expert and fused_keys:
-        a = next(iter(per_expert.values()))
+    # only stacked (expert) groups decide the layout; non-stacked fusions follow their own keys
+    stacked_pe = [i for i in per_expert if groups[i[0]].stacked]
+    stacked_fk = [i for i in fused_keys if groups[i[0]].stacked]
+    if stacked_pe and stacked_fk:
+        a = per_expert[stacked_pe[0]]
         a_key = next(iter(next(iter(a.values())).values()))
         raise MappingError(
-            f"the checkpoint mixes per-expert keys ({a_key!r}) and fused keys ({next(iter(fused_keys.values()))!r}); convert it from a consistent copy"
+            f"the checkpoint mixes per-expert keys ({a_key!r}) and fused keys ({fused_keys[stacked_fk[0]]!r}); convert it from a consistent copy"
         )
     recorded = _layout_from_records(ckpt)
-    if per_expert:
+    if stacked_pe:
         source_layout = Layout.PER_EXPERT
-    elif fused_keys:
+    elif stacked_fk:
         source_layout = recorded or (mapping.disk_layout if mapping.disk_layout is not Layout.PER_EXPERT else Layout.FUSED)
         if source_layout is Layout.PER_EXPERT:
             source_layout = Layout.FUSED
     else:
         source_layout = recorded or (Layout.PER_EXPERT if mapping.groups and mapping.disk_layout is Layout.PER_EXPERT else mapping.disk_layout)
-        if mapping.groups:
+        if any(g.stacked for g in mapping.groups):
             raise MappingError(
                 f"no expert tensors of model_type {model_type!r} found (expected keys like {mapping.groups[0].parts[0]!r} or {mapping.groups[0].fused!r}); check --model-type"
             )
@@ -219,7 +227,7 @@ def plan_conversion(
             caps = dict(inst[1])
             fused_name = g.fused_template.format(**caps)
             present = sorted(experts)
-            n_exp = cfg_experts if cfg_experts is not None else present[-1] + 1
+            n_exp = 1 if not g.stacked else cfg_experts if cfg_experts is not None else present[-1] + 1
             missing = [e for e in range(n_exp) if e not in experts]
             extra = [e for e in present if e >= n_exp]
             if missing or extra:
@@ -249,17 +257,22 @@ def plan_conversion(
             gi = GroupInstance(g, caps, n_exp, shapes, dtype, parts={e: [experts[e][p] for p in range(len(g.parts))] for e in range(n_exp)})
             instances.append(gi)
             first_key_of_inst[inst] = min((k for e in experts.values() for k in e.values()), key=_order_index(ckpt))
-    else:
+    if fused_keys:
         for inst, key in fused_keys.items():
             g = groups[inst[0]]
             caps = dict(inst[1])
             info = ckpt.tensors[key]
+            fused_model_name = g.fused_template.format(**caps)
+            if not g.stacked:
+                shapes = _chunk_shapes(g, Layout.FUSED, info.shape, recorded_parts.get(fused_model_name), key)
+                instances.append(GroupInstance(g, caps, 1, shapes, info.dtype, fused_key=key))
+                first_key_of_inst[inst] = key
+                continue
             if len(info.shape) < 2:
                 raise MappingError(f"fused tensor {key!r} has shape {list(info.shape)}; expected [experts, ...]")
             n_exp = info.shape[0]
             if cfg_experts is not None and n_exp != cfg_experts:
                 raise MappingError(f"fused tensor {key!r} holds {n_exp} experts but the config says {cfg_experts}; the checkpoint and config disagree")
-            fused_model_name = g.fused_template.format(**caps)
             shapes = _chunk_shapes(g, source_layout, info.shape[1:], recorded_parts.get(fused_model_name), key)
             instances.append(GroupInstance(g, caps, n_exp, shapes, info.dtype, fused_key=key))
             first_key_of_inst[inst] = key
@@ -298,6 +311,9 @@ def _order_index(ckpt: Checkpoint):
 
 def _emit_instance(mapping: MoEMapping, gi: GroupInstance, src: Layout, dst: Layout, disk_names: bool) -> list[OutTensor]:
     g, caps, E = gi.group, gi.captures, gi.num_experts
+    if not g.stacked:  # a non-stacked fusion: parts or the fused tensor, never transposed, no expert dim
+        src = Layout.PER_EXPERT if gi.fused_key is None else Layout.FUSED
+        dst = dst if dst is Layout.PER_EXPERT else Layout.FUSED
     itemsize = DTYPE_SIZES[gi.dtype]
     part_nbytes = [math.prod(s) * itemsize for s in gi.part_shapes]
     expert_nbytes = sum(part_nbytes)
@@ -323,11 +339,12 @@ def _emit_instance(mapping: MoEMapping, gi: GroupInstance, src: Layout, dst: Lay
             for p, tpl in enumerate(g.part_templates):
                 name = mapping.to_disk_key(tpl.format(**caps, expert=e))
                 rng = part_source(e, p)
+                ex = e if g.stacked else None
                 if rng is not None:
-                    piece: Piece = Copy(rng[0], rng[1], rng[2], 0, e)
+                    piece: Piece = Copy(rng[0], rng[1], rng[2], 0, ex)
                 else:
-                    piece = Transform((expert_slice_input(e),), decode, p, itemsize, 0, part_nbytes[p], e)
-                outs.append(OutTensor(name, gi.dtype, gi.part_shapes[p], [piece], g.fused, False, sources))
+                    piece = Transform((expert_slice_input(e),), decode, p, itemsize, 0, part_nbytes[p], ex)
+                outs.append(OutTensor(name, gi.dtype, gi.part_shapes[p], [piece], g.fused if g.stacked else None, False, sources))
         return outs
 
     encode = g.chain(dst, gi.part_shapes)
@@ -335,21 +352,24 @@ def _emit_instance(mapping: MoEMapping, gi: GroupInstance, src: Layout, dst: Lay
     pieces: list[Piece] = []
     for e in range(E):
         base = e * expert_nbytes
+        ex = e if g.stacked else None
         ranges = [part_source(e, p) for p in range(len(g.parts))]
         if all(r is not None for r in ranges) and encode.is_byte_concat():
             off = base
             for r in ranges:
-                pieces.append(Copy(r[0], r[1], r[2], off, e))
+                pieces.append(Copy(r[0], r[1], r[2], off, ex))
                 off += r[2]
         elif all(r is not None for r in ranges):
             inputs = tuple((r[0], r[1], r[2], gi.part_shapes[p]) for p, r in enumerate(ranges))
-            pieces.append(Transform(inputs, encode, 0, itemsize, base, expert_nbytes, e))
+            pieces.append(Transform(inputs, encode, 0, itemsize, base, expert_nbytes, ex))
         else:
             decode = g.chain(src, gi.part_shapes).inverse()
-            pieces.append(Transform((expert_slice_input(e),), decode.then(encode), 0, itemsize, base, expert_nbytes, e))
+            pieces.append(Transform((expert_slice_input(e),), decode.then(encode), 0, itemsize, base, expert_nbytes, ex))
     name = g.fused_template.format(**caps)
     if disk_names:
         name = mapping.to_disk_key(name)
+    if not g.stacked:
+        return [OutTensor(name, gi.dtype, tuple(expert_shape), pieces, None, False, sources)]
     return [OutTensor(name, gi.dtype, (E, *expert_shape), pieces, g.fused, True, sources)]
 
 
