@@ -74,6 +74,18 @@ class ParallelMesh:
         return self.ep_root.get_local_rank("ep_dp")
 
     @property
+    def ranks(self) -> dict[str, int]:
+        """This rank's index along every view: global rank, dp, dp_replicate, dp_shard, ep, ep_dp."""
+        return {
+            "rank": self.rank,
+            "dp": self.dp_rank,
+            "dp_replicate": self.dp_root.get_local_rank("dp_replicate"),
+            "dp_shard": self.dp_root.get_local_rank("dp_shard"),
+            "ep": self.ep_rank,
+            "ep_dp": self.ep_dp_rank,
+        }
+
+    @property
     def sizes(self) -> dict[str, int]:
         return {"world": self.world, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "ep": self.ep, "ep_dp": self.ep_dp}
 

@@ -101,12 +101,19 @@ def _dtype_name(t: torch.Tensor) -> str:
     return _SAFETENSORS_DTYPE[name]
 
 
-def _local_view(value: torch.Tensor, rank: int, world: int) -> _Local:
+def _local_view(name: str, value: torch.Tensor, rank: int, world: int, whole_rows: bool) -> _Local:
+    """This rank's bytes of one state tensor. `whole_rows`: a computed output piece needs whole dim-0 rows (whole
+    experts), so a tensor also sharded along another dim is first gathered along it (collective, same order on
+    every rank)."""
     import torch
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
     itemsize = value.element_size()
     if isinstance(value, DTensor):
+        if any(type(p) not in (Shard, Replicate) for p in value.placements):
+            raise ConvertError(f"{name!r} has placements {value.placements}; save_sharded handles Shard and Replicate (redistribute the tensor first)")
+        if whole_rows and any(isinstance(p, Shard) and p.dim != 0 for p in value.placements):
+            value = value.redistribute(value.device_mesh, [Replicate() if isinstance(p, Shard) and p.dim != 0 else p for p in value.placements])
         mesh, placements = value.device_mesh, value.placements
         local = value.to_local()
         box = local_box(tuple(value.shape), mesh, placements)
@@ -244,7 +251,8 @@ def save_sharded(
         raise ConvertError(f"the state does not match its source checkpoint: missing {missing[:2]}, unexpected {extra[:2]}")
     specs = {n: TensorSpec(s.kind, _dtype_name(state[n]), tuple(state[n].shape)) for n, s in info.specs.items()}
     plan, file_layout, sidecar = plan_output(info, specs, layout, max_shard_size)
-    locals_ = {n: _local_view(state[n], rank, world) for n in specs}
+    computed_from = {k for t in plan.outputs for p in t.pieces if not isinstance(p, Copy) for k, *_ in p.inputs}
+    locals_ = {n: _local_view(n, state[n], rank, world, n in computed_from) for n in specs}
     total = sum(of.nbytes for of in file_layout.files)
 
     def bcast(obj: object) -> object:

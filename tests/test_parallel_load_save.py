@@ -179,7 +179,7 @@ def _mesh_job(mesh) -> dict:  # noqa: ANN001
         "sizes": mesh.sizes,
         "rank": mesh.rank,
         "groups": {d: sorted(dist.get_process_group_ranks(mesh[d].get_group())) for d in ("dp", "dp_replicate", "dp_shard", "ep", "ep_dp")},
-        "local": {"ep": mesh.ep_rank, "ep_dp": mesh.ep_dp_rank, "dp": mesh.dp_rank},
+        "local": mesh.ranks,
         "ep_dp_sum": x.item(),
     }
 
@@ -401,6 +401,8 @@ def test_ep_times_dp(tmp_path, merged):
         {"name": f"{f}@shard", "fixture": f, "ep": 2, "dp_shard": 2, "dense": "shard", "expert_dp": "shard", "max_shard_size": "60KB"}
         for f in fams[:2]
     ]
+    if missing_reason("qwen3_vl_moe") is None:  # transposed on disk: saving it computes whole experts (gathered)
+        jobs.append({"name": "qwen3_vl_moe@shard", "fixture": "qwen3_vl_moe", "ep": 2, "dp_shard": 2, "dense": "shard", "expert_dp": "shard", "max_shard_size": "60KB"})
     reports, codes = run_world(4, jobs, tmp_path)
     assert codes == [0] * 4
     for job in jobs:
@@ -440,7 +442,7 @@ def test_build_mesh_views_of_the_same_ranks(tmp_path):
         assert res["groups"]["dp_replicate"] == [r % 2, r % 2 + 2]
         assert res["groups"]["ep"] == ([0, 1] if r < 2 else [2, 3])
         assert res["groups"]["ep_dp"] == [r % 2, r % 2 + 2]
-        assert res["local"] == {"ep": r % 2, "ep_dp": r // 2, "dp": r}
+        assert res["local"] == {"rank": r, "dp": r, "dp_replicate": r // 2, "dp_shard": r % 2, "ep": r % 2, "ep_dp": r // 2}
         assert res["ep_dp_sum"] == float(r % 2 + r % 2 + 2)
 
 
