@@ -228,6 +228,15 @@ def _target_job(job: dict, mesh) -> dict:  # noqa: ANN001
         load_sharded(folder, mesh, target=bad)
     except ConvertError as e:
         res["shape_error"] = str(e)
+    # a transformers v5 model built on the meta device: its state dict names are exactly the loaded names
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    res["hf_meta"] = {}
+    for fx in ("qwen3_moe", "mixtral", "deepseek_v3"):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(FIXTURES / fx), dtype=torch.float32)
+        loaded = load_sharded(FIXTURES / fx, mesh, target=model)
+        res["hf_meta"][fx] = sorted(loaded) == sorted(model.state_dict()) and all(v.dtype == torch.float32 for v in loaded.values())
     return res
 
 
@@ -470,6 +479,7 @@ def test_target_state_dict_and_overwrite(tmp_path):
         assert "1 checkpoint tensors are not in the target" in res["strict_error"] and "strict=False" in res["strict_error"]
         assert res["skipped"] == [res["dropped"]] and res["loose_bytes"] < res["full_bytes"]
         assert "the target expects [1, 2]" in res["shape_error"]
+        assert res["hf_meta"] == {"qwen3_moe": True, "mixtral": True, "deepseek_v3": True}
 
 
 # ---------------------------------------------------------------- failures during save
