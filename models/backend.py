@@ -17,7 +17,8 @@ layer sees, decided per call from their device and dtype (so one model object ru
 - loss: "auto" | "chunked" | "triton" | "full". "chunked" never materialises the full fp32 logits (torch, chunks of
   tokens, gradient computed chunk by chunk); "triton" is the same with a fused per-chunk cross-entropy kernel;
   "full" is transformers' computation. auto -> "triton" on CUDA with Triton, else "chunked".
-- swiglu: "auto" | "torch" | "triton". auto -> "triton" on CUDA with Triton, else "torch".
+- swiglu: "auto" | "torch" | "triton": the experts' elementwise kernels, i.e. SwiGLU (with the routing weight folded
+  in) and the permutation's gather-and-sum. auto -> "triton" on CUDA with Triton, else "torch".
 - compile: bool, torch.compile the per-layer dense parts (attention block, norms).
 
 An option that needs a missing package raises `MissingPackageError`, a one-line message naming the package and the

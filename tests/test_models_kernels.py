@@ -173,3 +173,19 @@ def test_cuda_bf16_training_step_with_fused_adamw() -> None:
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_sum_kernel(dtype: torch.dtype) -> None:
+    from automodel_convert.models.common.kernels import gather_sum
+
+    if INTERPRET and dtype == torch.bfloat16:
+        pytest.skip("Triton's CPU interpreter truncates fp32 -> bf16 instead of rounding to nearest")
+    torch.manual_seed(4)
+    t, k, h = 37, 3, 200
+    src = torch.randn(t * k, h, device=DEV).to(dtype)
+    idx = torch.randperm(t * k, device=DEV)
+    want = src.float().index_select(0, idx).view(t, k, h).sum(1)
+    got = gather_sum(src, idx, k)
+    ref_same_dtype = src.index_select(0, idx).view(t, k, h).sum(1)
+    assert no_worse(got, ref_same_dtype, want)

@@ -11,7 +11,8 @@ along the last dim (gate = even columns), `gate_up_proj_bias [E, 2I]`, `down_pro
 2. `gather_rows`: x rows in expert order (forward and backward are gathers: deterministic, no atomics).
 3. `grouped_linear` (gate_up) -> activation with the routing weight folded in (`a = act(gate) * up * w`, exact since
    the down projection is linear; a bias is scaled accordingly) -> `grouped_linear` (down).
-4. `combine_rows`: back to (token, slot) order and summed over the K slots (gathers again).
+4. `combine_rows`: back to (token, slot) order and summed over the K slots (gathers again; one fused Triton pass
+   on CUDA when the `swiglu` back-end is "triton"/"auto", which also picks the fused SwiGLU).
 `grouped_linear` back-ends: "grouped_mm" (`torch._grouped_mm`, offsets as a device tensor), "padded" (loop-free:
 rows scattered into per-expert buckets of the largest count, one batched bmm; one host sync for that count),
 "loop" (reference loop over experts); "auto" takes grouped_mm when the call's shapes/dtype allow it, else padded. `run_grouped(x_sorted, offsets, sorted_ids)` runs the experts on rows that
@@ -50,43 +51,51 @@ def dispatch_plan(indices: torch.Tensor, num_experts: int) -> DispatchPlan:
     return DispatchPlan(perm, inv_perm, perm // top_k, sorted_ids, offsets, top_k)
 
 
+def _sum_slots(src: torch.Tensor, idx: torch.Tensor, top_k: int, fused: bool) -> torch.Tensor:
+    """`out[t] = sum_k src[idx[t*K + k]]`; one Triton pass when `fused`, else index_select + sum."""
+    if fused:
+        from .kernels import gather_sum
+
+        return gather_sum(src, idx, top_k)
+    g = src.index_select(0, idx)
+    return g.view(-1, top_k, g.shape[-1]).sum(dim=1)
+
+
 class _GatherRows(torch.autograd.Function):
     """x[token_idx]; backward sums the K copies of each token by gathering in (token, slot) order."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, token_idx: torch.Tensor, inv_perm: torch.Tensor, top_k: int) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor, token_idx: torch.Tensor, inv_perm: torch.Tensor, top_k: int, fused: bool) -> torch.Tensor:  # noqa: ANN001
         ctx.save_for_backward(inv_perm)
-        ctx.top_k = top_k
+        ctx.top_k, ctx.fused = top_k, fused
         return x.index_select(0, token_idx)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
         (inv_perm,) = ctx.saved_tensors
-        g = grad.index_select(0, inv_perm)
-        return g.view(-1, ctx.top_k, g.shape[-1]).sum(dim=1), None, None, None
+        return _sum_slots(grad, inv_perm, ctx.top_k, ctx.fused), None, None, None, None
 
 
 class _CombineRows(torch.autograd.Function):
     """y (expert order) -> (token, slot) order, summed over slots; backward is y_grad = grad[token_idx]."""
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, inv_perm: torch.Tensor, token_idx: torch.Tensor, top_k: int) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, y: torch.Tensor, inv_perm: torch.Tensor, token_idx: torch.Tensor, top_k: int, fused: bool) -> torch.Tensor:  # noqa: ANN001
         ctx.save_for_backward(token_idx)
-        u = y.index_select(0, inv_perm)
-        return u.view(-1, top_k, u.shape[-1]).sum(dim=1)
+        return _sum_slots(y, inv_perm, top_k, fused)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
         (token_idx,) = ctx.saved_tensors
-        return grad.index_select(0, token_idx), None, None, None
+        return grad.index_select(0, token_idx), None, None, None, None
 
 
-def gather_rows(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    return _GatherRows.apply(x, plan.token_idx, plan.inv_perm, plan.top_k)
+def gather_rows(x: torch.Tensor, plan: DispatchPlan, kernels: str = "torch") -> torch.Tensor:
+    return _GatherRows.apply(x, plan.token_idx, plan.inv_perm, plan.top_k, triton_ok(x, kernels))
 
 
-def combine_rows(y: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    return _CombineRows.apply(y, plan.inv_perm, plan.token_idx, plan.top_k)
+def combine_rows(y: torch.Tensor, plan: DispatchPlan, kernels: str = "torch") -> torch.Tensor:
+    return _CombineRows.apply(y, plan.inv_perm, plan.token_idx, plan.top_k, triton_ok(y, kernels))
 
 
 # ---------------------------------------------------------------- grouped GEMM back-ends
@@ -230,7 +239,16 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         plan = dispatch_plan(indices, self.num_experts)
-        xs = gather_rows(x, plan)
+        xs = gather_rows(x, plan, self.swiglu_impl)
         row_weight = weights.reshape(-1).index_select(0, plan.perm).to(x.dtype)
         y = self.run_grouped(xs, plan.offsets, plan.sorted_ids, row_weight)
-        return combine_rows(y, plan)
+        return combine_rows(y, plan, self.swiglu_impl)
+
+    def grouped_forward(self, x_grouped: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The expert-parallel dispatcher's `experts_fn(x_grouped [N, H], counts [E_local]) -> [N, H]`: rows
+        already sorted by (local) expert, `counts[e]` rows each, unweighted. No host sync."""
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        ids = torch.repeat_interleave(
+            torch.arange(self.num_experts, device=x_grouped.device), counts.long(), output_size=x_grouped.shape[0]
+        )
+        return self.run_grouped(x_grouped, offsets, ids)

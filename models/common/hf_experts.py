@@ -39,7 +39,8 @@ def hf_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index
         weights = weights.masked_fill(sentinel, 0.0)
         idx = idx.clamp(max=num_experts - 1)
     plan = dispatch_plan(idx, num_experts)
-    xs = gather_rows(hidden_states, plan)
+    kernels = getattr(self, "automodel_swiglu", "auto")
+    xs = gather_rows(hidden_states, plan, kernels)
     row_w = weights.reshape(-1).index_select(0, plan.perm).to(hidden_states.dtype)
     has_gate = getattr(self, "has_gate", True)
     has_bias = getattr(self, "has_bias", False)
@@ -52,7 +53,7 @@ def hf_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index
     if has_bias:
         h = h + (self.gate_up_proj_bias if has_gate else self.up_proj_bias)[plan.sorted_ids].to(h.dtype)
     if has_gate and getattr(self, "is_concatenated", True) and _default_gate(self) and getattr(self.config, "hidden_act", None) == "silu":
-        a = swiglu(h, row_w if fold else None, impl=getattr(self, "automodel_swiglu", "auto"))
+        a = swiglu(h, row_w if fold else None, impl=kernels)
     else:
         a = self._apply_gate(h) if has_gate else self.act_fn(h)
         a = a * row_w[:, None] if fold else a
@@ -63,7 +64,7 @@ def hf_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index
         y = y + (b * row_w[:, None] if fold else b)
     if post_norm:
         y = self.post_expert_norm(y) * row_w[:, None]
-    return combine_rows(y, plan).to(hidden_states.dtype)
+    return combine_rows(y, plan, kernels).to(hidden_states.dtype)
 
 
 def register(key: str = EXPERTS_KEY) -> str:

@@ -6,6 +6,9 @@ Imported lazily, only when a layer runs on CUDA with Triton installed (backend "
 - `swiglu_weighted(h [S, 2I], row_weight [S] | None) -> [S, I]`: `silu(gate) * up * w` with gate = h[:, :I],
   up = h[:, I:], fp32 inside, one rounding; backward writes d(gate|up) straight into one [S, 2I] buffer (what the
   grouped GEMM backward wants) and reduces d(row_weight) per row.
+- `gather_sum(src [S, H], idx [T*K], K) -> [T, H]`: `out[t] = sum_k src[idx[t*K + k]]` in fp32, one rounding: the
+  MoE combine (y back to token order, summed over the K slots) and the backward of the dispatch gather, in one pass
+  without the [T*K, H] intermediate torch's index_select + sum writes.
 - `cross_entropy_fwd_bwd(logits [C, V], targets [C], grad_scale | None, ignore_index) -> (loss [C] fp32, grad)`:
   per row an online max / sum-exp pass then, if `grad_scale` (0-dim tensor) is given, a second pass that overwrites
   the logits IN PLACE with `(softmax - onehot) * grad_scale` (0 on ignored rows) in the logits dtype.
@@ -207,3 +210,29 @@ def cross_entropy_fwd_bwd(
             HAS_GRAD=grad_scale is not None, BLOCK=4096, num_warps=8,
         )
     return loss, (logits if grad_scale is not None else None)
+
+
+# ---------------------------------------------------------------- MoE permutation: gather K rows and sum them
+
+
+@triton.jit
+def _gather_sum_kernel(SRC, IDX, OUT, H, K: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < H
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in tl.static_range(K):
+        r = tl.load(IDX + t * K + k).to(tl.int64)
+        acc += tl.load(SRC + r * H + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + t * H + cols, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+def gather_sum(src: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
+    src = src.contiguous()
+    h = src.shape[1]
+    t = idx.numel() // k
+    out = torch.empty(t, h, dtype=src.dtype, device=src.device)
+    block = min(triton.next_power_of_2(h), 2048)
+    if t:
+        _gather_sum_kernel[(t, triton.cdiv(h, block))](src, idx.contiguous(), out, h, K=k, BLOCK=block, num_warps=_warps(block))
+    return out
