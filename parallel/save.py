@@ -252,8 +252,16 @@ def save_sharded(
     specs = {n: TensorSpec(s.kind, _dtype_name(state[n]), tuple(state[n].shape)) for n, s in info.specs.items()}
     plan, file_layout, sidecar = plan_output(info, specs, layout, max_shard_size)
     computed_from = {k for t in plan.outputs for p in t.pieces if not isinstance(p, Copy) for k, *_ in p.inputs}
-    locals_ = {n: _local_view(n, state[n], rank, world, n in computed_from) for n in specs}
     total = sum(of.nbytes for of in file_layout.files)
+    prep_error = None
+    try:  # a problem with one rank's shards must stop every rank, not leave the others waiting
+        locals_ = {n: _local_view(n, state[n], rank, world, n in computed_from) for n in specs}
+    except ConvertError as e:
+        prep_error = f"rank {rank}: {e}"
+    prep: list = [None] * world
+    dist.all_gather_object(prep, prep_error)
+    if any(prep):
+        raise ConvertError(next(e for e in prep if e))
 
     def bcast(obj: object) -> object:
         box = [obj]
@@ -264,10 +272,10 @@ def save_sharded(
     cm = atomic_folder(dst, overwrite) if rank == 0 else None
     msg = None
     if rank == 0:
-        clean_stale_partials(dst)
         try:
+            clean_stale_partials(dst)
             staging = cm.__enter__()
-        except ConvertError as e:
+        except Exception as e:  # noqa: BLE001 - sent to every rank
             cm, msg = None, f"!{e}"
         else:
             try:
