@@ -14,6 +14,7 @@ All raise `ConvertError` (one line) on bad input; nothing is written on `dry_run
 from __future__ import annotations
 
 import bisect
+import json
 import math
 import time
 from collections.abc import Callable
@@ -147,16 +148,32 @@ def merge(
     workers: int = 4,
     dry_run: bool = False,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
+    dequantize: str | None = None,
 ) -> ConvertResult:
-    """Convert a checkpoint to the fused (or transposed) layout."""
+    """Convert a checkpoint to the fused (or transposed) layout.
+
+    `dequantize="bf16"` writes block-FP8 and MXFP4 weights dequantized (one expert at a time, see `quant.py`),
+    drops their scale tensors and config.json's `quantization_config`.
+    """
     target = _layout_arg(layout, (Layout.FUSED, Layout.TRANSPOSED), "--layout")
     max_bytes = parse_size(max_shard_size)
     t0 = time.perf_counter()
     ckpt, mapping, mt = _open(src, revision, model_type)
     plan = plan_conversion(ckpt, mapping, target, naming="model", model_type=mt)
+    sidecar = _sidecar(ckpt, plan, mt)
+    extra_files = None
+    if dequantize:
+        from .quant import dequantize_plan, dequantized_config, target_dtype
+
+        plan = dequantize_plan(plan, ckpt, dequantize)
+        sidecar["dequantized"] = target_dtype(dequantize)
+        sidecar["original"] = None  # the quantized shards cannot be restored from dequantized weights
+        cfg = dequantized_config(ckpt.config)
+        if cfg != ckpt.config and (ckpt.root / "config.json").exists():
+            extra_files = {"config.json": (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()}
     file_layout = shard_by_size(plan.outputs, max_bytes, _file_metadata(target))
     return _finish(
-        "merge", ckpt, plan, file_layout, dst, mt, overwrite, workers, dry_run, progress, t0, _sidecar(ckpt, plan, mt)
+        "merge", ckpt, plan, file_layout, dst, mt, overwrite, workers, dry_run, progress, t0, sidecar, extra_files
     )
 
 
@@ -202,7 +219,7 @@ def split(
     return res
 
 
-def _finish(cmd, ckpt, plan, file_layout, dst, mt, overwrite, workers, dry_run, progress, t0, sidecar) -> ConvertResult:
+def _finish(cmd, ckpt, plan, file_layout, dst, mt, overwrite, workers, dry_run, progress, t0, sidecar, extra_files=None) -> ConvertResult:
     res = ConvertResult(
         cmd,
         str(ckpt.root),
@@ -223,7 +240,15 @@ def _finish(cmd, ckpt, plan, file_layout, dst, mt, overwrite, workers, dry_run, 
     if not dry_run:
         cb = progress(plan.total_bytes, len(plan.outputs)) if progress else None
         write_checkpoint(
-            plan, ckpt, Path(dst), file_layout, overwrite=overwrite, workers=workers, sidecar=sidecar, progress=cb
+            plan,
+            ckpt,
+            Path(dst),
+            file_layout,
+            overwrite=overwrite,
+            workers=workers,
+            sidecar=sidecar,
+            extra_files=extra_files,
+            progress=cb,
         )
     res.seconds = time.perf_counter() - t0
     return res
