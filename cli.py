@@ -137,11 +137,12 @@ def merge(
     max_shard_size: MaxShard = "5GB",
     overwrite: Overwrite = False,
     workers: Workers = 4,
+    dequantize: Annotated[str | None, typer.Option("--dequantize", help="write block-FP8 / MXFP4 weights dequantized to this dtype (bf16); drops the scales and quantization_config")] = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
     """Fuse per-expert tensors into transformers v5's fused layout."""
-    _convert("merge", quiet, dry_run, src=src, dst=dst, layout=layout, model_type=model_type, revision=revision, max_shard_size=max_shard_size, overwrite=overwrite, workers=workers)
+    _convert("merge", quiet, dry_run, src=src, dst=dst, layout=layout, model_type=model_type, revision=revision, max_shard_size=max_shard_size, overwrite=overwrite, workers=workers, dequantize=dequantize)
 
 
 @app.command()
