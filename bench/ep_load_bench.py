@@ -11,8 +11,9 @@ kernel's `rchar`), peak RSS (`VmHWM`), the local shard bytes it ends up holding,
 1.05 x (expert bytes / ranks + non-expert bytes); peak RSS <= local shard bytes + 400 MB. transformers needs
 `accelerate` for distributed loading; when it is missing (or anything else fails) the exact error is printed
 and the run goes on. A memory guard kills a group of processes whose anonymous RSS together passes
-`--mem-limit-gb` (default 85% of RAM) instead of letting the machine swap or OOM. `--cold` evicts the
-checkpoint's pages before each group (then `read_bytes` counts storage reads). `--save` also times
+`--mem-limit-gb` (default 85% of RAM) instead of letting the machine swap or OOM. Before each group the
+checkpoint is read once to warm the page cache (it may not stay cached beside the loaders' memory at 4 layers on
+a 24 GiB machine); `--cold` evicts its pages instead (then `read_bytes` counts storage reads). `--save` also times
 `save_sharded(layout="original")` and checks the output equals the source files byte for byte.
 """
 
@@ -263,10 +264,13 @@ def main() -> None:
     if built:
         print(f"built {ckpt} in {time.perf_counter() - t0:.1f} s")
     os.sync()  # no write-back of a fresh build competing with the measured reads
-    if not args.cold:
-        t0 = time.perf_counter()
-        nbytes = warm_page_cache(ckpt)
-        print(f"page cache warmed: read {nbytes / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s (--cold evicts it before each group instead)")
+
+    def prepare_cache() -> None:
+        """Same page-cache state before every group: all evicted (--cold) or all re-read (warm)."""
+        if args.cold:
+            drop_page_cache_for(ckpt)
+        else:
+            warm_page_cache(ckpt)
     info = api.inspect(ckpt, ep=args.ranks)
     n = args.ranks
     predicted = predict_read_bytes(ckpt, n)
@@ -284,8 +288,7 @@ def main() -> None:
     # 1. ours: dense tensors replicated (the issue's target), then dense Shard(0) over dp (like transformers' FSDP)
     save_dst = runs / "saved" if args.save else None
     for dense in ("replicate", "shard"):
-        if args.cold:
-            drop_page_cache_for(ckpt)
+        prepare_cache()
         init = f"file://{runs / f'store-{dense}'}"
         dst = str(save_dst) if save_dst and dense == "replicate" else None
         targets = [(ours_child, (r, n, init, str(ckpt), str(runs / f"ours-{dense}-{r}.json"), dst, dense), runs / f"ours-{dense}-{r}.json") for r in range(n)]
@@ -296,8 +299,7 @@ def main() -> None:
     # 2. transformers v5 EP
     dc = {"ep_size": n, "fsdp_size": n}
     if not args.skip_transformers:
-        if args.cold:
-            drop_page_cache_for(ckpt)
+        prepare_cache()
         port = 29500 + os.getpid() % 1000
         targets = [(hf_child, (r, n, port, str(ckpt), str(runs / f"hf-{r}.json"), dc), runs / f"hf-{r}.json") for r in range(n)]
         hf, hf_wall, _ = run_group(f"transformers from_pretrained(distributed_config=DistributedConfig({dc})), {n} ranks", targets, runs, mem_limit, args.timeout)
@@ -305,8 +307,7 @@ def main() -> None:
 
     # 3. single process, everything
     if not args.skip_full:
-        if args.cold:
-            drop_page_cache_for(ckpt)
+        prepare_cache()
         full, full_wall, _ = run_group("single process safetensors.torch.load_file of every shard", [(full_child, (str(ckpt), str(runs / "full.json")), runs / "full.json")], runs, mem_limit, args.timeout)
         rows["full"] = {"wall_s": full_wall, "ranks": full}
 
