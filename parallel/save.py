@@ -10,13 +10,16 @@ How: every rank plans the same files from headers alone (the planner of `convert
 the state's names, dtypes and global shapes). Rank 0 creates the staging folder with `engine.atomic_folder`
 (`.<dst>.partial-<pid>-<hex>`), writes every header and sizes every file with `ftruncate`, copies the non-weight
 files; after a broadcast every rank `pwrite`s the plan pieces whose bytes it is responsible for
-(`shards.writer_runs`: every byte exactly once, no gather of experts); the ranks then exchange their status and
+(`shards.writer_runs`: every byte exactly once, no gather of experts; only a tensor that is also sharded along a
+non-expert dim (`expert_dp="shard"`) AND whose target layout computes experts (transposed, interleaved) is first
+gathered along that dim, one tensor at a time); the ranks then exchange their status and
 byte counts; rank 0 checks that they add up, writes the index last and renames the staging folder into place.
 A rank that fails or dies mid-save leaves no `dst` (the staging folder is removed by rank 0, or, if rank 0
 died, left as `.<dst>.partial-<pid>-*` without an index and removed by the next save once that pid is gone).
 The state may be a `ShardedState` from `load_sharded` or any `name -> DTensor | Tensor` dict given `source=`
 (the checkpoint folder it came from: config, non-weight files and original shard layout); `config=` replaces the
 copied `config.json`. The parent of `dst` must exist; `overwrite=True` replaces an existing `dst` atomically.
+Local shards are staged on the host (a CUDA state is copied to CPU memory, all of this rank's share at once).
 """
 
 from __future__ import annotations
