@@ -12,7 +12,7 @@ the state's names, dtypes and global shapes). Rank 0 creates the staging folder 
 files; after a broadcast every rank `pwrite`s the plan pieces whose bytes it is responsible for
 (`shards.writer_runs`: every byte exactly once, no gather of experts; only a tensor that is also sharded along a
 non-expert dim (`expert_dp="shard"`) AND whose target layout computes experts (transposed, interleaved) is first
-gathered along that dim, one tensor at a time); the ranks then exchange their status and
+gathered along that dim before the writes); the ranks then exchange their status and
 byte counts; rank 0 checks that they add up, writes the index last and renames the staging folder into place.
 A rank that fails or dies mid-save leaves no `dst` (the staging folder is removed by rank 0, or, if rank 0
 died, left as `.<dst>.partial-<pid>-*` without an index and removed by the next save once that pid is gone).
