@@ -19,6 +19,8 @@ layer sees, decided per call from their device and dtype (so one model object ru
   "full" is transformers' computation. auto -> "triton" on CUDA with Triton, else "chunked".
 - swiglu: "auto" | "torch" | "triton": the experts' elementwise kernels, i.e. SwiGLU (with the routing weight folded
   in) and the permutation's gather-and-sum. auto -> "triton" on CUDA with Triton, else "torch".
+- rope: "auto" | "torch" | "triton": rotary embedding ("half" style) as one fused kernel. auto -> "triton" on CUDA
+  with Triton, else "torch".
 - compile: bool, torch.compile the per-layer dense parts (attention block, norms).
 
 An option that needs a missing package raises `MissingPackageError`, a one-line message naming the package and the
@@ -41,6 +43,7 @@ EXPERTS = ("auto", "grouped_mm", "padded", "loop")
 DISPATCHER = ("auto", "local", "alltoall", "deepep")
 LOSS = ("auto", "chunked", "triton", "full")
 SWIGLU = ("auto", "torch", "triton")
+ROPE = ("auto", "torch", "triton")
 
 # option value -> (importable module, pip requirement to print)
 _PACKAGES = {
@@ -108,6 +111,7 @@ class BackendConfig:
     dispatcher: str = "auto"
     loss: str = "auto"
     swiglu: str = "auto"
+    rope: str = "auto"
     compile: bool = False
     loss_chunk_tokens: int = 0  # tokens per cross-entropy chunk; 0 = from the vocabulary size (about 1-2 GB a chunk)
 
@@ -120,6 +124,7 @@ class BackendConfig:
             ("dispatcher", DISPATCHER),
             ("loss", LOSS),
             ("swiglu", SWIGLU),
+            ("rope", ROPE),
         ):
             value = getattr(self, field)
             if value not in allowed:
@@ -144,6 +149,7 @@ class BackendConfig:
             "dispatcher": "local",
             "loss": "triton" if triton else "chunked",
             "swiglu": "triton" if triton else "torch",
+            "rope": "triton" if triton else "torch",
         }
         changes = {k: v for k, v in pick.items() if getattr(self, k) == "auto"}
         if self.experts == "grouped_mm" and not grouped_mm_available(device, dtype):
@@ -155,7 +161,8 @@ class BackendConfig:
 
     @property
     def is_resolved(self) -> bool:
-        return "auto" not in (self.attn, self.linear, self.rms_norm, self.experts, self.dispatcher, self.loss, self.swiglu)
+        fields = (self.attn, self.linear, self.rms_norm, self.experts, self.dispatcher, self.loss, self.swiglu, self.rope)
+        return "auto" not in fields
 
 
 def as_backend(backend: BackendConfig | dict | str | None) -> BackendConfig:

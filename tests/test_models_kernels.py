@@ -133,25 +133,33 @@ def test_cuda_fp32_model_matches_transformers(model_type: str) -> None:
 
 @needs_cuda
 def test_cuda_bf16_fast_path_matches_torch_path() -> None:
-    """grouped_mm + Triton SwiGLU/RMSNorm/CE against the same model on torch kernels, both in bf16."""
+    """grouped_mm + Triton SwiGLU/RMSNorm/rope/CE in bf16 is at least about as accurate as the torch kernels in bf16,
+    both measured against the same weights in fp32 (routing flips near ties hit both alike)."""
     ref = tiny_hf_model("qwen3_moe", num_experts=16, moe_intermediate_size=64, hidden_size=128, head_dim=32)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(p.to(torch.bfloat16).float())  # weights exactly representable in bf16
     models = {}
     for name, be in {
-        "fast": BackendConfig(experts="grouped_mm", swiglu="triton", rms_norm="triton", loss="triton"),
-        "torch": BackendConfig(experts="padded", swiglu="torch", rms_norm="torch", loss="full"),
+        "fast": BackendConfig(experts="grouped_mm", swiglu="triton", rms_norm="triton", loss="triton", rope="triton"),
+        "torch": BackendConfig(experts="padded", swiglu="torch", rms_norm="torch", loss="full", rope="torch"),
+        "fp32": BackendConfig(experts="padded", swiglu="torch", rms_norm="torch", loss="full", rope="torch"),
     }.items():
         m = get_model_class("qwen3_moe").from_config(ref.config, be, device="cuda", init=False)
         m.load_state_dict(ref.state_dict())
-        models[name] = m.cast(torch.bfloat16)
+        models[name] = m if name == "fp32" else m.cast(torch.bfloat16)
     ids = torch.randint(3, VOCAB, (2, 64), device="cuda")
     losses = {k: m(input_ids=ids, labels=ids).loss for k, m in models.items()}
-    assert abs(losses["fast"].item() - losses["torch"].item()) < 2e-2
+    assert abs(losses["fast"].item() - losses["fp32"].item()) <= 2 * abs(losses["torch"].item() - losses["fp32"].item()) + 1e-2
     for loss in losses.values():
         loss.backward()
-    fast, slow = dict(models["fast"].named_parameters()), dict(models["torch"].named_parameters())
-    for name, p in fast.items():
-        rel = (p.grad.float() - slow[name].grad.float()).norm() / (slow[name].grad.float().norm() + 1e-12)
-        assert rel < 5e-2, (name, rel.item())
+    params = {k: dict(m.named_parameters()) for k, m in models.items()}
+    for name, truth in params["fp32"].items():
+        t = truth.grad.float()
+        scale = t.norm() + 1e-12
+        err_fast = ((params["fast"][name].grad.float() - t).norm() / scale).item()
+        err_torch = ((params["torch"][name].grad.float() - t).norm() / scale).item()
+        assert err_fast <= 2 * err_torch + 2e-2, (name, err_fast, err_torch)
 
 
 @needs_cuda
@@ -189,3 +197,45 @@ def test_gather_sum_kernel(dtype: torch.dtype) -> None:
     got = gather_sum(src, idx, k)
     ref_same_dtype = src.index_select(0, idx).view(t, k, h).sum(1)
     assert no_worse(got, ref_same_dtype, want)
+
+
+@needs_cuda
+def test_compiled_dense_parts_match_eager() -> None:
+    from automodel_convert.models.testing import tiny_config
+
+    cfg = tiny_config("qwen3_moe", vocab_size=512, hidden_size=128, head_dim=32, moe_intermediate_size=64)
+    plain = get_model_class("qwen3_moe").from_config(cfg, dtype=torch.bfloat16, device="cuda")
+    compiled = get_model_class("qwen3_moe").from_config(cfg, BackendConfig(compile=True), dtype=torch.bfloat16, device="cuda")
+    compiled.load_state_dict(plain.state_dict())
+    ids = torch.randint(3, 512, (2, 64), device="cuda")
+    a, b = plain(input_ids=ids, labels=ids).loss, compiled(input_ids=ids, labels=ids).loss
+    assert abs(a.item() - b.item()) < 2e-2
+    a.backward()
+    b.backward()
+    assert all(p.grad is not None for p in compiled.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "dim", "rotary"), [(4, 32, 32), (3, 24, 12)])
+def test_rope_kernel(dtype: torch.dtype, heads: int, dim: int, rotary: int) -> None:
+    from automodel_convert.models.common.kernels import rope_half
+    from automodel_convert.models.common.rotary import apply_rotary
+
+    if INTERPRET and dtype == torch.bfloat16:
+        pytest.skip("Triton's CPU interpreter truncates fp32 -> bf16 instead of rounding to nearest")
+    torch.manual_seed(5)
+    b, s = 2, 19
+    base = torch.randn(b, s, heads * dim + 8, device=DEV).to(dtype)
+    x = base[..., : heads * dim].unflatten(-1, (heads, dim)).requires_grad_()  # strided input, like a fused qkv
+    freqs = torch.rand(b, s, rotary // 2, device=DEV) * 6
+    cos, sin = torch.cat([freqs.cos(), freqs.cos()], -1).to(dtype), torch.cat([freqs.sin(), freqs.sin()], -1).to(dtype)
+    got = rope_half(x, cos, sin)
+    same, _ = apply_rotary(x.transpose(1, 2), x.transpose(1, 2), cos, sin, "half")
+    x32 = x.detach().float().requires_grad_()
+    truth, _ = apply_rotary(x32.transpose(1, 2), x32.transpose(1, 2), cos.float(), sin.float(), "half")
+    assert no_worse(got, same.transpose(1, 2), truth.transpose(1, 2).detach())
+    dy = torch.randn_like(got)
+    g_got = torch.autograd.grad(got, x, dy)[0]
+    g_same = torch.autograd.grad(same.transpose(1, 2), x, dy)[0]
+    g_truth = torch.autograd.grad(truth.transpose(1, 2), x32, dy.float())[0]
+    assert no_worse(g_got, g_same, g_truth)

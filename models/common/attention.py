@@ -10,7 +10,8 @@ Contract:
   Sinks (GPT-OSS, one logit per head that takes probability mass and contributes nothing) run in "eager" and "sdpa"
   (an extra all-zero key/value column whose additive mask is the sink logit: exact, but it needs an explicit mask).
 - `GQAttention`: parameters `q_proj, k_proj, v_proj, o_proj[, q_norm, k_norm][, sinks]` named as in transformers.
-  qk_norm "head" normalises each head (Qwen3, GLM, dots1), "full" the whole projection (OLMoE).
+  qk_norm "head" normalises each head (Qwen3, GLM, dots1), "full" the whole projection (OLMoE). Rotary in the
+  "half" style runs as one fused Triton kernel on CUDA when `rope_impl` is "triton"/"auto" (kernels.rope_half).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backend import pick_attn
-from .norms import make_rms_norm
+from ..backend import pick_attn, triton_ok
+from .norms import _compiling, make_rms_norm
 from .rotary import apply_rotary
 
 
@@ -181,9 +182,11 @@ class GQAttention(nn.Module):
         impl: str = "sdpa",
         linear_impl: str = "torch",
         norm_impl: str = "torch",
+        rope_impl: str = "torch",
     ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.rope_impl = rope_impl
         self.scaling = head_dim**-0.5
         self.q_proj = make_linear(hidden_size, num_heads * head_dim, qkv_bias, linear_impl)
         self.k_proj = make_linear(hidden_size, num_kv_heads * head_dim, qkv_bias, linear_impl)
@@ -217,9 +220,13 @@ class GQAttention(nn.Module):
         k = k.view(b, s, -1, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, k, cos, sin, self.rope_style)
+        if self.rope_style == "half" and not _compiling() and triton_ok(q, self.rope_impl):
+            from .kernels import rope_half  # fused, on the [B, S, heads, D] layout
+
+            q, k = rope_half(q, cos, sin).transpose(1, 2), rope_half(k, cos, sin).transpose(1, 2)
+        else:
+            q, k = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin, self.rope_style)
         out = attention(
             q, k, v, masks, scale=self.scaling, sliding_window=self.sliding_window, sinks=self.sinks,
             impl=self.impl, dropout=self.dropout, training=self.training, te_module=self.te_attn,

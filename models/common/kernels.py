@@ -9,12 +9,18 @@ Imported lazily, only when a layer runs on CUDA with Triton installed (backend "
 - `gather_sum(src [S, H], idx [T*K], K) -> [T, H]`: `out[t] = sum_k src[idx[t*K + k]]` in fp32, one rounding: the
   MoE combine (y back to token order, summed over the K slots) and the backward of the dispatch gather, in one pass
   without the [T*K, H] intermediate torch's index_select + sum writes.
+- `rope_half(x [B, S, H, D] any strides, cos [B, S, R], sin [B, S, R]) -> [B, S, H, D]` contiguous: rotary
+  embedding in the "half" convention (`x1 * cos - x2 * sin`, `x2 * cos + x1 * sin` on the first R dims, the rest
+  passed through), fp32 inside, one rounding; backward applies the inverse rotation. Replaces torch's rotate_half /
+  cat / broadcast multiplies on transposed views (about ten memory passes) with one read and one write.
 - `cross_entropy_fwd_bwd(logits [C, V], targets [C], grad_scale | None, ignore_index) -> (loss [C] fp32, grad)`:
   per row an online max / sum-exp pass then, if `grad_scale` (0-dim tensor) is given, a second pass that overwrites
   the logits IN PLACE with `(softmax - onehot) * grad_scale` (0 on ignored rows) in the logits dtype.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -23,6 +29,11 @@ import triton.language as tl
 
 def _warps(block: int) -> int:
     return max(1, min(16, block // 256))
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 # ---------------------------------------------------------------- RMSNorm
@@ -84,7 +95,7 @@ class _RMSNorm(torch.autograd.Function):
         rows = x2.shape[0]
         dy2 = dy.reshape(-1, n).contiguous()
         dx = torch.empty_like(x2)
-        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 4
+        sms = _sm_count(x2.device.index if x2.device.index is not None else torch.cuda.current_device()) if x2.is_cuda else 4
         progs = max(1, min(rows, sms * 8))
         per = triton.cdiv(rows, progs) if rows else 1
         dw_part = torch.zeros(progs, n, dtype=torch.float32, device=x2.device)
@@ -236,3 +247,68 @@ def gather_sum(src: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
     if t:
         _gather_sum_kernel[(t, triton.cdiv(h, block))](src, idx.contiguous(), out, h, K=k, BLOCK=block, num_warps=_warps(block))
     return out
+
+
+# ---------------------------------------------------------------- rotary embedding ("half" convention, partial)
+
+
+@triton.jit
+def _rope_kernel(X, COS, SIN, Y, S, H, sxb, sxs, sxh, scb, scs, D: tl.constexpr, HALF: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, INVERSE: tl.constexpr):
+    # one program per (b, s) token, all heads at once
+    tok = tl.program_id(0).to(tl.int64)
+    b = tok // S
+    s = tok % S
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    hm = heads < H
+    p = tl.arange(0, BLOCK_P)[None, :]
+    pm = p < HALF
+    c = tl.load(COS + b * scb + s * scs + p, mask=pm, other=0.0).to(tl.float32)
+    sn = tl.load(SIN + b * scb + s * scs + p, mask=pm, other=0.0).to(tl.float32)
+    if INVERSE:
+        sn = -sn
+    xbase = X + b * sxb + s * sxs + heads * sxh
+    ybase = Y + tok * H * D + heads * D
+    x1 = tl.load(xbase + p, mask=hm & pm, other=0.0).to(tl.float32)
+    x2 = tl.load(xbase + HALF + p, mask=hm & pm, other=0.0).to(tl.float32)
+    tl.store(ybase + p, (x1 * c - x2 * sn).to(Y.dtype.element_ty), mask=hm & pm)
+    tl.store(ybase + HALF + p, (x2 * c + x1 * sn).to(Y.dtype.element_ty), mask=hm & pm)
+    if 2 * HALF < D:  # partial rotary: copy the rest
+        d = 2 * HALF + tl.arange(0, BLOCK_D)[None, :]
+        dm = d < D
+        tl.store(ybase + d, tl.load(xbase + d, mask=hm & dm, other=0.0), mask=hm & dm)
+
+
+def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    b, s, h, d = x.shape
+    half = cos.shape[-1] // 2
+    if x.stride(3) != 1:
+        x = x.contiguous()
+    cos, sin = cos.expand(b, s, -1), sin.expand(b, s, -1)
+    if cos.stride(2) != 1 or cos.stride() != sin.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    y = torch.empty(b, s, h, d, dtype=x.dtype, device=x.device)
+    if x.numel():
+        rest = d - 2 * half
+        _rope_kernel[(b * s,)](
+            x, cos, sin, y, s, h, x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
+            D=d, HALF=half, BLOCK_H=triton.next_power_of_2(h), BLOCK_P=triton.next_power_of_2(half),
+            BLOCK_D=triton.next_power_of_2(max(rest, 1)), INVERSE=inverse, num_warps=4,
+        )
+    return y
+
+
+class _RopeHalf(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(cos, sin)
+        return _rope_launch(x, cos, sin, inverse=False)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):  # noqa: ANN001, ANN205
+        cos, sin = ctx.saved_tensors
+        return _rope_launch(dy, cos, sin, inverse=True), None, None
+
+
+def rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return _RopeHalf.apply(x, cos, sin)

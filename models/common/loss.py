@@ -104,10 +104,12 @@ class LinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("the chunked cross-entropy cannot be back-propagated twice (retain_graph)")
         ctx.used = True
         grad_h, grad_w = ctx.saved_tensors
-        # in place: these buffers exist only for this backward; saves a copy of the [V, H] weight gradient
-        gh = None if grad_h is None else grad_h.mul_(grad_out.to(grad_h.dtype))
-        gw = None if grad_w is None else grad_w.mul_(grad_out.to(grad_w.dtype))
-        return gh, gw, None, None, None, None, None
+        # in place: these buffers exist only for this backward (saves a copy of the [V, H] weight gradient);
+        # _foreach_mul_ keeps the scale on the device and runs vectorised (a plain mul_ by a 0-dim CUDA tensor does not)
+        grads = [g for g in (grad_h, grad_w) if g is not None]
+        if grads:
+            torch._foreach_mul_(grads, grad_out.to(grads[0].dtype))
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def causal_lm_loss(

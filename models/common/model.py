@@ -134,6 +134,7 @@ class MoECausalLM(nn.Module):
             norm_eps=c.rms_norm_eps, sliding_window=sliding_window_for(c, layer_idx),
             dropout=float(getattr(c, "attention_dropout", 0.0) or 0.0), rope_style=self.rope_style,
             impl=self.backend.attn, linear_impl=self.backend.linear, norm_impl=self.backend.rms_norm,
+            rope_impl=self.backend.rope,
         )
         args.update(kwargs)
         return GQAttention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, head_dim, **args)

@@ -15,6 +15,11 @@ from torch import nn
 from ..backend import triton_ok
 
 
+def _compiling() -> bool:
+    """Under torch.compile the torch computation is used: inductor fuses it into its own kernel."""
+    return hasattr(torch, "compiler") and torch.compiler.is_compiling()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6, *, cast_before_weight: bool = True, impl: str = "torch") -> None:
         super().__init__()
@@ -24,7 +29,7 @@ class RMSNorm(nn.Module):
         self.impl = impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if triton_ok(x, self.impl) and self.cast_before_weight and x.dtype == self.weight.dtype:
+        if triton_ok(x, self.impl) and self.cast_before_weight and x.dtype == self.weight.dtype and not _compiling():
             from .kernels import rms_norm
 
             return rms_norm(x, self.weight, self.variance_epsilon)
