@@ -83,20 +83,22 @@ def balance_hf_routers(model: torch.nn.Module) -> int:
     from automodel_convert.models.common.router import balanced_indices
 
     def forward(self, hidden_states):  # noqa: ANN001, ANN202
-        x = hidden_states.reshape(-1, self.hidden_dim)
+        x = hidden_states.reshape(-1, self.weight.shape[1])
         logits = torch.nn.functional.linear(x, self.weight)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float)
         idx = balanced_indices(x.shape[0], self.top_k, self.num_experts, x.device)
         top = probs.gather(1, idx)
-        if self.norm_topk_prob:
+        if getattr(self, "norm_topk_prob", True):
             top = top / top.sum(dim=-1, keepdim=True)
         return logits, top.to(logits.dtype), idx
 
     n = 0
     for m in model.modules():
-        if type(m).__name__.endswith("TopKRouter"):
+        if type(m).__name__.endswith("TopKRouter") and all(hasattr(m, a) for a in ("top_k", "num_experts", "weight")):
             m.forward = forward.__get__(m)
             n += 1
+    if n == 0:
+        raise RuntimeError("this transformers' Qwen3-MoE has no TopKRouter module to balance")
     return n
 
 
