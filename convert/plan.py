@@ -16,12 +16,13 @@ the type's declared disk layout; never from shapes). Mixed or partial layouts ar
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 from .checkpoint import Checkpoint
 from .errors import MappingError
-from .mapping import ExpertGroup, Layout, MoEMapping
+from .mapping import ExpertGroup, Layout, MoEMapping, Template
 from .ops import Chain, Shape
 from .safetensors_io import DTYPE_SIZES
 
@@ -381,3 +382,101 @@ def _check_tiling(t: OutTensor) -> None:
         pos += p.n
     if pos != t.nbytes:
         raise AssertionError(f"internal error: pieces of {t.name!r} cover {pos} of {t.nbytes} bytes")
+
+
+# ---------------------------------------------------------------- key coverage (dry run: names only, no shapes)
+
+_EXPERT_LIKE = re.compile(r"(?:^|\.)experts\.")
+
+
+@dataclass
+class KeyCoverage:
+    """What a mapping makes of a checkpoint's key names alone (`inspect --dry-run`: config + index, no weights)."""
+
+    model_type: str
+    layout: Layout | None  # detected from the expert groups' keys (None: no expert group matched)
+    keys: int
+    groups: dict[str, dict] = field(default_factory=dict)  # fused template -> instances, experts, keys
+    renamed: int = 0
+    expert_tensors: int = 0
+    passthrough: int = 0
+    unmapped: list[str] = field(default_factory=list)  # expert-looking keys that nothing claims
+    problems: list[str] = field(default_factory=list)  # incomplete experts, mixed layouts, clashing names
+
+    @property
+    def complete(self) -> bool:
+        return not self.unmapped and not self.problems
+
+
+def key_coverage(keys: list[str], mapping: MoEMapping, config: dict, *, model_type: str | None = None) -> KeyCoverage:
+    """Classify every key: an expert-group part or fused tensor, an `expert_tensors` tensor, a (renamed)
+    pass-through, or unmapped: a key under an `experts.` module that no group or template of the mapping claims."""
+    model_type = model_type or mapping.model_type
+    cov = KeyCoverage(model_type, None, len(keys))
+    groups = mapping.all_groups
+    expert_tpls = [Template(t) for t in mapping.expert_tensors]
+    known_tpls = [Template(t) for t in mapping.extra.get("known", ())]
+    per_expert: dict[tuple[int, tuple], dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
+    fused: dict[tuple[int, tuple], str] = {}
+    seen: dict[str, str] = {}
+    for key in keys:
+        mk = mapping.to_model_key(key)
+        if mapping.to_disk_key(mk) != key and mapping.to_model_key(mapping.to_disk_key(mk)) != mk:
+            cov.problems.append(f"{key!r} renames to {mk!r}, which does not rename back")
+        if mk in seen:
+            cov.problems.append(f"{seen[mk]!r} and {key!r} both map to {mk!r}")
+        seen[mk] = key
+        hit = False
+        for gi, g in enumerate(groups):
+            for pi, tpl in enumerate(g.part_templates):
+                caps = tpl.match(mk)
+                if caps is not None:
+                    e = int(caps.pop("expert", 0))
+                    per_expert[(gi, tuple(sorted(caps.items())))][e].add(pi)
+                    hit = True
+                    break
+            if not hit:
+                caps = g.fused_template.match(mk)
+                if caps is not None:
+                    fused[(gi, tuple(sorted(caps.items())))] = key
+                    hit = True
+            if hit:
+                break
+        if hit:
+            continue
+        if any(t.match(mk) is not None for t in expert_tpls):
+            cov.expert_tensors += 1
+        elif _EXPERT_LIKE.search(mk) and not any(t.match(mk) is not None for t in known_tpls):
+            cov.unmapped.append(key)
+        else:
+            cov.passthrough += 1
+            cov.renamed += mk != key
+
+    stacked_pe = [i for i in per_expert if groups[i[0]].stacked]
+    stacked_fk = [i for i in fused if groups[i[0]].stacked]
+    if stacked_pe and stacked_fk:
+        cov.problems.append("the checkpoint mixes per-expert and fused expert keys")
+    if stacked_pe:
+        cov.layout = Layout.PER_EXPERT
+    elif stacked_fk:
+        cov.layout = mapping.disk_layout if mapping.disk_layout is not Layout.PER_EXPERT else Layout.FUSED
+    elif any(g.stacked for g in mapping.groups):
+        cov.problems.append(f"no expert tensors of model_type {model_type!r} found (expected keys like {mapping.groups[0].parts[0]!r})")
+    cfg_experts = mapping.num_experts(config)
+    for inst, experts in per_expert.items():
+        g = groups[inst[0]]
+        name = g.fused_template.format(**dict(inst[1]))
+        n = 1 if not g.stacked else cfg_experts if cfg_experts is not None else max(experts) + 1
+        missing = [e for e in range(n) if len(experts.get(e, ())) != len(g.parts)]
+        extra = [e for e in experts if e >= n]
+        if missing or extra:
+            cov.problems.append(f"{name!r}: " + (f"experts {missing[:5]} incomplete" if missing else f"experts {extra[:5]} beyond num_experts={n}"))
+        row = cov.groups.setdefault(g.fused, {"fused": g.fused, "parts": list(g.parts), "instances": 0, "experts": n, "keys": 0})
+        row["instances"] += 1
+        row["keys"] += sum(len(p) for p in experts.values())
+    for inst in fused:
+        g = groups[inst[0]]
+        row = cov.groups.setdefault(g.fused, {"fused": g.fused, "parts": list(g.parts), "instances": 0, "experts": cfg_experts if g.stacked else 1, "keys": 0})
+        row["instances"] += 1
+        row["keys"] += 1
+    return cov
