@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import __version__
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import INDEX_NAME, Checkpoint, _load_json, open_checkpoint
 from .engine import (
     FileLayout,
     SourceFiles,
@@ -36,9 +36,9 @@ from .engine import (
 )
 from .errors import ConvertError
 from .mapping import Layout, MoEMapping
-from .plan import LAYOUT_METADATA_KEY, Copy, OutTensor, Plan, Transform, plan_conversion
+from .plan import LAYOUT_METADATA_KEY, Copy, OutTensor, Plan, Transform, key_coverage, plan_conversion
 from .registry import get_mapping
-from .safetensors_io import FileHeader, TensorInfo
+from .safetensors_io import DTYPE_SIZES, FileHeader, TensorInfo
 from .source import resolve_source
 
 if TYPE_CHECKING:
@@ -410,8 +410,16 @@ def ep_ranges(num_experts: int, ep: int) -> list[range]:
 
 
 def inspect(
-    src: str | Path, *, model_type: str | None = None, revision: str | None = None, ep: int | None = None
+    src: str | Path,
+    *,
+    model_type: str | None = None,
+    revision: str | None = None,
+    ep: int | None = None,
+    dry_run: bool = False,
 ) -> dict:
+    """Model type, layout, plan summary (and bytes per EP rank). `dry_run`: from config.json and the index alone."""
+    if dry_run:
+        return inspect_dry_run(src, model_type=model_type, revision=revision)
     ckpt, mapping, mt = _open(src, revision, model_type)
     plan = plan_conversion(ckpt, mapping, Layout.FUSED, naming="model", model_type=mt)
     groups: dict[str, dict] = {}
@@ -473,6 +481,104 @@ def inspect(
     return info
 
 
+# ---------------------------------------------------------------- dry run: config.json and the index alone
+
+
+def _index_source(src: str | Path, revision: str | None) -> Path:
+    """A local folder as is; a hub repo id fetches only config.json and the safetensors index."""
+    text = str(src)
+    if Path(text).expanduser().exists() or text.startswith((".", "/", "~")):
+        return resolve_source(text, revision)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, revision=revision, allow_patterns=["config.json", "*.safetensors.index.json"]))
+    except Exception as e:  # noqa: BLE001 - hub errors vary; the message says what to do
+        raise ConvertError(
+            f"cannot fetch config.json and {INDEX_NAME} of {text!r} from the hub ({type(e).__name__}); check the name, log in, or download them"
+        ) from e
+
+
+def index_keys(folder: Path, *, require_config: bool = True) -> tuple[list[str], dict]:
+    """Tensor names from `model.safetensors.index.json` (no weight file is opened), else from the shard headers."""
+    config: dict = {}
+    if (folder / "config.json").exists():
+        config = _load_json(folder / "config.json", "config.json")
+    elif require_config:
+        raise ConvertError(f"{folder} has no config.json; copy the model's config.json next to the index or pass --model-type")
+    if (folder / INDEX_NAME).exists():
+        wm = _load_json(folder / INDEX_NAME, "the safetensors index").get("weight_map")
+        if not isinstance(wm, dict) or not wm:
+            raise ConvertError(f"{folder / INDEX_NAME}: no weight_map; fix the index")
+        return [str(k) for k in wm], config
+    if any(folder.glob("*.safetensors")):
+        return list(open_checkpoint(folder, require_config=False).tensors), config
+    raise ConvertError(f"{folder} has neither {INDEX_NAME} nor safetensors shards; a dry run needs the index")
+
+
+def inspect_dry_run(src: str | Path, *, model_type: str | None = None, revision: str | None = None) -> dict:
+    """Key coverage from config.json and the index alone: every key the mapping would not know how to map."""
+    folder = _index_source(src, revision)
+    keys, config = index_keys(folder, require_config=model_type is None)
+    mt = model_type or config.get("model_type")
+    if not isinstance(mt, str) or not mt:
+        raise ConvertError(f"{folder / 'config.json'} has no model_type; pass --model-type")
+    mapping = get_mapping(mt)
+    cov = key_coverage(keys, mapping, config, model_type=mt)
+    return {
+        "source": str(folder),
+        "model_type": mt,
+        "family": mapping.family,
+        "dry_run": True,
+        "layout": str(cov.layout) if cov.layout else "fused (disk equals model)" if not mapping.groups else None,
+        "hub_layout": str(mapping.disk_layout) if mapping.groups else "fused (disk equals model)",
+        "quantization": (config.get("quantization_config") or {}).get("quant_method"),
+        "tensors": cov.keys,
+        "groups": list(cov.groups.values()),
+        "expert_tensors": cov.expert_tensors,
+        "passthrough": cov.passthrough,
+        "renamed": cov.renamed,
+        "unmapped": cov.unmapped,
+        "problems": cov.problems,
+        "complete": cov.complete,
+    }
+
+
+def checkpoint_from_shapes(root: Path, config: dict, shapes: dict[str, tuple[str, tuple[int, ...]]]) -> Checkpoint:
+    """A header-only stand-in (no file) for planning: key -> (safetensors dtype, shape), laid out in order."""
+    infos, pos = [], 0
+    for key, (dtype, shape) in shapes.items():
+        n = math.prod(shape) * DTYPE_SIZES[dtype]
+        infos.append(TensorInfo(key, dtype, tuple(shape), "<index>", pos, n))
+        pos += n
+    header = FileHeader("<index>", tuple(infos), {"format": "pt"}, 0, pos)
+    return Checkpoint(Path(root), {"<index>": header}, {t.name: t for t in infos}, config, {}, None)
+
+
+def plan_from_index(
+    src: str | Path,
+    shapes: dict[str, tuple[str, tuple[int, ...]]],
+    *,
+    model_type: str | None = None,
+    revision: str | None = None,
+    layout: str | Layout = "fused",
+    naming: str = "model",
+) -> Plan:
+    """The conversion plan of a checkpoint known only by config.json, its index and the given dtypes and shapes."""
+    folder = _index_source(src, revision)
+    keys, config = index_keys(folder, require_config=model_type is None)
+    mt = model_type or config.get("model_type")
+    if not isinstance(mt, str) or not mt:
+        raise ConvertError(f"{folder / 'config.json'} has no model_type; pass --model-type")
+    missing = [k for k in keys if k not in shapes]
+    extra = sorted(set(shapes) - set(keys))
+    if missing or extra:
+        raise ConvertError(f"shapes do not match the index: {len(missing)} keys without a shape (e.g. {missing[:1]}), {len(extra)} unknown (e.g. {extra[:1]})")
+    target = _layout_arg(layout, (Layout.PER_EXPERT, Layout.FUSED, Layout.TRANSPOSED), "--layout")
+    ckpt = checkpoint_from_shapes(folder, config, {k: shapes[k] for k in keys})
+    return plan_conversion(ckpt, get_mapping(mt), target, naming=naming, model_type=mt)
+
+
 # ---------------------------------------------------------------- state dicts for the model zoo
 
 
@@ -511,7 +617,9 @@ __all__ = [
     "VerifyResult",
     "ep_ranges",
     "inspect",
+    "inspect_dry_run",
     "load_fused_state_dict",
+    "plan_from_index",
     "merge",
     "split",
     "verify",
