@@ -197,9 +197,13 @@ def inspect(
     revision: Revision = None,
     ep: Annotated[int | None, typer.Option("--ep", min=1, help="show the experts and bytes each of N expert-parallel ranks reads")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="from config.json and model.safetensors.index.json alone (no weight files): list every key that would not map; exit 1 if any")] = False,
     debug: Debug = False,
 ) -> None:
     """Model type, detected layout, conversion plan and (with --ep) bytes per EP rank."""
+    if dry_run:
+        _inspect_dry_run(src, model_type, revision, as_json)
+        return
     info = api.inspect(src, model_type=model_type, revision=revision, ep=ep)
     if as_json:
         print(json.dumps(info, indent=2))
@@ -228,6 +232,37 @@ def inspect(
             ex = f"{row['experts'][0]}-{row['experts'][1]}" if row["experts"] else "none"
             r.add_row(str(row["rank"]), ex, _human(row["expert_bytes"]), _human(row["non_expert_bytes"]), _human(row["bytes_read"]))
         out.print(r)
+
+
+def _inspect_dry_run(src: str, model_type: str | None, revision: str | None, as_json: bool) -> None:
+    info = api.inspect(src, model_type=model_type, revision=revision, dry_run=True)
+    if as_json:
+        print(json.dumps(info, indent=2))
+    else:
+        t = Table(title=f"{info['model_type']} checkpoint (dry run: config and index only)", show_header=False)
+        t.add_column(style="bold")
+        t.add_column()
+        for k in ("source", "model_type", "family", "layout", "hub_layout", "quantization", "tensors"):
+            t.add_row(k, str(info[k]))
+        t.add_row("pass-through tensors", f"{info['passthrough']} ({info['renamed']} renamed)")
+        t.add_row("other expert tensors", str(info["expert_tensors"]))
+        t.add_row("coverage", "complete: every key maps" if info["complete"] else f"{len(info['unmapped'])} unmapped keys, {len(info['problems'])} problems")
+        out.print(t)
+        if info["groups"]:
+            g = Table(title="expert groups (key coverage)")
+            for c in ("fused key", "per-expert parts", "layers", "experts", "keys"):
+                g.add_column(c, overflow="fold")
+            for grp in info["groups"]:
+                g.add_row(grp["fused"].replace("{prefix}", ""), "\n".join(p.replace("{prefix}", "") for p in grp["parts"]), str(grp["instances"]), str(grp["experts"]), str(grp["keys"]))
+            out.print(g)
+        for key in info["unmapped"]:
+            out.print(f"unmapped: {key}", highlight=False, soft_wrap=True)
+        for problem in info["problems"]:
+            out.print(f"problem: {problem}", highlight=False, soft_wrap=True)
+    if not info["complete"]:
+        if as_json:
+            err.print(f"inspect --dry-run: {len(info['unmapped'])} unmapped keys, {len(info['problems'])} problems", highlight=False)
+        raise typer.Exit(1)
 
 
 @app.command("list")
