@@ -172,6 +172,8 @@ class MoEMapping:
     - `expert_tensors`: model-naming templates of other tensors with a leading expert dim (biases, MXFP4 blocks),
       which expert parallelism shards like the fused weights.
     - `num_experts_fields` / `intermediate_fields`: config fields giving E and I (first present wins).
+    - `extra`: descriptive data (`prefix`, `fused` for the catalog) and `known`: model-naming templates of tensors
+      under an `experts.` module that are not expert weights (a dry run reports any other unclaimed one).
     """
 
     model_type: str
