@@ -43,7 +43,11 @@ register(
         num_experts_fields=(),
         intermediate_fields=(),
         notes="thinker and talker MoE stacks (E per stack from the keys); audio/vision towers and code2wav pass through",
-        extra={"prefix": "thinker.model.language_model.", "config": "thinker_config.text_config / talker_config.text_config"},
+        extra={
+            "prefix": "thinker.model.language_model.",
+            "also": "talker.model.",
+            "config": "thinker_config.text_config, talker_config.text_config",
+        },
     ),
     MoEMapping(
         "qwen3_5_moe",
