@@ -252,6 +252,22 @@ def _matches(template: str, key: str) -> bool:
     return Template(template).match(key) is not None
 
 
+def test_towers_pass_through_untouched(converted):
+    """Vision / audio towers and everything else no group claims: copied byte for byte (renamed only)."""
+    name, src, fused, _ = converted
+    res = merge(src, fused.parent / "dry", dry_run=True)
+    raw = _all_tensors(src)
+    ours = _all_tensors(fused)
+    passthrough = [t for t in res.plan.outputs if t.group is None and len(t.sources) == 1]
+    towers = [t for t in passthrough if re.search(r"visual|vision|audio|code2wav", t.name)]
+    for t in passthrough:
+        (piece,) = t.pieces
+        assert piece.src == 0 and piece.n == t.nbytes
+        assert torch.equal(ours[t.name], raw[t.sources[0]]), t.name
+    if name in ("glm4v_moe", "qwen3_5_moe", "qwen3_vl_moe", "llama4", "qwen3_omni_moe"):
+        assert towers
+
+
 # ---------------------------------------------------------------- documented oracle failures, checked independently
 
 

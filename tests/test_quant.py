@@ -155,6 +155,25 @@ def test_fp8_dequantize_from_fused_and_transposed(fp8, tmp_path):
     assert torch.equal(pe["model.layers.1.mlp.experts.3.up_proj.weight"], ref["model.layers.1.mlp.experts.gate_up_proj"][3, I:])
 
 
+def test_fp8_dequantize_streams_one_expert_at_a_time(fp8, tmp_path, run_cli):
+    """Each fused output is written by one Transform per expert (never a whole fused tensor); the CLI flag works."""
+    from automodel_convert.convert.plan import Transform
+
+    src, _, _ = fp8
+    res = merge(src, tmp_path / "dry", dequantize="bf16", dry_run=True)
+    fused = [t for t in res.plan.outputs if t.fused]
+    assert fused
+    for t in fused:
+        assert t.dtype == "BF16" and len(t.pieces) == t.shape[0]
+        assert sorted(p.expert for p in t.pieces) == list(range(t.shape[0]))
+        assert all(isinstance(p, Transform) and p.n == t.nbytes // t.shape[0] for p in t.pieces)
+    code, _, err = run_cli("merge", src, tmp_path / "cli", "--dequantize", "bf16", "-q")
+    assert code == 0, err
+    assert folder_bytes(tmp_path / "cli") == folder_bytes(fp8[1] / "bf16")
+    code, _, err = run_cli("merge", src, tmp_path / "bad", "--dequantize", "int4", "-q")
+    assert code == 2 and "--dequantize" in err and not (tmp_path / "bad").exists()
+
+
 def test_fp8_dequantized_loads_in_transformers(fp8):
     """The dequantized folder is a plain bf16 checkpoint: transformers loads it with nothing missing or unexpected."""
     import transformers

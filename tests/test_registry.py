@@ -136,3 +136,22 @@ def test_entry_agrees_with_transformers_conversion_mapping(model_type):
         target = _plain(conv._original_target_patterns[0])
         assert any(g.fused.endswith(target) or Template(g.fused).match("model.layers.3." + target.lstrip(".")) for g in stacked), target
     assert len(converters) == len(stacked)
+
+
+@pytest.mark.parametrize("model_type", sorted(t for t in ENTRIES if get_mapping(t).expert_tensors))
+def test_expert_tensors_have_a_leading_expert_dim(model_type, tmp_path):
+    """`expert_tensors` (what expert parallelism shards besides the fused groups) match fixture tensors whose dim 0
+    is the expert dim (dbrx: expert-major rows, E * I); routers and other tensors are not matched."""
+    from automodel_convert.convert import api
+
+    m = get_mapping(model_type)
+    info = manifest()[model_type]
+    res = api.merge(FIXTURES / model_type, tmp_path / "m", dry_run=True)
+    tpls = [Template(t) for t in m.expert_tensors]
+    hits = {t.name: t.shape for t in res.plan.outputs if any(tp.match(t.name) for tp in tpls)}
+    assert hits
+    assert all(any(tp.match(name) for name in hits) or tp.text.endswith(("_blocks", "_scales")) for tp in tpls)
+    E = info["num_experts"]
+    for name, shape in hits.items():
+        assert shape[0] in (E, E * info["moe_intermediate_size"]), (name, shape)
+        assert "router" not in name and "gate.weight" not in name
