@@ -35,7 +35,7 @@ from .engine import (
     write_checkpoint,
 )
 from .errors import ConvertError
-from .mapping import Layout, MoEMapping
+from .mapping import Layout, MoEMapping, Template
 from .plan import LAYOUT_METADATA_KEY, Copy, OutTensor, Plan, Transform, key_coverage, plan_conversion
 from .registry import get_mapping
 from .safetensors_io import DTYPE_SIZES, FileHeader, TensorInfo
@@ -436,7 +436,11 @@ def inspect(
             },
         )
         g["instances"] += 1
-    expert_bytes = sum(t.nbytes for t in plan.outputs if t.group is not None)
+    # expert tensors: the fused groups, plus the mapping's `expert_tensors` (types stored as the model holds them:
+    # gpt_oss, llama4, dbrx, jetmoe; MXFP4 blocks/scales), all sharded along dim 0 by expert parallelism
+    templates = [Template(x) for x in mapping.expert_tensors]
+    expert_outs = [t for t in plan.outputs if t.group is not None or (t.shape and any(x.match(t.name) for x in templates))]
+    expert_bytes = sum(t.nbytes for t in expert_outs)
     info = {
         "source": str(ckpt.root),
         "model_type": mt,
@@ -460,13 +464,18 @@ def inspect(
         for r in range(ep):
             nbytes = 0
             experts: set[int] = set()
-            for t in plan.outputs:
-                if t.group is None:
-                    continue
+            for t in expert_outs:
                 E = t.shape[0]
                 owned = ep_ranges(E, ep)[r]
-                experts.update(owned)
-                nbytes += sum(p.n for p in t.pieces if p.expert in owned)
+                if t.group is not None:
+                    experts.update(owned)
+                    nbytes += sum(p.n for p in t.pieces if p.expert in owned)
+                else:  # a native expert tensor: one Shard(0) byte range (dbrx: E * I expert-major rows)
+                    nbytes += len(owned) * (t.nbytes // E if E else 0)
+                    n_cfg = mapping.num_experts(ckpt.config) or E
+                    rows = E // n_cfg if n_cfg and E % n_cfg == 0 else 1  # rows per expert
+                    if owned:
+                        experts.update(range(owned.start // rows, -(-owned.stop // rows)))
             ranks.append(
                 {
                     "rank": r,
