@@ -148,6 +148,12 @@ def test_fp8_dequantize_from_fused_and_transposed(fp8, tmp_path):
     t = _all_tensors(tmp_path / "t")
     for k, v in ref.items():
         assert torch.equal(t[k], v.transpose(1, 2) if k.endswith(("experts.gate_up_proj", "experts.down_proj")) else v), k
+    # a transposed FP8 checkpoint (weights and scale grids transposed per expert) dequantizes to the same weights
+    merge(fixture_path(FP8), tmp_path / "t8", layout="transposed")
+    assert _all_tensors(tmp_path / "t8")["model.layers.1.mlp.experts.gate_up_proj_scale_inv"].shape[1:] == (4, 4)
+    merge(tmp_path / "t8", tmp_path / "from_t8", dequantize="bf16")
+    got = _all_tensors(tmp_path / "from_t8")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], v) for k, v in ref.items())
     # and split takes the dequantized checkpoint to the per-expert hub naming (bf16 now)
     split(tmp / "bf16", tmp_path / "pe")
     pe = _all_tensors(tmp_path / "pe")
