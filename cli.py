@@ -81,7 +81,7 @@ def _plan_table(res: api.ConvertResult) -> Table:
         row = seen.setdefault(gi.group.fused, [short[0], " + ".join(short[1:]), 0, gi.num_experts, gi])
         row[2] += 1
     for fused, parts, n, e, _gi in seen.values():
-        shape = next((list(o.shape) for o in res.plan.outputs if o.group == fused), [])
+        shape = next((list(o.shape) for o in res.plan.outputs if o.group == fused or _gi.group.fused_template.match(o.name)), [])
         t.add_row(fused, parts, str(n), str(e), str(shape))
     t.add_row("(pass-through)", "keys no group matches", "", "", f"{len(res.plan.passthrough)} tensors")
     return t
