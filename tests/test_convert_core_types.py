@@ -84,8 +84,11 @@ def test_transformers_loads_merged_without_conversion_and_same_logits(converted)
 
 
 def test_split_equals_transformers_save_pretrained(converted, tmp_path):
-    _, _, fused, back = converted
-    model, _ = _load_hf(fused)
+    """transformers only reverts a conversion it applied at load, so the model comes from the hub-layout folder;
+    its in-memory (fused) tensors are what our merge wrote (checked above), and its save_pretrained output is the
+    independent reference for our split."""
+    _, src, fused, back = converted
+    model, _ = _load_hf(src)
     cfg = json.loads((fused / "config.json").read_text())
     dtype = getattr(torch, cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
     model.to(dtype).save_pretrained(tmp_path / "hf")

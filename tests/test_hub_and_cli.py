@@ -86,7 +86,7 @@ def test_verify_ok_and_mismatch_exit_codes(base_ckpt, run_cli, monkeypatch):  # 
     # break the inverse of the gate|up concatenation: verify must notice and exit 1
     from automodel_convert.convert import ops
 
-    monkeypatch.setattr(ops.Chunk, "apply", lambda self, xs: list(reversed(ops.torch.split(xs[0], list(self.sizes), dim=self.dim))))
+    monkeypatch.setattr(ops.Chunk, "apply", lambda self, xs: list(reversed(xs[0].split(list(self.sizes), dim=self.dim))))
     monkeypatch.setattr(ops.Chunk, "is_byte_concat", lambda self: False)
     code, out, _ = run_cli("verify", base_ckpt)
     assert code == 1 and "MISMATCH" in out
