@@ -1,0 +1,190 @@
+"""Expert parallelism + FSDP2 on one mesh for MoE models whose experts use transformers v5's fused layout.
+
+Contract:
+- Meshes (`TrainMeshes`): `dp` spans all W ranks (every rank trains on its own data); `ep` (size `ep`) and `ep_dp`
+  (size W/ep) factor the same ranks: rank = ep_dp_index * ep + ep_index. Ranks of one `ep` group hold different
+  experts; ranks of one `ep_dp` group hold the same experts.
+- `parallelize(model, meshes)` finds every experts module (3-D `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`
+  parameters, forward `(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`: transformers v5's
+  experts interface, which the zoo follows), keeps this rank's `Shard(0)` slice of its experts (torch.chunk rule;
+  uneven E works), and routes tokens with a `Dispatcher` (all-to-all by default). Experts are then FSDP2-sharded
+  over `ep_dp` (gradients reduced only among ranks holding the same experts), dense parameters over `dp`, with bf16
+  compute and fp32 gradient reduction.
+- Gradient scale: every rank's loss reaches the experts it routed to, so expert gradients sum W per-rank losses;
+  FSDP averages over `ep_dp` (W/ep ranks), and an extra `1/ep` in the experts' backward makes the result the
+  gradient of the mean loss, like the dense parameters.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .ep_dispatch import AllToAllDispatcher, Dispatcher, LocalDispatcher, expert_bounds
+
+
+class ExpertParallelError(ValueError):
+    """A model or configuration expert parallelism cannot handle (one line, says what to change)."""
+
+
+@dataclass
+class TrainMeshes:
+    world: int
+    ep: int
+    dp: object  # DeviceMesh over all ranks, dim "dp"
+    ep_mesh: object  # DeviceMesh, dim "ep"
+    ep_dp_mesh: object  # DeviceMesh, dim "ep_dp"
+
+    @property
+    def ep_rank(self) -> int:
+        return self.ep_mesh.get_local_rank()
+
+    @property
+    def ep_group(self):  # noqa: ANN201
+        return self.ep_mesh.get_group()
+
+
+def build_train_meshes(ep: int, device_type: str) -> TrainMeshes:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if ep < 1 or world % ep:
+        raise ExpertParallelError(f"--ep {ep} does not divide the world size {world}; choose ep from the divisors of {world}")
+    dp = init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
+    two_d = init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("ep_dp", "ep"))
+    return TrainMeshes(world, ep, dp, two_d["ep"], two_d["ep_dp"])
+
+
+class _GradScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # noqa: ANN205
+        return g * ctx.scale, None
+
+
+def grouped_swiglu(xs: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act: Callable) -> torch.Tensor:
+    """SwiGLU experts over tokens sorted by expert: `counts[j]` rows for expert j. Grouped GEMM on CUDA.
+
+    The weights always enter the autograd graph, even on a rank that holds no experts (torch.chunk's uneven rule
+    can leave the last ranks empty) or receives no tokens: FSDP's post-backward (gradient reduction) must run at the
+    same point on every rank, and every rank must join the backward all-to-alls, or ranks issue collectives in
+    different orders and deadlock.
+    """
+    if gate_up.shape[0] == 0:
+        # xs (no rows) stays in the graph too, so this rank takes part in the dispatch all-to-all's backward
+        return xs.new_zeros((xs.shape[0], down.shape[1])) + (xs.sum() + (gate_up.sum() + down.sum()).to(xs.dtype)) * 0
+    if xs.is_cuda and xs.dtype == torch.bfloat16:
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        h = torch._grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs)
+        g, u = h.chunk(2, dim=-1)
+        return torch._grouped_mm(act(g) * u, down.transpose(-2, -1), offs=offs)
+    outs = []  # reference path (CPU tests): one matmul per expert
+    for j, chunk in enumerate(xs.split(counts.tolist())):
+        g, u = (chunk @ gate_up[j].t()).chunk(2, dim=-1)
+        outs.append((act(g) * u) @ down[j].t())
+    return torch.cat(outs) if outs else xs.new_zeros((0, down.shape[1]))
+
+
+def _ep_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    gate_up = _GradScale.apply(self.gate_up_proj, self._ep_grad_scale)
+    down = _GradScale.apply(self.down_proj, self._ep_grad_scale)
+    act = self.act_fn
+
+    def experts_fn(xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return grouped_swiglu(xs, counts, gate_up, down, act)
+
+    out = self._ep_dispatcher(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype), experts_fn)
+    return out.to(hidden_states.dtype)
+
+
+def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    found = []
+    for name, mod in model.named_modules():
+        gu, dn = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
+        if isinstance(gu, nn.Parameter) and isinstance(dn, nn.Parameter) and gu.dim() == 3 and dn.dim() == 3:
+            if getattr(mod, "has_bias", False) or getattr(mod, "is_transposed", False) or hasattr(mod, "gate_up_proj_bias"):
+                raise ExpertParallelError(f"{name}: experts with biases or a transposed layout (gpt_oss style) have no expert-parallel support yet; use --ep 1")
+            found.append((name, mod))
+    return found
+
+
+def shard_experts(model: nn.Module, ep: int, ep_rank: int, dispatcher_factory: Callable[[int], Dispatcher], grad_scale: float) -> list[nn.Module]:
+    """Keep this rank's experts of every experts module and route through a dispatcher. Returns the modules."""
+    mods = experts_modules(model)
+    if not mods:
+        raise ExpertParallelError(f"{type(model).__name__} has no fused experts modules (gate_up_proj/down_proj); this model type has no expert-parallel support")
+    for _, mod in mods:
+        E = mod.gate_up_proj.shape[0] if not hasattr(mod, "_ep_num_experts") else mod._ep_num_experts
+        b = expert_bounds(E, ep)
+        if not hasattr(mod, "_ep_num_experts"):
+            mod.gate_up_proj = nn.Parameter(mod.gate_up_proj.data[b[ep_rank] : b[ep_rank + 1]].clone())
+            mod.down_proj = nn.Parameter(mod.down_proj.data[b[ep_rank] : b[ep_rank + 1]].clone())
+        mod._ep_num_experts = E
+        mod._ep_dispatcher = dispatcher_factory(E)
+        mod._ep_grad_scale = grad_scale
+        mod.forward = types.MethodType(_ep_forward, mod)
+    return [m for _, m in mods]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    for path in ("model.layers", "model.language_model.layers", "layers"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise ExpertParallelError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def parallelize(
+    model: nn.Module,
+    meshes: TrainMeshes,
+    *,
+    param_dtype: torch.dtype | None = torch.bfloat16,
+    reduce_dtype: torch.dtype = torch.float32,
+    activation_checkpointing: bool = False,
+    dispatcher: str = "alltoall",
+) -> nn.Module:
+    """Expert-shard, (optionally) checkpoint and FSDP2-wrap `model` in place; returns it."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if dispatcher not in ("alltoall", "auto", "local"):
+        raise ExpertParallelError(f"dispatcher {dispatcher!r} is not available here; use 'alltoall'")
+
+    def factory(E: int) -> Dispatcher:
+        if meshes.ep == 1:
+            return LocalDispatcher(E)
+        return AllToAllDispatcher(E, meshes.ep_group)
+
+    experts = shard_experts(model, meshes.ep, meshes.ep_rank, factory, 1.0 / meshes.ep)
+    layers = decoder_layers(model)
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for i, layer in enumerate(list(layers)):
+            layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # A rank may hold no experts (uneven Shard(0)); so do all ranks of its ep_dp group, so skipping FSDP for those
+    # modules is consistent across the ranks that would reduce them. Their empty weights are ignored by outer wrappers.
+    empty: set[nn.Parameter] = set()
+    for mod in experts:
+        if mod.gate_up_proj.shape[0] == 0:
+            empty.update((mod.gate_up_proj, mod.down_proj))
+        else:
+            fully_shard(mod, mesh=meshes.ep_dp_mesh, mp_policy=mp)
+    for layer in layers:
+        fully_shard(layer, mesh=meshes.dp, mp_policy=mp, ignored_params=empty or None)
+    fully_shard(model, mesh=meshes.dp, mp_policy=mp, ignored_params=empty or None)
+    return model
+
