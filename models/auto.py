@@ -7,7 +7,11 @@ Contract:
   unexpected key is an error (extra decoder layers beyond `num_hidden_layers`, e.g. DeepSeek's MTP layer, and
   stale `rotary_emb.inv_freq` entries are dropped). dtype None keeps the checkpoint's dtype; sigmoid routers stay
   fp32. Other MoE types: transformers' own class with `experts_implementation="automodel_grouped"` (our grouped
-  GEMM path, models/common/hf_experts.py). `device_mesh` (sharded loading by parallel/) is not implemented yet.
+  GEMM path, models/common/hf_experts.py).
+- `from_pretrained(..., device_mesh=mesh)` (a `parallel.ParallelMesh`): `parallel.load_sharded` reads each rank's
+  bytes only; every experts module keeps this rank's `Shard(0)` slice of its experts along the mesh's "ep" dim
+  (torch.chunk rule) as plain local parameters and records `_ep_num_experts = E`, the form
+  `parallel.expert_parallel.parallelize` takes; other tensors are loaded whole (replicated).
 - `from_config(config, backend, dtype, device)`: random initialisation, same dispatch.
 - `save_pretrained(model, dst, layout="original" | "fused")`: works for both kinds of model.
 """
@@ -76,12 +80,11 @@ class AutoModelForCausalLM:
         model_class: type | None = None,
         **kwargs: Any,
     ) -> nn.Module:
-        if device_mesh is not None:
-            raise NotImplementedError(
-                "from_pretrained(device_mesh=...) hands sharded loading to parallel/, which is not wired yet: "
-                "load without device_mesh and shard afterwards"
-            )
         from transformers import AutoConfig
+
+        if device_mesh is not None:
+            return _from_pretrained_sharded(src, device_mesh, dtype=dtype, backend=as_backend(backend), device=device,
+                                            revision=revision, model_class=model_class, **kwargs)
 
         backend = as_backend(backend)
         config = AutoConfig.from_pretrained(str(src), revision=revision, **kwargs)
@@ -118,3 +121,70 @@ class AutoModelForCausalLM:
             model.save_pretrained(dst, layout=layout, **kwargs)
             return Path(dst)
         return save_state_dict(model.state_dict(), dst, config=model.config, layout=layout, **kwargs)
+
+
+def _from_pretrained_sharded(
+    src: str | Path,
+    mesh: Any,
+    *,
+    dtype: torch.dtype | None,
+    backend: BackendConfig,
+    device: torch.device | str | None,
+    revision: str | None,
+    model_class: type | None,
+    **kwargs: Any,
+) -> nn.Module:
+    """`from_pretrained(device_mesh=...)`: expert shards straight from disk (see the module docstring)."""
+    from transformers import AutoConfig
+
+    from ..parallel.load import load_sharded
+    from ..parallel.mesh import ParallelMesh
+
+    if not isinstance(mesh, ParallelMesh):
+        raise TypeError("device_mesh must be a parallel.ParallelMesh (automodel_convert.parallel.build_mesh(ep=...))")
+    from ..convert.source import resolve_source
+
+    config = AutoConfig.from_pretrained(str(resolve_source(str(src), revision)), **kwargs)
+    cls = model_class or get_model_class(config.model_type)
+    if cls is None:
+        raise NotImplementedError(
+            f"model type {config.model_type!r} has no zoo model; sharded loading (device_mesh=) needs one of "
+            "the zoo's families (automodel_convert.models.MODEL_REGISTRY)"
+        )
+    with torch.device("meta"):
+        model = cls(config, backend)
+    wanted = model.state_dict()
+    if getattr(config, "tie_word_embeddings", False):
+        wanted.pop("lm_head.weight", None)
+    # dtype=None here: `cast` below applies the same rules as the unsharded path (fp32 routers stay fp32)
+    state = load_sharded(src, mesh, revision=revision)
+    sd = _clean_state_dict(model, dict(state), config.num_hidden_layers)
+    missing = [n for n in wanted if n not in sd]
+    unexpected = [n for n in sd if n not in model.state_dict()]
+    if missing or unexpected:
+        raise ValueError(f"{src}: checkpoint does not match the {cls.__name__} model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    dev = torch.device(device) if device is not None else torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
+    experts_prefixes = set()
+    for name, value in sd.items():
+        local = value.to_local() if hasattr(value, "to_local") else value
+        prefix, _, leaf = name.rpartition(".")
+        mod = model.get_submodule(prefix)
+        if leaf in mod._parameters:
+            if local.dim() == 3 and leaf in ("gate_up_proj", "down_proj") and tuple(local.shape) != tuple(mod._parameters[leaf].shape):
+                experts_prefixes.add(prefix)
+            mod._parameters[leaf] = nn.Parameter(local.to(dev), requires_grad=mod._parameters[leaf].requires_grad)
+        else:
+            mod._buffers[leaf] = local.to(dev)
+    for prefix in experts_prefixes:
+        model.get_submodule(prefix)._ep_num_experts = config_num_experts(model.get_submodule(prefix))
+    if getattr(config, "tie_word_embeddings", False):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.reset_buffers(dev)
+    model.cast(dtype)
+    model._sharded_source = state.source
+    return model
+
+
+def config_num_experts(mod: nn.Module) -> int:
+    """Global expert count of a (possibly sharded) zoo experts module."""
+    return int(mod.num_experts)

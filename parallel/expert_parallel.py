@@ -94,16 +94,48 @@ def grouped_swiglu(xs: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor
     return torch.cat(outs) if outs else xs.new_zeros((0, down.shape[1]))
 
 
+def _zoo_experts_fn(mod: nn.Module, gate_up: torch.Tensor, down: torch.Tensor) -> Callable:
+    """The zoo's grouped GEMM (models/common/experts.py back-ends) on this rank's experts, no host sync."""
+    from ..models.common.experts import grouped_linear, swiglu
+
+    def run(xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        if gate_up.shape[0] == 0:
+            return grouped_swiglu(xs, counts, gate_up, down, mod.act_fn)
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        ids = torch.repeat_interleave(torch.arange(counts.numel(), device=xs.device), counts.long(), output_size=xs.shape[0])
+        h = grouped_linear(xs, gate_up.transpose(1, 2), offsets, ids, mod.impl)
+        a = swiglu(h, None, mod.act_fn, mod.swiglu_impl)
+        return grouped_linear(a, down.transpose(1, 2), offsets, ids, mod.impl)
+
+    return run
+
+
 def _ep_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     gate_up = _GradScale.apply(self.gate_up_proj, self._ep_grad_scale)
     down = _GradScale.apply(self.down_proj, self._ep_grad_scale)
-    act = self.act_fn
+    if getattr(self, "layout", None) == "concat" and hasattr(self, "run_grouped"):  # a zoo GroupedExperts
+        experts_fn = _zoo_experts_fn(self, gate_up, down)
+    else:  # transformers' experts class (fallback models): reference SwiGLU, grouped_mm on CUDA
 
-    def experts_fn(xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        return grouped_swiglu(xs, counts, gate_up, down, act)
+        def experts_fn(xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+            return grouped_swiglu(xs, counts, gate_up, down, self.act_fn)
 
+    with torch.no_grad():  # routed (token, slot) pairs per global expert, for the load-balance metric
+        load = torch.bincount(top_k_index.reshape(-1), minlength=self._ep_num_experts)
+        self._ep_load = load if getattr(self, "_ep_load", None) is None else self._ep_load + load
     out = self._ep_dispatcher(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype), experts_fn)
     return out.to(hidden_states.dtype)
+
+
+def expert_load(model: nn.Module, reset: bool = True) -> torch.Tensor | None:
+    """Routed (token, slot) pairs per expert since the last call, `[layers, E]` summed over this rank's tokens."""
+    loads = []
+    for _, mod in experts_modules(model):
+        if getattr(mod, "_ep_load", None) is not None:
+            loads.append(mod._ep_load)
+            if reset:
+                mod._ep_load = None
+    return torch.stack(loads) if loads else None
 
 
 def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -169,7 +201,9 @@ def parallelize(
 
     experts = shard_experts(model, meshes.ep, meshes.ep_rank, factory, 1.0 / meshes.ep)
     layers = decoder_layers(model)
-    if activation_checkpointing:
+    if activation_checkpointing and hasattr(model, "gradient_checkpointing"):  # zoo models: same parameter names
+        model.gradient_checkpointing = True
+    elif activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
         for i, layer in enumerate(list(layers)):
