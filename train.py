@@ -73,7 +73,7 @@ class TrainArgs:
     dispatcher: str = "alltoall"
     metrics: str | None = None
     seed: int = 0
-    peak_tflops: float = 989.0
+    peak_tflops: float = 790.0
     quiet: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -228,7 +228,13 @@ class Trainer:
         parallelize(self.model, self.meshes, param_dtype=mp_dtype, reduce_dtype=torch.float32, activation_checkpointing=args.ac, dispatcher=args.dispatcher)
         self.model.train()
         fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=fused, foreach=not fused)
+        # foreach/fused kernels run per parameter group and cannot mix DTensors (FSDP) with plain tensors (experts
+        # that need no reduction, see parallelize): one group each
+        from torch.distributed.tensor import DTensor
+
+        params = list(self.model.parameters())
+        groups = [g for g in ([p for p in params if isinstance(p, DTensor)], [p for p in params if not isinstance(p, DTensor)]) if g]
+        self.optimizer = torch.optim.AdamW([{"params": g} for g in groups], lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=fused, foreach=not fused)
         self.data = self._make_data()
         self.step_index = 0
         if self.resume_meta is not None:
@@ -528,7 +534,7 @@ def cli(
     dispatcher: str = typer.Option("alltoall", help="token dispatcher: alltoall"),
     metrics: str | None = typer.Option(None, help="JSON-lines metrics file (default <save>/metrics.jsonl)"),
     seed: int = typer.Option(0),
-    peak_tflops: float = typer.Option(989.0, help="peak bf16 TFLOP/s per GPU for MFU (H100/H200 SXM dense: 989)"),
+    peak_tflops: float = typer.Option(790.0, help="bf16 TFLOP/s per GPU that MFU is relative to (790: the H200's measured matmul ceiling)"),
     quiet: bool = typer.Option(False, "--quiet"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:

@@ -8,8 +8,9 @@ Contract:
   parameters, forward `(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`: transformers v5's
   experts interface, which the zoo follows), keeps this rank's `Shard(0)` slice of its experts (torch.chunk rule;
   uneven E works), and routes tokens with a `Dispatcher` (all-to-all by default). Experts are then FSDP2-sharded
-  over `ep_dp` (gradients reduced only among ranks holding the same experts), dense parameters over `dp`, with bf16
-  compute and fp32 gradient reduction.
+  over `ep_dp` when it has more than one rank (gradients reduced only among ranks holding the same experts; with
+  ep == world nothing to reduce), dense parameters over `dp` (world > 1), with bf16 compute and fp32 gradient
+  reduction. A single rank gets no FSDP wrapper (nothing to shard or reduce).
 - Gradient scale: every rank's loss reaches the experts it routed to, so expert gradients sum W per-rank losses;
   FSDP averages over `ep_dp` (W/ep ranks), and an extra `1/ep` in the experts' backward makes the result the
   gradient of the mean loss, like the dense parameters.
@@ -209,16 +210,20 @@ def parallelize(
         for i, layer in enumerate(list(layers)):
             layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    # A rank may hold no experts (uneven Shard(0)); so do all ranks of its ep_dp group, so skipping FSDP for those
-    # modules is consistent across the ranks that would reduce them. Their empty weights are ignored by outer wrappers.
-    empty: set[nn.Parameter] = set()
+    # Experts are FSDP-sharded over ep_dp (the ranks holding the same experts) only where that group has more than
+    # one rank; with ep == world each expert lives on one rank, its gradient is complete after the all-to-all
+    # backward and needs no reduction. A rank may also hold no experts (uneven Shard(0)); so do all ranks of its
+    # ep_dp group, so skipping those is consistent across the ranks that would reduce them. Experts left unwrapped
+    # are ignored by the dp wrappers (their values differ across ep ranks). One rank in all: no FSDP at all.
+    skip: set[nn.Parameter] = set()
     for mod in experts:
-        if mod.gate_up_proj.shape[0] == 0:
-            empty.update((mod.gate_up_proj, mod.down_proj))
+        if mod.gate_up_proj.shape[0] == 0 or meshes.world // meshes.ep == 1:
+            skip.update(mod.parameters(recurse=False))
         else:
             fully_shard(mod, mesh=meshes.ep_dp_mesh, mp_policy=mp)
-    for layer in layers:
-        fully_shard(layer, mesh=meshes.dp, mp_policy=mp, ignored_params=empty or None)
-    fully_shard(model, mesh=meshes.dp, mp_policy=mp, ignored_params=empty or None)
+    if meshes.world > 1:
+        for layer in layers:
+            fully_shard(layer, mesh=meshes.dp, mp_policy=mp, ignored_params=skip or None)
+        fully_shard(model, mesh=meshes.dp, mp_policy=mp, ignored_params=skip or None)
     return model
 
