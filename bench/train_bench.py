@@ -4,6 +4,8 @@
     python bench/train_bench.py --gate balanced           # plus labelled runs with the round-robin gate
     python bench/train_bench.py --profile /tmp/prof.txt   # plus a torch profiler summary per run
     python bench/train_bench.py --device cpu --layers 1 --seq 64 --tiny   # CPU smoke test
+    python bench/train_bench.py --runs ours,trainer                        # the trainer (ep=1) against the zoo
+    torchrun --nproc_per_node 2 bench/train_bench.py --runs trainer --ep 2  # EP=2 x dp=2, per-GPU figures
 
 Shapes: vocab 151936, H 2048, I 768, 128 experts top-8 (norm_topk_prob), 32 heads, 4 KV heads, head_dim 128,
 `--layers` layers, batch 1, bf16 parameters, random tokens (labels = inputs), AdamW (fused where the device has it).
@@ -14,6 +16,9 @@ ceiling, and peak allocated memory. Note the zoo computes the loss's gradient in
 cross-entropy), so compare forward+backward ("fb_ms") rather than forward and backward separately.
 transformers runs `Qwen3MoeForCausalLM` with `_experts_implementation="grouped_mm"` and sdpa. The first model is
 freed before the second is built. One JSON line per run, then a table with ours/transformers ratios.
+`trainer` runs `automodel_convert.train.Trainer` (random init from the same config, `--init random`): the whole
+training loop (EP dispatch, FSDP2 where there is more than one rank, fused AdamW, metrics); under torchrun every
+rank runs it and rank 0 prints per-GPU figures (tokens/s per GPU, peak memory: the max over ranks).
 Runs on torch >= 2.9 with transformers 5.17 .. 5.24; does not need the package to be installed.
 """
 
@@ -151,7 +156,62 @@ def one_step(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.T
     return t1 - t0, t2 - t1, t3 - t2, t3 - t0
 
 
+def run_trainer(gate: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """The trainer's own loop on the benchmark's shapes (see the module docstring)."""
+    import os
+    import tempfile
+
+    import torch.distributed as dist
+
+    from automodel_convert.train import TrainArgs, Trainer
+
+    cfg = qwen3_config(args.layers, args.tiny)
+    with tempfile.TemporaryDirectory() as tmp:
+        if int(os.environ.get("RANK", "0")) == 0 or not dist.is_initialized():
+            cfg.save_pretrained(tmp)
+        folder = tmp
+        if dist.is_initialized():  # rank 0's folder name for everyone (the config is only read at start-up)
+            obj = [tmp]
+            dist.broadcast_object_list(obj, src=0)
+            folder = obj[0]
+        targs = TrainArgs(model=folder, init="random", ep=args.ep, seq=args.seq, batch=args.batch, steps=args.warmup + args.steps,
+                          dtype=args.dtype, backend=args.backend, quiet=True, peak_tflops=PEAK_TFLOPS, ac=args.ac)
+        trainer = Trainer(targs)
+        if dist.is_initialized():
+            dist.barrier()
+    if gate == "balanced":
+        trainer.model.set_gate("balanced")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    hist = trainer.run()[args.warmup :]
+    med = statistics.median
+    step = med([m["step_ms"] for m in hist]) / 1e3
+    peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0], device=device)
+    if trainer.world > 1:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    tps = args.batch * args.seq / step
+    tflops = train_flops_per_token(cfg, args.seq) * tps / 1e12
+    res = dict(
+        impl=f"trainer(ep={args.ep},world={trainer.world})" + ("+balanced" if gate == "balanced" else ""), gate=gate,
+        layers=args.layers, seq=args.seq, batch=args.batch, params_b=round(trainer.total_params / 1e9, 3), adamw="fused" if device.type == "cuda" else "foreach",
+        fwd_ms=round(med([m["forward_ms"] for m in hist]), 2), bwd_ms=round(med([m["backward_ms"] for m in hist]), 2),
+        fb_ms=round(med([m["forward_ms"] + m["backward_ms"] for m in hist]), 2), opt_ms=round(med([m["optimizer_ms"] for m in hist]), 2),
+        step_ms=round(step * 1e3, 2), tps=round(tps), tflops=round(tflops, 1), mfu=round(tflops / PEAK_TFLOPS, 4),
+        peak_gib=round(peak.item(), 2) if device.type == "cuda" else None, device=str(device), world=trainer.world, ep=args.ep,
+        expert_load_max_over_mean=round(med([m.get("expert_load_max_over_mean", 0) for m in hist]), 3),
+        torch=torch.__version__, transformers=__import__("transformers").__version__,
+    )
+    trainer = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
 def run(kind: str, gate: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    if kind == "trainer":
+        return run_trainer(gate, args, device, dtype)
     torch.manual_seed(0)
     cfg = qwen3_config(args.layers, args.tiny)
     model = build(kind, cfg, device, dtype, args)
@@ -230,6 +290,11 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         print(" | ".join(str(r.get(c)) for c in cols))
     by_impl = {r["impl"]: r for r in rows}
+    for r in rows:
+        if r["impl"].startswith("trainer") and "ours" + r["impl"].partition("+")[1] + r["impl"].partition("+")[2] in by_impl:
+            base = by_impl["ours" + r["impl"].partition("+")[1] + r["impl"].partition("+")[2]]
+            print(f"{r['impl']} tokens/s / zoo tokens/s: {r['tps'] / base['tps']:.3f}")
+            print(json.dumps({"ratio": f"{r['impl']}/ours", "tps": round(r["tps"] / base["tps"], 3), "peak_gib": round((r["peak_gib"] or 0) / (base["peak_gib"] or 1), 3)}), flush=True)
     for gate_suffix in ("", "+balanced"):
         ours, ref = by_impl.get("ours" + gate_suffix), by_impl.get("transformers" + gate_suffix)
         if ours and ref:
@@ -250,14 +315,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--gate", default="native", choices=["native", "balanced"], help="balanced: add labelled runs")
-    ap.add_argument("--runs", default="transformers,ours", help="comma list of transformers,ours (order of runs)")
+    ap.add_argument("--runs", default="transformers,ours", help="comma list of transformers,ours,trainer (order of runs)")
+    ap.add_argument("--ep", type=int, default=1, help="trainer runs: expert-parallel degree (under torchrun)")
+    ap.add_argument("--ac", action="store_true", help="trainer runs: activation checkpointing")
     ap.add_argument("--backend", default="", help="our BackendConfig as key=value,... (default: all auto)")
     ap.add_argument("--compile", action="store_true", help="torch.compile our per-layer dense parts")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test)")
     ap.add_argument("--profile", default="", help="append a torch profiler summary of each run to this file")
     args = ap.parse_args(argv)
     import_package()
-    device = torch.device(args.device)
+    import os
+
+    if "LOCAL_RANK" in os.environ and args.device == "cuda":  # torchrun: one GPU per rank
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    else:
+        device = torch.device(args.device)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     dtype = getattr(torch, args.dtype)
     if args.profile:
         Path(args.profile).write_text(f"train_bench profile: {vars(args)}\n")
@@ -272,10 +346,16 @@ def main(argv: list[str] | None = None) -> int:
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            print(json.dumps(res), flush=True)
+            if rank0:
+                print(json.dumps(res), flush=True)
             if "error" not in res:
                 rows.append(res)
-    print_table(rows)
+    if rank0:
+        print_table(rows)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0 if rows else 1
 
 

@@ -128,6 +128,12 @@ def _ep_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch
     return out.to(hidden_states.dtype)
 
 
+def _count_load(mod: nn.Module, args: tuple) -> None:
+    with torch.no_grad():
+        load = torch.bincount(args[1].reshape(-1), minlength=mod._ep_num_experts)
+        mod._ep_load = load if getattr(mod, "_ep_load", None) is None else mod._ep_load + load
+
+
 def expert_load(model: nn.Module, reset: bool = True) -> torch.Tensor | None:
     """Routed (token, slot) pairs per expert since the last call, `[layers, E]` summed over this rank's tokens."""
     loads = []
@@ -162,6 +168,12 @@ def shard_experts(model: nn.Module, ep: int, ep_rank: int, dispatcher_factory: C
             mod.gate_up_proj = nn.Parameter(mod.gate_up_proj.data[b[ep_rank] : b[ep_rank + 1]].clone())
             mod.down_proj = nn.Parameter(mod.down_proj.data[b[ep_rank] : b[ep_rank + 1]].clone())
         mod._ep_num_experts = E
+        if ep == 1 and getattr(mod, "layout", None) == "concat" and hasattr(mod, "run_grouped"):
+            # a zoo GroupedExperts holding every expert: its own tuned forward; only count the routed load
+            if not getattr(mod, "_ep_load_hook", False):
+                mod.register_forward_pre_hook(_count_load)
+                mod._ep_load_hook = True
+            continue
         mod._ep_dispatcher = dispatcher_factory(E)
         mod._ep_grad_scale = grad_scale
         mod.forward = types.MethodType(_ep_forward, mod)
