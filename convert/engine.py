@@ -58,6 +58,23 @@ class FileLayout:
     files: list[OutFile]
     write_index: bool = True
     index_metadata: dict = field(default_factory=dict)
+    index_text: str | None = None  # the original index file, verbatim (restored layouts)
+
+
+def render_index(layout: FileLayout, total_size: int) -> str:
+    """The index file's text: the recorded original verbatim when it describes exactly these files (split restores
+    the source byte for byte, whatever its formatting), else transformers' format (indent 2, sorted, newline)."""
+    meta = dict(layout.index_metadata)
+    meta["total_size"] = total_size
+    weight_map = {t.name: of.name for of in layout.files for t in of.tensors}
+    index = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
+    if layout.index_text is not None:
+        try:
+            if json.loads(layout.index_text) == index:
+                return layout.index_text
+        except ValueError:
+            pass
+    return json.dumps(index, indent=2) + "\n"
 
 
 def parse_size(text: str | int) -> int:
@@ -111,13 +128,18 @@ def restore_layout(tensors: list[OutTensor], original: dict) -> FileLayout:
     extra = [t.name for t in tensors if t.name not in used]
     if extra:
         raise ConvertError(f"{extra[0]!r} is not in the recorded original layout; pass --no-restore to shard afresh")
-    return FileLayout(files, write_index=bool(original.get("has_index", True)), index_metadata=dict(original.get("index_metadata") or {}))
+    return FileLayout(files, write_index=bool(original.get("has_index", True)), index_metadata=dict(original.get("index_metadata") or {}),
+                      index_text=original.get("index_text"))
 
 
 def record_original(ckpt: Checkpoint) -> dict:
-    """What split needs to restore `ckpt`'s shards exactly."""
+    """What split needs to restore `ckpt`'s shards exactly (the index text verbatim up to 16 MB)."""
+    index_text = None
+    if ckpt.has_index and (ckpt.root / INDEX_NAME).stat().st_size <= 16 << 20:
+        index_text = (ckpt.root / INDEX_NAME).read_text(encoding="utf-8")
     return {
         "has_index": ckpt.has_index,
+        "index_text": index_text,
         "index_metadata": ckpt.index_metadata,
         "files": [{"name": name, "metadata": h.metadata, "keys": [t.name for t in h.tensors]} for name, h in ckpt.files.items()],
     }
@@ -351,11 +373,7 @@ def write_checkpoint(
                     os.close(fd)
                 fds.clear()
                 if layout.write_index:
-                    weight_map = {t.name: of.name for of in layout.files for t in of.tensors}
-                    meta = dict(layout.index_metadata)
-                    meta["total_size"] = sum(of.nbytes for of in layout.files)
-                    index = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
-                    (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+                    (staging / INDEX_NAME).write_text(render_index(layout, sum(of.nbytes for of in layout.files)), encoding="utf-8")
                 if sidecar is not None:
                     (staging / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=1) + "\n")
             except OSError as e:

@@ -41,6 +41,7 @@ from ..convert.engine import (
     atomic_folder,
     copy_extra_files,
     parse_size,
+    render_index,
     restore_layout,
     shard_by_size,
     transform_bytes,
@@ -348,8 +349,4 @@ def _finish(staging: Path, layout: FileLayout, sidecar: dict | None, total: int)
     if sidecar is not None:
         (staging / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=1) + "\n")
     if layout.write_index:
-        meta = dict(layout.index_metadata)
-        meta["total_size"] = total
-        weight_map = {t.name: of.name for of in layout.files for t in of.tensors}
-        index = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
-        (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        (staging / INDEX_NAME).write_text(render_index(layout, total), encoding="utf-8")

@@ -143,3 +143,16 @@ def test_merge_of_fused_passes_through(tmp_path, run_cli):
     assert "already in the fused layout" in out
     a, b = folder_bytes(tmp_path / "f"), folder_bytes(tmp_path / "g")
     assert {k: v for k, v in a.items() if k.endswith(".safetensors")} == {k: v for k, v in b.items() if k.endswith(".safetensors")}
+
+
+def test_split_restores_index_formatting_verbatim(tmp_path):
+    """An index written by another tool (compact JSON, no trailing newline) comes back byte for byte."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(fixture_path("qwen3_moe"), src)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    (src / "model.safetensors.index.json").write_text(json.dumps(index, separators=(",", ":")))
+    merge(src, tmp_path / "fused")
+    split(tmp_path / "fused", tmp_path / "back")
+    assert folder_bytes(tmp_path / "back") == folder_bytes(src)
