@@ -531,7 +531,7 @@ def cli(
     init: str = typer.Option("pretrained", help="pretrained, or random (config only, benchmarks)"),
     num_layers: int | None = typer.Option(None, help="override num_hidden_layers (with --init random)"),
     backend: str = typer.Option("", help="BackendConfig as key=value,..."),
-    dispatcher: str = typer.Option("alltoall", help="token dispatcher: alltoall"),
+    dispatcher: str = typer.Option("alltoall", help="token dispatcher: alltoall, auto (= alltoall: DeepEP is not built), deepep (an error naming what is missing)"),
     metrics: str | None = typer.Option(None, help="JSON-lines metrics file (default <save>/metrics.jsonl)"),
     seed: int = typer.Option(0),
     peak_tflops: float = typer.Option(790.0, help="bf16 TFLOP/s per GPU that MFU is relative to (790: the H200's measured matmul ceiling)"),
@@ -541,7 +541,7 @@ def cli(
     args = TrainArgs(model, data, ep, seq, batch, steps, lr, warmup, weight_decay, save, save_every, save_layout, resume, ac, dtype, init, num_layers, backend, dispatcher, metrics, seed, peak_tflops, quiet)
     try:
         train(args)
-    except (TrainError, ValueError, FileNotFoundError, NotImplementedError, ConvertError) as e:
+    except (TrainError, ValueError, FileNotFoundError, NotImplementedError, ConvertError, OSError) as e:
         if debug:
             raise
         print(f"automodel-train: error: {e}", file=sys.stderr)

@@ -204,8 +204,14 @@ def parallelize(
     """Expert-shard, (optionally) checkpoint and FSDP2-wrap `model` in place; returns it."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if dispatcher == "deepep":
+        import importlib.util
+
+        if importlib.util.find_spec("deep_ep") is None:
+            raise ExpertParallelError("dispatcher 'deepep' needs the deep-ep package (pip install 'automodel-convert[deepep]', Hopper GPUs with NVSHMEM); or use --dispatcher alltoall")
+        raise ExpertParallelError("dispatcher 'deepep': the DeepEP dispatcher is not built in this version (docs/DEEPEP.md says why); use --dispatcher alltoall")
     if dispatcher not in ("alltoall", "auto", "local"):
-        raise ExpertParallelError(f"dispatcher {dispatcher!r} is not available here; use 'alltoall'")
+        raise ExpertParallelError(f"dispatcher {dispatcher!r} is unknown; use alltoall (or auto, which picks alltoall)")
 
     def factory(E: int) -> Dispatcher:
         if meshes.ep == 1:

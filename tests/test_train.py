@@ -149,3 +149,10 @@ def test_ep2_save_resume_and_transformers_logits(ckpt):
         orig = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
         key = next(k for k in res["full"] if k.endswith("experts.gate_up_proj"))
         assert not torch.equal(orig.state_dict()[key], model.state_dict()[key])
+
+
+def test_deepep_dispatcher_is_a_one_line_error(ckpt, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["--model", ckpt, "--seq", "16", "--steps", "1", "--dispatcher", "deepep", "--dtype", "float32"]) == 2
+    err = capsys.readouterr().err
+    assert "dispatcher 'deepep'" in err and "Traceback" not in err
