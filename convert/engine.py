@@ -188,8 +188,22 @@ class SourceFiles:
 _copy_file_range_ok = hasattr(os, "copy_file_range")
 
 
+# Below this size one pread + pwrite beats copy_file_range (measured on ext4: 3 MB pieces copy at ~0.6 GB/s with
+# copy_file_range and ~0.95 GB/s with pread/pwrite per thread; 64 MB ranges reach ~2 GB/s with copy_file_range).
+SMALL_COPY = 32 << 20
+
+
 def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int, what: str = "") -> None:
     global _copy_file_range_ok
+    if n < SMALL_COPY:
+        buf = os.pread(src_fd, n, src_off)
+        if len(buf) < n:
+            raise ConvertError(f"source ended early while copying {what}; the shard is truncated, re-download it")
+        view = memoryview(buf)
+        while view:
+            k = os.pwrite(dst_fd, view, dst_off)
+            view, dst_off = view[k:], dst_off + k
+        return
     while n > 0:
         if _copy_file_range_ok:
             try:
