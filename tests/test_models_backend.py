@@ -61,6 +61,27 @@ def test_as_backend_forms() -> None:
     assert (parsed.attn, parsed.experts, parsed.compile, parsed.loss_chunk_tokens) == ("eager", "padded", True, 64)
 
 
-def test_device_mesh_is_not_implemented_yet(tmp_path) -> None:  # noqa: ANN001
-    with pytest.raises(NotImplementedError, match="device_mesh"):
-        AutoModelForCausalLM.from_pretrained(tmp_path, device_mesh=object())
+def test_device_mesh_must_be_a_parallel_mesh() -> None:
+    from conftest import fixture_path
+
+    with pytest.raises(TypeError, match="device_mesh must be a parallel.ParallelMesh"):
+        AutoModelForCausalLM.from_pretrained(fixture_path("qwen3_moe"), device_mesh=object())
+
+
+def test_sharded_from_pretrained_equals_plain_load() -> None:
+    """One rank, ep=1: the device_mesh path (parallel.load_sharded) gives the same tensors as the plain path."""
+    import torch.distributed as dist
+
+    from automodel_convert.parallel import build_mesh
+    from conftest import fixture_path
+
+    src = fixture_path("deepseek_v3")
+    plain = AutoModelForCausalLM.from_pretrained(src).state_dict()
+    try:
+        mesh = build_mesh(ep=1, device_type="cpu")
+        sharded = AutoModelForCausalLM.from_pretrained(src, device_mesh=mesh).state_dict()
+    finally:
+        dist.destroy_process_group()
+    assert set(plain) == set(sharded)
+    for k, v in plain.items():
+        assert sharded[k].dtype == v.dtype and torch.equal(sharded[k], v), k
