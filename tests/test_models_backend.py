@@ -73,6 +73,7 @@ def test_sharded_from_pretrained_equals_plain_load() -> None:
     import torch.distributed as dist
 
     from automodel_convert.parallel import build_mesh
+
     from conftest import fixture_path
 
     src = fixture_path("deepseek_v3")
