@@ -156,3 +156,40 @@ def test_deepep_dispatcher_is_a_one_line_error(ckpt, capsys, monkeypatch):
     assert main(["--model", ckpt, "--seq", "16", "--steps", "1", "--dispatcher", "deepep", "--dtype", "float32"]) == 2
     err = capsys.readouterr().err
     assert "dispatcher 'deepep'" in err and "Traceback" not in err
+
+
+def test_activation_checkpointing_gives_the_same_losses(ckpt, tmp_path):
+    """`--ac` recomputes each decoder layer in backward: same losses (float32, CPU), step for step."""
+    runs = {}
+    for ac in (False, True):
+        metrics = tmp_path / f"ac{ac}.jsonl"
+        argv = ["--model", ckpt, "--data", os.path.join(ckpt, "train.jsonl"), "--seq", "16", "--steps", "3", "--lr", "3e-3",
+                "--dtype", "float32", "--metrics", str(metrics), "--quiet"] + (["--ac"] if ac else [])
+        assert main(argv) == 0
+        runs[ac] = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+    assert len(runs[True]) == 3
+    for a, b in zip(runs[False], runs[True]):
+        assert abs(a - b) <= 1e-5, (runs[False], runs[True])
+
+
+def test_activation_checkpointing_recomputes_each_layer(ckpt, monkeypatch):
+    import torch.distributed as dist
+
+    from automodel_convert.train import TrainArgs, Trainer
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    calls = {}
+    try:
+        for ac in (False, True):
+            t = Trainer(TrainArgs(model=ckpt, data="synthetic", seq=8, steps=1, dtype="float32", quiet=True, ac=ac))
+            n = [0]
+            for layer in t.model.model.layers:
+                layer.register_forward_pre_hook(lambda *_, n=n: n.__setitem__(0, n[0] + 1))  # pre: recompute stops early
+            t.step()
+            calls[ac] = n[0]
+            dist.destroy_process_group()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    layers = t.config.num_hidden_layers
+    assert calls == {False: layers, True: 2 * layers}
