@@ -75,6 +75,7 @@ class TrainArgs:
     seed: int = 0
     peak_tflops: float = 790.0
     quiet: bool = False
+    device: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -204,7 +205,9 @@ class Trainer:
         self.config = load_config(args)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         check_run(args, self.config, world)
-        self.mesh = build_mesh(ep=args.ep)
+        if args.device not in ("auto", "cuda", "cpu"):
+            raise TrainError(f"--device {args.device!r}: use auto, cuda or cpu")
+        self.mesh = build_mesh(ep=args.ep, device_type=None if args.device == "auto" else args.device)
         self.rank, self.world = self.mesh.rank, self.mesh.world
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.mesh.device_type == "cuda" else torch.device("cpu")
         self.dtype = getattr(torch, DTYPES[args.dtype])
@@ -536,9 +539,10 @@ def cli(
     seed: int = typer.Option(0),
     peak_tflops: float = typer.Option(790.0, help="bf16 TFLOP/s per GPU that MFU is relative to (790: the H200's measured matmul ceiling)"),
     quiet: bool = typer.Option(False, "--quiet"),
+    device: str = typer.Option("auto", help="auto (cuda when available), cuda or cpu (gloo)"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
-    args = TrainArgs(model, data, ep, seq, batch, steps, lr, warmup, weight_decay, save, save_every, save_layout, resume, ac, dtype, init, num_layers, backend, dispatcher, metrics, seed, peak_tflops, quiet)
+    args = TrainArgs(model, data, ep, seq, batch, steps, lr, warmup, weight_decay, save, save_every, save_layout, resume, ac, dtype, init, num_layers, backend, dispatcher, metrics, seed, peak_tflops, quiet, device=device)
     try:
         train(args)
     except (TrainError, ValueError, FileNotFoundError, NotImplementedError, ConvertError, OSError) as e:

@@ -73,7 +73,7 @@ def test_preflight_errors(ckpt, capsys, monkeypatch):
 def test_ten_steps_lower_the_loss(ckpt, tmp_path):
     metrics = tmp_path / "m.jsonl"
     rc = main(["--model", ckpt, "--data", os.path.join(ckpt, "train.jsonl"), "--seq", "24", "--steps", "10", "--lr", "3e-3",
-               "--dtype", "float32", "--metrics", str(metrics), "--quiet"])
+               "--dtype", "float32", "--metrics", str(metrics), "--quiet", "--device", "cpu"])
     assert rc == 0
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 11))
@@ -96,7 +96,7 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
 
     from automodel_convert.train import TrainArgs, Trainer
 
-    common = dict(model=ckpt, data=os.path.join(ckpt, "train.jsonl"), ep=2, seq=16, steps=4, lr=3e-3, dtype="float32", quiet=True)
+    common = dict(model=ckpt, data=os.path.join(ckpt, "train.jsonl"), ep=2, seq=16, steps=4, lr=3e-3, dtype="float32", quiet=True, device="cpu")
     try:
         a = Trainer(TrainArgs(**common, save=f"{out}/a", save_every=2))
         hist_a = a.run()
@@ -164,7 +164,7 @@ def test_activation_checkpointing_gives_the_same_losses(ckpt, tmp_path):
     for ac in (False, True):
         metrics = tmp_path / f"ac{ac}.jsonl"
         argv = ["--model", ckpt, "--data", os.path.join(ckpt, "train.jsonl"), "--seq", "16", "--steps", "3", "--lr", "3e-3",
-                "--dtype", "float32", "--metrics", str(metrics), "--quiet"] + (["--ac"] if ac else [])
+                "--dtype", "float32", "--metrics", str(metrics), "--quiet", "--device", "cpu"] + (["--ac"] if ac else [])
         assert main(argv) == 0
         runs[ac] = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
     assert len(runs[True]) == 3
@@ -181,7 +181,7 @@ def test_activation_checkpointing_recomputes_each_layer(ckpt, monkeypatch):
     calls = {}
     try:
         for ac in (False, True):
-            t = Trainer(TrainArgs(model=ckpt, data="synthetic", seq=8, steps=1, dtype="float32", quiet=True, ac=ac))
+            t = Trainer(TrainArgs(model=ckpt, data="synthetic", seq=8, steps=1, dtype="float32", quiet=True, ac=ac, device="cpu"))
             n = [0]
             for layer in t.model.model.layers:
                 layer.register_forward_pre_hook(lambda *_, n=n: n.__setitem__(0, n[0] + 1))  # pre: recompute stops early
