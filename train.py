@@ -76,6 +76,7 @@ class TrainArgs:
     peak_tflops: float = 790.0
     quiet: bool = False
     device: str = "auto"
+    cuda_graphs: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -230,6 +231,12 @@ class Trainer:
         mp_dtype = None if self.dtype == torch.float32 else self.dtype
         parallelize(self.model, self.meshes, param_dtype=mp_dtype, reduce_dtype=torch.float32, activation_checkpointing=args.ac, dispatcher=args.dispatcher)
         self.model.train()
+        if args.cuda_graphs:  # replay each decoder layer's captured forward/backward (models/common/graphs.py)
+            if self.device.type != "cuda" or self.world != 1:
+                raise TrainError("--cuda-graphs needs one CUDA GPU (ep=1, no torchrun): EP dispatch sizes its all-to-all on the host")
+            from .models.common.graphs import graph_decoder_layers
+
+            graph_decoder_layers(self.model, args.batch, args.seq)
         fused = self.device.type == "cuda"
         # foreach/fused kernels run per parameter group and cannot mix DTensors (FSDP) with plain tensors (experts
         # that need no reduction, see parallelize): one group each
@@ -540,9 +547,10 @@ def cli(
     peak_tflops: float = typer.Option(790.0, help="bf16 TFLOP/s per GPU that MFU is relative to (790: the H200's measured matmul ceiling)"),
     quiet: bool = typer.Option(False, "--quiet"),
     device: str = typer.Option("auto", help="auto (cuda when available), cuda or cpu (gloo)"),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="experimental: CUDA graphs per decoder layer (one GPU, ep=1)"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
-    args = TrainArgs(model, data, ep, seq, batch, steps, lr, warmup, weight_decay, save, save_every, save_layout, resume, ac, dtype, init, num_layers, backend, dispatcher, metrics, seed, peak_tflops, quiet, device=device)
+    args = TrainArgs(model, data, ep, seq, batch, steps, lr, warmup, weight_decay, save, save_every, save_layout, resume, ac, dtype, init, num_layers, backend, dispatcher, metrics, seed, peak_tflops, quiet, device=device, cuda_graphs=cuda_graphs)
     try:
         train(args)
     except (TrainError, ValueError, FileNotFoundError, NotImplementedError, ConvertError, OSError) as e:

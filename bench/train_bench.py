@@ -175,7 +175,8 @@ def run_trainer(gate: str, args: argparse.Namespace, device: torch.device, dtype
             dist.broadcast_object_list(obj, src=0)
             folder = obj[0]
         targs = TrainArgs(model=folder, init="random", ep=args.ep, seq=args.seq, batch=args.batch, steps=args.warmup + args.steps,
-                          dtype=args.dtype, backend=args.backend, quiet=True, peak_tflops=PEAK_TFLOPS, ac=args.ac)
+                          dtype=args.dtype, backend=args.backend, quiet=True, peak_tflops=PEAK_TFLOPS, ac=args.ac,
+                          cuda_graphs=args.cuda_graphs)
         trainer = Trainer(targs)
         if dist.is_initialized():
             dist.barrier()
@@ -193,7 +194,7 @@ def run_trainer(gate: str, args: argparse.Namespace, device: torch.device, dtype
     tps = args.batch * args.seq / step
     tflops = train_flops_per_token(cfg, args.seq) * tps / 1e12
     res = dict(
-        impl=f"trainer(ep={args.ep},world={trainer.world})" + ("+balanced" if gate == "balanced" else ""), gate=gate,
+        impl=f"trainer(ep={args.ep},world={trainer.world})" + ("+graphs" if args.cuda_graphs else "") + ("+balanced" if gate == "balanced" else ""), gate=gate,
         layers=args.layers, seq=args.seq, batch=args.batch, params_b=round(trainer.total_params / 1e9, 3), adamw="fused" if device.type == "cuda" else "foreach",
         fwd_ms=round(med([m["forward_ms"] for m in hist]), 2), bwd_ms=round(med([m["backward_ms"] for m in hist]), 2),
         fb_ms=round(med([m["forward_ms"] + m["backward_ms"] for m in hist]), 2), opt_ms=round(med([m["optimizer_ms"] for m in hist]), 2),
@@ -214,8 +215,21 @@ def run(kind: str, gate: str, args: argparse.Namespace, device: torch.device, dt
         return run_trainer(gate, args, device, dtype)
     torch.manual_seed(0)
     cfg = qwen3_config(args.layers, args.tiny)
-    model = build(kind, cfg, device, dtype, args)
+    graphs = kind == "ours_graphs"
+    model = build("ours" if graphs else kind, cfg, device, dtype, args)
     model.train()
+    loss_check = None
+    if graphs:  # experimental: CUDA graphs per decoder layer (models/common/graphs.py); the loss must not change
+        from automodel_convert.models.common.graphs import graph_decoder_layers
+
+        probe = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device, generator=torch.Generator(device=device).manual_seed(7))
+        before = model(input_ids=probe, labels=probe).loss.item()
+        graph_decoder_layers(model, args.batch, args.seq)
+        after = model(input_ids=probe, labels=probe).loss
+        after.backward()
+        for p in model.parameters():
+            p.grad = None
+        loss_check = dict(before=round(before, 5), after=round(after.item(), 5))
     if gate == "balanced":
         if kind == "transformers":
             balance_hf_routers(model)
@@ -244,7 +258,7 @@ def run(kind: str, gate: str, args: argparse.Namespace, device: torch.device, dt
     tps = args.batch * args.seq / med(step)
     tflops = train_flops_per_token(cfg, args.seq) * tps / 1e12
     res = dict(
-        impl=("ours" if kind == "ours" else "transformers") + ("+balanced" if gate == "balanced" else ""),
+        impl=kind + ("+balanced" if gate == "balanced" else ""), loss_check=loss_check,
         gate=gate, layers=args.layers, seq=args.seq, batch=args.batch, params_b=round(nparams / 1e9, 3),
         adamw="fused" if fused else "foreach",
         fwd_ms=round(med(fwd) * 1e3, 2), bwd_ms=round(med(bwd) * 1e3, 2),
@@ -253,7 +267,7 @@ def run(kind: str, gate: str, args: argparse.Namespace, device: torch.device, dt
         mfu=round(tflops / PEAK_TFLOPS, 4), peak_gib=peak, device=str(device),
         torch=torch.__version__, transformers=__import__("transformers").__version__,
     )
-    if kind == "ours":
+    if kind.startswith("ours"):
         res["backend"] = model.backend.resolve(device, dtype).__dict__
     model = opt = tokens = None  # free the first model before the second is built
     gc.collect()
@@ -296,13 +310,15 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             print(f"{r['impl']} tokens/s / zoo tokens/s: {r['tps'] / base['tps']:.3f}")
             print(json.dumps({"ratio": f"{r['impl']}/ours", "tps": round(r["tps"] / base["tps"], 3), "peak_gib": round((r["peak_gib"] or 0) / (base["peak_gib"] or 1), 3)}), flush=True)
     for gate_suffix in ("", "+balanced"):
-        ours, ref = by_impl.get("ours" + gate_suffix), by_impl.get("transformers" + gate_suffix)
-        if ours and ref:
+        for name in ("ours", "ours_graphs"):
+            ours, ref = by_impl.get(name + gate_suffix), by_impl.get("transformers" + gate_suffix)
+            if not (ours and ref):
+                continue
             ratio = {k: round(ours[k] / ref[k], 3) if ref[k] and ours[k] is not None else None for k in RATIOS}
             speed = {k: round(ref[k] / ours[k], 2) for k in ("fb_ms", "step_ms") if ours[k]}
-            print(f"ratio ours/transformers{gate_suffix}: " + ", ".join(f"{k}={v}" for k, v in ratio.items()))
-            print(f"speed-up{gate_suffix}: forward+backward {speed.get('fb_ms')}x, full step {speed.get('step_ms')}x")
-            print(json.dumps({"ratio": "ours/transformers" + gate_suffix, **ratio}), flush=True)
+            print(f"ratio {name}/transformers{gate_suffix}: " + ", ".join(f"{k}={v}" for k, v in ratio.items()))
+            print(f"speed-up {name}{gate_suffix}: forward+backward {speed.get('fb_ms')}x, full step {speed.get('step_ms')}x")
+            print(json.dumps({"ratio": f"{name}/transformers" + gate_suffix, **ratio}), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", default="transformers,ours", help="comma list of transformers,ours,trainer (order of runs)")
     ap.add_argument("--ep", type=int, default=1, help="trainer runs: expert-parallel degree (under torchrun)")
     ap.add_argument("--ac", action="store_true", help="trainer runs: activation checkpointing")
+    ap.add_argument("--cuda-graphs", action="store_true", help="trainer runs: CUDA graphs per decoder layer (one GPU)")
     ap.add_argument("--backend", default="", help="our BackendConfig as key=value,... (default: all auto)")
     ap.add_argument("--compile", action="store_true", help="torch.compile our per-layer dense parts")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test)")

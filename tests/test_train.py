@@ -70,6 +70,12 @@ def test_preflight_errors(ckpt, capsys, monkeypatch):
     assert "Traceback" not in err
 
 
+def test_cuda_graphs_need_one_gpu(ckpt, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["--model", ckpt, "--seq", "16", "--steps", "1", "--cuda-graphs", "--device", "cpu", "--dtype", "float32"]) == 2
+    assert "--cuda-graphs needs one CUDA GPU" in capsys.readouterr().err
+
+
 def test_ten_steps_lower_the_loss(ckpt, tmp_path):
     metrics = tmp_path / "m.jsonl"
     rc = main(["--model", ckpt, "--data", os.path.join(ckpt, "train.jsonl"), "--seq", "24", "--steps", "10", "--lr", "3e-3",
