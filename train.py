@@ -237,6 +237,9 @@ class Trainer:
             from .models.common.graphs import graph_decoder_layers
 
             graph_decoder_layers(self.model, args.batch, args.seq)
+            from .parallel.expert_parallel import expert_load
+
+            expert_load(self.model, reset=True)  # drop the counts of the capture's warm-up passes
         fused = self.device.type == "cuda"
         # foreach/fused kernels run per parameter group and cannot mix DTensors (FSDP) with plain tensors (experts
         # that need no reduction, see parallelize): one group each

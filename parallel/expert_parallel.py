@@ -121,17 +121,24 @@ def _ep_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch
         def experts_fn(xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
             return grouped_swiglu(xs, counts, gate_up, down, self.act_fn)
 
-    with torch.no_grad():  # routed (token, slot) pairs per global expert, for the load-balance metric
-        load = torch.bincount(top_k_index.reshape(-1), minlength=self._ep_num_experts)
-        self._ep_load = load if getattr(self, "_ep_load", None) is None else self._ep_load + load
+    _add_load(self, top_k_index)
     out = self._ep_dispatcher(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype), experts_fn)
     return out.to(hidden_states.dtype)
 
 
-def _count_load(mod: nn.Module, args: tuple) -> None:
+def _add_load(mod: nn.Module, top_k_index: torch.Tensor) -> None:
+    """Routed (token, slot) pairs per global expert, accumulated in place into a persistent buffer: no host sync
+    (bincount on CUDA syncs) and correct under CUDA graph replay."""
     with torch.no_grad():
-        load = torch.bincount(args[1].reshape(-1), minlength=mod._ep_num_experts)
-        mod._ep_load = load if getattr(mod, "_ep_load", None) is None else mod._ep_load + load
+        flat = top_k_index.reshape(-1)
+        buf = getattr(mod, "_ep_load", None)
+        if buf is None or buf.device != flat.device:
+            buf = mod._ep_load = torch.zeros(mod._ep_num_experts, dtype=torch.int64, device=flat.device)
+        buf.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int64))
+
+
+def _count_load(mod: nn.Module, args: tuple) -> None:
+    _add_load(mod, args[1])
 
 
 def expert_load(model: nn.Module, reset: bool = True) -> torch.Tensor | None:
@@ -139,9 +146,9 @@ def expert_load(model: nn.Module, reset: bool = True) -> torch.Tensor | None:
     loads = []
     for _, mod in experts_modules(model):
         if getattr(mod, "_ep_load", None) is not None:
-            loads.append(mod._ep_load)
+            loads.append(mod._ep_load.clone())
             if reset:
-                mod._ep_load = None
+                mod._ep_load.zero_()
     return torch.stack(loads) if loads else None
 
 
