@@ -372,7 +372,9 @@ class Trainer:
 
         specs = self.source.specs
         out = {}
-        experts = {id(m.gate_up_proj): m for _, m in _experts(self.model)} | {id(m.down_proj): m for _, m in _experts(self.model)}
+        from .parallel.expert_parallel import experts_modules
+
+        experts = {id(p): m for _, m in experts_modules(self.model) for p in (m.gate_up_proj, m.down_proj)}
         for name, t in self.model.state_dict(keep_vars=True).items():
             if name not in specs:
                 continue
@@ -463,12 +465,6 @@ class Trainer:
             if sink is not None:
                 sink.close()
         return history
-
-
-def _experts(model):  # noqa: ANN001, ANN202
-    from .parallel.expert_parallel import experts_modules
-
-    return experts_modules(model)
 
 
 def _rss_gib() -> float:

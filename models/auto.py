@@ -176,7 +176,7 @@ def _from_pretrained_sharded(
         else:
             mod._buffers[leaf] = local.to(dev)
     for prefix in experts_prefixes:
-        model.get_submodule(prefix)._ep_num_experts = config_num_experts(model.get_submodule(prefix))
+        model.get_submodule(prefix)._ep_num_experts = int(model.get_submodule(prefix).num_experts)  # global E
     if getattr(config, "tie_word_embeddings", False):
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_buffers(dev)
@@ -184,7 +184,3 @@ def _from_pretrained_sharded(
     model._sharded_source = state.source
     return model
 
-
-def config_num_experts(mod: nn.Module) -> int:
-    """Global expert count of a (possibly sharded) zoo experts module."""
-    return int(mod.num_experts)

@@ -1,7 +1,7 @@
 """Expert parallelism + FSDP2 on one mesh for MoE models whose experts use transformers v5's fused layout.
 
 Contract:
-- Meshes (`TrainMeshes`): `dp` spans all W ranks (every rank trains on its own data); `ep` (size `ep`) and `ep_dp`
+- Meshes (`TrainMeshes`, from `parallel.build_mesh(ep=...).train_meshes()`): `dp` spans all W ranks (every rank trains on its own data); `ep` (size `ep`) and `ep_dp`
   (size W/ep) factor the same ranks: rank = ep_dp_index * ep + ep_index. Ranks of one `ep` group hold different
   experts; ranks of one `ep_dp` group hold the same experts.
 - `parallelize(model, meshes)` finds every experts module (3-D `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`
@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .ep_dispatch import AllToAllDispatcher, Dispatcher, LocalDispatcher, expert_bounds
@@ -48,17 +47,6 @@ class TrainMeshes:
     @property
     def ep_group(self):  # noqa: ANN201
         return self.ep_mesh.get_group()
-
-
-def build_train_meshes(ep: int, device_type: str) -> TrainMeshes:
-    from torch.distributed.device_mesh import init_device_mesh
-
-    world = dist.get_world_size()
-    if ep < 1 or world % ep:
-        raise ExpertParallelError(f"--ep {ep} does not divide the world size {world}; choose ep from the divisors of {world}")
-    dp = init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
-    two_d = init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("ep_dp", "ep"))
-    return TrainMeshes(world, ep, dp, two_d["ep"], two_d["ep_dp"])
 
 
 class _GradScale(torch.autograd.Function):

@@ -54,10 +54,11 @@ def reference(kind: str, world: int):
 def worker(rank: int, world: int, ep: int, kind: str, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        from automodel_convert.parallel.expert_parallel import build_train_meshes, parallelize
+        from automodel_convert.parallel import build_mesh
+        from automodel_convert.parallel.expert_parallel import parallelize
 
         model = tiny_model(kind)
-        meshes = build_train_meshes(ep, "cpu")
+        meshes = build_mesh(ep=ep, device_type="cpu").train_meshes()
         parallelize(model, meshes, param_dtype=None, reduce_dtype=torch.float32)
         ids = batch(rank, model.config.vocab_size)
         loss = model(input_ids=ids, labels=ids).loss
