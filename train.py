@@ -77,6 +77,7 @@ class TrainArgs:
     quiet: bool = False
     device: str = "auto"
     cuda_graphs: bool = False
+    overlap_optimizer: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -129,6 +130,8 @@ def check_run(args: TrainArgs, config, world: int) -> None:  # noqa: ANN001
         raise TrainError(f"--init {args.init!r}: use pretrained or random")
     if args.save and args.init == "random":
         raise TrainError("--save needs a checkpoint to save against; drop --init random")
+    if args.overlap_optimizer and world != 1:
+        raise TrainError("--overlap-optimizer needs one rank (run without torchrun): with FSDP/EP the gradients are reduced after backward")
 
 
 def meta_model(config, backend):  # noqa: ANN001, ANN201
@@ -246,8 +249,13 @@ class Trainer:
         from torch.distributed.tensor import DTensor
 
         params = list(self.model.parameters())
-        groups = [g for g in ([p for p in params if isinstance(p, DTensor)], [p for p in params if not isinstance(p, DTensor)]) if g]
-        self.optimizer = torch.optim.AdamW([{"params": g} for g in groups], lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=fused, foreach=not fused)
+        if args.overlap_optimizer:  # the same AdamW, stepped per parameter inside backward (train_optim.py)
+            from .train_optim import OverlappedAdamW
+
+            self.optimizer = OverlappedAdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=fused)
+        else:
+            groups = [g for g in ([p for p in params if isinstance(p, DTensor)], [p for p in params if not isinstance(p, DTensor)]) if g]
+            self.optimizer = torch.optim.AdamW([{"params": g} for g in groups], lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=fused, foreach=not fused)
         self.data = self._make_data()
         self.step_index = 0
         if self.resume_meta is not None:
@@ -547,9 +555,10 @@ def cli(
     quiet: bool = typer.Option(False, "--quiet"),
     device: str = typer.Option("auto", help="auto (cuda when available), cuda or cpu (gloo)"),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="experimental: CUDA graphs per decoder layer (one GPU, ep=1)"),
+    overlap_optimizer: bool = typer.Option(False, "--overlap-optimizer", help="step AdamW per parameter inside backward (one rank; lower peak memory)"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
-    args = TrainArgs(model, data, ep, seq, batch, steps, lr, warmup, weight_decay, save, save_every, save_layout, resume, ac, dtype, init, num_layers, backend, dispatcher, metrics, seed, peak_tflops, quiet, device=device, cuda_graphs=cuda_graphs)
+    args = TrainArgs(model, data, ep, seq, batch, steps, lr, warmup, weight_decay, save, save_every, save_layout, resume, ac, dtype, init, num_layers, backend, dispatcher, metrics, seed, peak_tflops, quiet, device=device, cuda_graphs=cuda_graphs, overlap_optimizer=overlap_optimizer)
     try:
         train(args)
     except (TrainError, ValueError, FileNotFoundError, NotImplementedError, ConvertError, OSError) as e:

@@ -5,6 +5,7 @@
     python bench/train_bench.py --profile /tmp/prof.txt   # plus a torch profiler summary per run
     python bench/train_bench.py --device cpu --layers 1 --seq 64 --tiny   # CPU smoke test
     python bench/train_bench.py --runs ours,trainer                        # the trainer (ep=1) against the zoo
+    python bench/train_bench.py --runs transformers,ours_overlap,ours_graphs_overlap   # AdamW inside backward
     torchrun --nproc_per_node 2 bench/train_bench.py --runs trainer --ep 2  # EP=2 x dp=2, per-GPU figures
 
 Shapes: vocab 151936, H 2048, I 768, 128 experts top-8 (norm_topk_prob), 32 heads, 4 KV heads, head_dim 128,
@@ -16,6 +17,10 @@ ceiling, and peak allocated memory. Note the zoo computes the loss's gradient in
 cross-entropy), so compare forward+backward ("fb_ms") rather than forward and backward separately.
 transformers runs `Qwen3MoeForCausalLM` with `_experts_implementation="grouped_mm"` and sdpa. The first model is
 freed before the second is built. One JSON line per run, then a table with ours/transformers ratios.
+Run names: `transformers`, `ours`, `trainer`; `_graphs` (ours only) replays CUDA graphs per decoder layer
+(models/common/graphs.py); `_overlap` steps the same fused AdamW per parameter inside backward, on a side stream, as
+each gradient is complete (train_optim.py): its `bwd_ms` then includes the optimizer's work and `opt_ms` is only what
+is left after backward; compare whole steps.
 `trainer` runs `automodel_convert.train.Trainer` (random init from the same config, `--init random`): the whole
 training loop (EP dispatch, FSDP2 where there is more than one rank, fused AdamW, metrics); under torchrun every
 rank runs it and rank 0 prints per-GPU figures (tokens/s per GPU, peak memory: the max over ranks).
@@ -131,8 +136,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, device: torch.device, overlap: bool = False):  # noqa: ANN201
     params = [p for p in model.parameters() if p.requires_grad]
+    if overlap:  # the same fused AdamW, stepped per parameter inside backward on a side stream (train_optim.py)
+        from automodel_convert.train_optim import OverlappedAdamW
+
+        return OverlappedAdamW(params, lr=1e-5, fused=device.type == "cuda")
     try:
         return torch.optim.AdamW(params, lr=1e-5, fused=True)
     except (RuntimeError, TypeError):  # no fused kernel for this device/dtype
@@ -176,7 +185,7 @@ def run_trainer(gate: str, args: argparse.Namespace, device: torch.device, dtype
             folder = obj[0]
         targs = TrainArgs(model=folder, init="random", ep=args.ep, seq=args.seq, batch=args.batch, steps=args.warmup + args.steps,
                           dtype=args.dtype, backend=args.backend, quiet=True, peak_tflops=PEAK_TFLOPS, ac=args.ac,
-                          cuda_graphs=args.cuda_graphs)
+                          cuda_graphs=args.cuda_graphs, overlap_optimizer=args.overlap_optimizer)
         trainer = Trainer(targs)
         if dist.is_initialized():
             dist.barrier()
@@ -194,7 +203,7 @@ def run_trainer(gate: str, args: argparse.Namespace, device: torch.device, dtype
     tps = args.batch * args.seq / step
     tflops = train_flops_per_token(cfg, args.seq) * tps / 1e12
     res = dict(
-        impl=f"trainer(ep={args.ep},world={trainer.world})" + ("+graphs" if args.cuda_graphs else "") + ("+balanced" if gate == "balanced" else ""), gate=gate,
+        impl=f"trainer(ep={args.ep},world={trainer.world})" + ("+graphs" if args.cuda_graphs else "") + ("+overlap" if args.overlap_optimizer else "") + ("+balanced" if gate == "balanced" else ""), gate=gate,
         layers=args.layers, seq=args.seq, batch=args.batch, params_b=round(trainer.total_params / 1e9, 3), adamw="fused" if device.type == "cuda" else "foreach",
         fwd_ms=round(med([m["forward_ms"] for m in hist]), 2), bwd_ms=round(med([m["backward_ms"] for m in hist]), 2),
         fb_ms=round(med([m["forward_ms"] + m["backward_ms"] for m in hist]), 2), opt_ms=round(med([m["optimizer_ms"] for m in hist]), 2),
@@ -215,8 +224,11 @@ def run(kind: str, gate: str, args: argparse.Namespace, device: torch.device, dt
         return run_trainer(gate, args, device, dtype)
     torch.manual_seed(0)
     cfg = qwen3_config(args.layers, args.tiny)
-    graphs = kind == "ours_graphs"
-    model = build("ours" if graphs else kind, cfg, device, dtype, args)
+    base, *mods = kind.split("_")
+    if base not in ("ours", "transformers") or not set(mods) <= {"graphs", "overlap"} or (base == "transformers" and "graphs" in mods):
+        raise ValueError(f"unknown run {kind!r}: transformers[_overlap], ours[_graphs][_overlap] or trainer")
+    graphs, overlap = "graphs" in mods, "overlap" in mods
+    model = build(base, cfg, device, dtype, args)
     model.train()
     loss_check = None
     if graphs:  # experimental: CUDA graphs per decoder layer (models/common/graphs.py); the loss must not change
@@ -231,11 +243,11 @@ def run(kind: str, gate: str, args: argparse.Namespace, device: torch.device, dt
             p.grad = None
         loss_check = dict(before=round(before, 5), after=round(after.item(), 5))
     if gate == "balanced":
-        if kind == "transformers":
+        if base == "transformers":
             balance_hf_routers(model)
         else:
             model.set_gate("balanced")
-    opt = make_optimizer(model, device)
+    opt = make_optimizer(model, device, overlap)
     fused = bool(opt.defaults.get("fused"))
     nparams = sum(p.numel() for p in model.parameters())
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
@@ -278,7 +290,9 @@ def run(kind: str, gate: str, args: argparse.Namespace, device: torch.device, dt
         step_nosync_ms=round(med(nosync) * 1e3, 2), tps_nosync=round(args.batch * args.seq / med(nosync)),
         torch=torch.__version__, transformers=__import__("transformers").__version__,
     )
-    if kind.startswith("ours"):
+    if overlap:
+        res["note"] = "AdamW stepped inside backward: bwd_ms includes the optimizer work, opt_ms is what remains after it"
+    if base == "ours":
         res["backend"] = model.backend.resolve(device, dtype).__dict__
     model = opt = tokens = None  # free the first model before the second is built
     gc.collect()
@@ -321,7 +335,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             print(f"{r['impl']} tokens/s / zoo tokens/s: {r['tps'] / base['tps']:.3f}")
             print(json.dumps({"ratio": f"{r['impl']}/ours", "tps": round(r["tps"] / base["tps"], 3), "peak_gib": round((r["peak_gib"] or 0) / (base["peak_gib"] or 1), 3)}), flush=True)
     for gate_suffix in ("", "+balanced"):
-        for name in ("ours", "ours_graphs"):
+        for name in ("ours", "ours_graphs", "ours_overlap", "ours_graphs_overlap", "transformers_overlap"):
             ours, ref = by_impl.get(name + gate_suffix), by_impl.get("transformers" + gate_suffix)
             if not (ours and ref):
                 continue
@@ -343,10 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--gate", default="native", choices=["native", "balanced"], help="balanced: add labelled runs")
-    ap.add_argument("--runs", default="transformers,ours", help="comma list of transformers,ours,trainer (order of runs)")
+    ap.add_argument("--runs", default="transformers,ours", help="comma list of runs (order kept): transformers[_overlap], ours[_graphs][_overlap], trainer")
     ap.add_argument("--ep", type=int, default=1, help="trainer runs: expert-parallel degree (under torchrun)")
     ap.add_argument("--ac", action="store_true", help="trainer runs: activation checkpointing")
     ap.add_argument("--cuda-graphs", action="store_true", help="trainer runs: CUDA graphs per decoder layer (one GPU)")
+    ap.add_argument("--overlap-optimizer", action="store_true", help="trainer runs: AdamW stepped inside backward (one GPU)")
     ap.add_argument("--backend", default="", help="our BackendConfig as key=value,... (default: all auto)")
     ap.add_argument("--compile", action="store_true", help="torch.compile our per-layer dense parts")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test)")

@@ -89,6 +89,23 @@ def test_ten_steps_lower_the_loss(ckpt, tmp_path):
         assert rows[-1][key] > 0, key
 
 
+def test_overlap_optimizer_matches_and_resumes(ckpt, tmp_path, monkeypatch, capsys):
+    """--overlap-optimizer (AdamW inside backward) follows the standard loop's losses; save/resume stays exact."""
+    from automodel_convert.train import TrainArgs, Trainer
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["--model", ckpt, "--seq", "16", "--steps", "1", "--ep", "2", "--overlap-optimizer"]) == 2
+    assert "--overlap-optimizer needs one rank" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    common = dict(model=ckpt, data=os.path.join(ckpt, "train.jsonl"), seq=16, steps=4, lr=3e-3, warmup=2, dtype="float32", quiet=True, device="cpu")
+    ref = [m["loss"] for m in Trainer(TrainArgs(**common)).run()]
+    a = Trainer(TrainArgs(**common, overlap_optimizer=True, save=str(tmp_path / "a"), save_every=2))
+    got = [m["loss"] for m in a.run()]
+    assert got == pytest.approx(ref, rel=1e-5) and got[3] < got[0], (got, ref)  # foreach (standard, CPU) vs per-tensor AdamW
+    b = Trainer(TrainArgs(**common, overlap_optimizer=True, resume=str(tmp_path / "a" / "step-2")))
+    assert [m["loss"] for m in b.run()] == got[2:]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

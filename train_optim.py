@@ -1,0 +1,121 @@
+"""AdamW stepped inside backward: each parameter's update runs as soon as its gradient is complete.
+
+Contract: `OverlappedAdamW(params, lr=..., betas=..., eps=..., weight_decay=..., fused=...)` holds one
+`torch.optim.AdamW` per parameter (the same kernel, fused on CUDA, and the same per-element arithmetic as one AdamW
+over all of them, so parameters and moments come out bit-identical; `tests/test_train_optim.py` checks that). A
+post-accumulate-grad hook on every parameter steps that parameter's optimizer and frees its gradient the moment
+autograd has accumulated it. On CUDA the update is queued on a side stream that first waits for the work that
+produced the gradient, so the memory-bound AdamW kernels of early-finished layers (lm_head, the last decoder layers)
+run while backward is still computing the earlier layers, and each gradient is freed right after its update, which
+lowers peak memory. `step()` makes the current stream wait for those updates (call it after `backward()`, before the
+next forward); `zero_grad()` is a no-op because gradients never outlive their update.
+
+What it excludes, by construction: anything that needs all gradients before any update (global-norm gradient
+clipping, gradient accumulation over micro-batches, gradients reduced after backward as FSDP does); the trainer
+uses it on one rank only and says so when asked for more. `param_groups` lists every per-parameter group, so a
+learning-rate schedule written for `torch.optim.Optimizer` works unchanged; `state` maps parameter -> AdamW state
+like `Optimizer.state` (read and assign), for checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, MutableMapping
+from typing import Any
+
+import torch
+
+
+class _StateView(MutableMapping):
+    """`Optimizer.state`-like view over the per-parameter optimizers: parameter -> its AdamW state dict."""
+
+    def __init__(self, owner: OverlappedAdamW) -> None:
+        self._owner = owner
+
+    def _opt(self, p: torch.Tensor) -> torch.optim.Optimizer:
+        try:
+            return self._owner.optimizers[p]
+        except KeyError:
+            raise KeyError("not a parameter of this optimizer") from None
+
+    def __getitem__(self, p: torch.Tensor) -> dict:
+        st = self._opt(p).state
+        if p not in st:
+            raise KeyError("no state yet for this parameter")
+        return st[p]
+
+    def __setitem__(self, p: torch.Tensor, value: dict) -> None:
+        self._opt(p).state[p] = value
+
+    def __delitem__(self, p: torch.Tensor) -> None:
+        del self._opt(p).state[p]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (p for p, o in self._owner.optimizers.items() if p in o.state)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class OverlappedAdamW:
+    """AdamW whose per-parameter steps run during backward (see the module docstring)."""
+
+    def __init__(self, params: Iterable[torch.Tensor], *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01, fused: bool | None = None, side_stream: bool = True) -> None:
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            raise ValueError("OverlappedAdamW got no parameters that require grad")
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("OverlappedAdamW got the same parameter twice")
+        kw: dict[str, Any] = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        if fused is not None:
+            kw["fused"] = fused
+            kw["foreach"] = False if fused else None
+        self.optimizers: dict[torch.Tensor, torch.optim.AdamW] = {p: torch.optim.AdamW([p], **kw) for p in params}
+        self.defaults = dict(next(iter(self.optimizers.values())).defaults)
+        cuda = params[0].is_cuda
+        self.stream = torch.cuda.Stream(device=params[0].device) if cuda and side_stream else None
+        self.pending = False
+        self.enabled = True
+        self.state = _StateView(self)
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [o.param_groups[0] for o in self.optimizers.values()]
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        if not self.enabled or p.grad is None:
+            return
+        opt = self.optimizers[p]
+        if self.stream is None:
+            opt.step()
+            p.grad = None
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(p.device))
+        with torch.cuda.stream(self.stream):
+            opt.step()
+        # the gradient was made on the current stream and is read on the side stream: keep its memory from being
+        # reused until the update has run, then drop it
+        p.grad.record_stream(self.stream)
+        p.grad = None
+        self.pending = True
+
+    def step(self) -> None:
+        """Finish the step: the current stream waits for the updates queued during backward."""
+        if self.stream is not None and self.pending:
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+            self.pending = False
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Gradients are freed by their update; this only clears any left by a backward run with `enabled=False`."""
+        for p in self.optimizers:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
