@@ -19,6 +19,7 @@ like `Optimizer.state` (read and assign), for checkpoints.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator, MutableMapping
 from typing import Any
 
@@ -60,7 +61,8 @@ class OverlappedAdamW:
     """AdamW whose per-parameter steps run during backward (see the module docstring)."""
 
     def __init__(self, params: Iterable[torch.Tensor], *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01, fused: bool | None = None, side_stream: bool = True) -> None:
+                 eps: float = 1e-8, weight_decay: float = 0.01, fused: bool | None = None, side_stream: bool = True,
+                 stream_priority: int = 0) -> None:
         params = [p for p in params if p.requires_grad]
         if not params:
             raise ValueError("OverlappedAdamW got no parameters that require grad")
@@ -73,11 +75,20 @@ class OverlappedAdamW:
         self.optimizers: dict[torch.Tensor, torch.optim.AdamW] = {p: torch.optim.AdamW([p], **kw) for p in params}
         self.defaults = dict(next(iter(self.optimizers.values())).defaults)
         cuda = params[0].is_cuda
-        self.stream = torch.cuda.Stream(device=params[0].device) if cuda and side_stream else None
+        self.stream = torch.cuda.Stream(device=params[0].device, priority=stream_priority) if cuda and side_stream else None
         self.pending = False
         self.enabled = True
         self.state = _StateView(self)
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+        # the hooks hold the optimizer weakly: a strong reference from every parameter back to it would be a cycle
+        # through autograd's C++ hook tables that Python's gc cannot see, and model + optimizer would never be freed
+        me = weakref.ref(self)
+
+        def hook(p: torch.Tensor) -> None:
+            opt = me()
+            if opt is not None:
+                opt._on_grad(p)
+
+        self._hooks = [p.register_post_accumulate_grad_hook(hook) for p in params]
 
     @property
     def param_groups(self) -> list[dict]:

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+OVERLAP_PRIORITY = 0  # CUDA priority of the optimizer's side stream (--overlap-priority)
 PEAK_TFLOPS = 790.0  # measured bf16 matmul ceiling of the H200 (shared/docs/moe-layouts.md)
 
 
@@ -141,7 +142,7 @@ def make_optimizer(model: torch.nn.Module, device: torch.device, overlap: bool =
     if overlap:  # the same fused AdamW, stepped per parameter inside backward on a side stream (train_optim.py)
         from automodel_convert.train_optim import OverlappedAdamW
 
-        return OverlappedAdamW(params, lr=1e-5, fused=device.type == "cuda")
+        return OverlappedAdamW(params, lr=1e-5, fused=device.type == "cuda", stream_priority=OVERLAP_PRIORITY)
     try:
         return torch.optim.AdamW(params, lr=1e-5, fused=True)
     except (RuntimeError, TypeError):  # no fused kernel for this device/dtype
@@ -280,7 +281,7 @@ def run(kind: str, gate: str, args: argparse.Namespace, device: torch.device, dt
     tps = args.batch * args.seq / med(step)
     tflops = train_flops_per_token(cfg, args.seq) * tps / 1e12
     res = dict(
-        impl=kind + ("+balanced" if gate == "balanced" else ""), loss_check=loss_check,
+        impl=kind + (f"+prio{OVERLAP_PRIORITY}" if overlap and OVERLAP_PRIORITY else "") + ("+balanced" if gate == "balanced" else ""), loss_check=loss_check,
         gate=gate, layers=args.layers, seq=args.seq, batch=args.batch, params_b=round(nparams / 1e9, 3),
         adamw="fused" if fused else "foreach",
         fwd_ms=round(med(fwd) * 1e3, 2), bwd_ms=round(med(bwd) * 1e3, 2),
@@ -366,7 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="torch.compile our per-layer dense parts")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test)")
     ap.add_argument("--profile", default="", help="append a torch profiler summary of each run to this file")
+    ap.add_argument("--overlap-priority", type=int, default=0, help="_overlap runs: the side stream's CUDA priority (-1: high)")
     args = ap.parse_args(argv)
+    global OVERLAP_PRIORITY
+    OVERLAP_PRIORITY = args.overlap_priority
     import_package()
     import os
 

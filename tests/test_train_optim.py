@@ -77,3 +77,18 @@ def test_state_view_and_errors() -> None:
     opt.remove_hooks()
     (a.sum()).backward()
     assert a.grad is not None, "hooks removed: backward leaves the gradient"
+
+
+def test_model_and_optimizer_are_freed() -> None:
+    """The hooks must not keep the optimizer (and through it every parameter and moment) alive."""
+    import gc
+    import weakref
+
+    model = torch.nn.Linear(4, 3)
+    opt = OverlappedAdamW(model.parameters(), lr=0.1)
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    refs = [weakref.ref(model), weakref.ref(opt), weakref.ref(model.weight)]
+    del model, opt
+    gc.collect()
+    assert all(r() is None for r in refs)
