@@ -17,7 +17,7 @@ ceiling, and peak allocated memory. Note the zoo computes the loss's gradient in
 cross-entropy), so compare forward+backward ("fb_ms") rather than forward and backward separately.
 transformers runs `Qwen3MoeForCausalLM` with `_experts_implementation="grouped_mm"` and sdpa. The first model is
 freed before the second is built. One JSON line per run, then a table with ours/transformers ratios.
-Run names: `transformers`, `ours`, `trainer`; `_graphs` (ours only) replays CUDA graphs per decoder layer
+Run names: `transformers`, `ours`, `trainer`; `_graphs` (ours and trainer) replays CUDA graphs per decoder layer
 (models/common/graphs.py); `_overlap` steps the same fused AdamW per parameter inside backward, on a side stream, as
 each gradient is complete (train_optim.py): its `bwd_ms` then includes the optimizer's work and `opt_ms` is only what
 is left after backward; compare whole steps.
@@ -221,8 +221,13 @@ def run_trainer(gate: str, args: argparse.Namespace, device: torch.device, dtype
 
 
 def run(kind: str, gate: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    if kind == "trainer":
-        return run_trainer(gate, args, device, dtype)
+    if kind.startswith("trainer"):  # trainer[_graphs][_overlap]: the flags, per run
+        mods = kind.split("_")[1:]
+        if not set(mods) <= {"graphs", "overlap"}:
+            raise ValueError(f"unknown run {kind!r}: trainer[_graphs][_overlap]")
+        targs = argparse.Namespace(**{**vars(args), "cuda_graphs": args.cuda_graphs or "graphs" in mods,
+                                      "overlap_optimizer": args.overlap_optimizer or "overlap" in mods})
+        return run_trainer(gate, targs, device, dtype)
     torch.manual_seed(0)
     cfg = qwen3_config(args.layers, args.tiny)
     base, *mods = kind.split("_")
@@ -336,11 +341,12 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             print(f"{r['impl']} tokens/s / zoo tokens/s: {r['tps'] / base['tps']:.3f}")
             print(json.dumps({"ratio": f"{r['impl']}/ours", "tps": round(r["tps"] / base["tps"], 3), "peak_gib": round((r["peak_gib"] or 0) / (base["peak_gib"] or 1), 3)}), flush=True)
     for gate_suffix in ("", "+balanced"):
-        for name in ("ours", "ours_graphs", "ours_overlap", "ours_graphs_overlap", "transformers_overlap"):
-            ours, ref = by_impl.get(name + gate_suffix), by_impl.get("transformers" + gate_suffix)
-            if not (ours and ref):
+        ref = by_impl.get("transformers" + gate_suffix)
+        for impl, ours in by_impl.items():
+            if not ref or impl == "transformers" + gate_suffix or impl.endswith("+balanced") != (gate_suffix == "+balanced"):
                 continue
-            ratio = {k: round(ours[k] / ref[k], 3) if ref[k] and ours[k] is not None else None for k in RATIOS}
+            name = impl.removesuffix(gate_suffix)
+            ratio = {k: round(ours[k] / ref[k], 3) if ref[k] and ours.get(k) is not None else None for k in RATIOS}
             speed = {k: round(ref[k] / ours[k], 2) for k in ("fb_ms", "step_ms", "step_nosync_ms") if ours.get(k) and ref.get(k)}
             print(f"ratio {name}/transformers{gate_suffix}: " + ", ".join(f"{k}={v}" for k, v in ratio.items()))
             print(f"speed-up {name}{gate_suffix}: forward+backward {speed.get('fb_ms')}x, full step {speed.get('step_ms')}x, "
@@ -358,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--gate", default="native", choices=["native", "balanced"], help="balanced: add labelled runs")
-    ap.add_argument("--runs", default="transformers,ours", help="comma list of runs (order kept): transformers[_overlap], ours[_graphs][_overlap], trainer")
+    ap.add_argument("--runs", default="transformers,ours", help="comma list of runs (order kept): transformers[_overlap], ours[_graphs][_overlap], trainer[_graphs][_overlap]")
     ap.add_argument("--ep", type=int, default=1, help="trainer runs: expert-parallel degree (under torchrun)")
     ap.add_argument("--ac", action="store_true", help="trainer runs: activation checkpointing")
     ap.add_argument("--cuda-graphs", action="store_true", help="trainer runs: CUDA graphs per decoder layer (one GPU)")
