@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("file", type=Path)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--title", default="")
+    ap.add_argument("--wrap", action="store_true", help="one name part per line (many runs)")
     a = ap.parse_args()
     import matplotlib
 
@@ -32,10 +33,12 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     data = rows(a.file)
-    names = [r["impl"].replace("+balanced", "\n+balanced").replace("(ep=", "\n(ep=").replace(",world=", ", world=") for r in data]
+    names = [r["impl"].replace("_", "\n").replace("+", "\n+").replace("(ep=1,world=1)", "") for r in data] if a.wrap else [r["impl"].replace("+balanced", "\n+balanced").replace("(ep=", "\n(ep=").replace(",world=", ", world=") for r in data]
     colors = ["#888888" if r["impl"].startswith("transformers") else "#1f77b4" if r["impl"].startswith("ours") else "#2ca02c" for r in data]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=120)
-    for ax, key, label in ((axes[0], "tps", "tokens/s per GPU"), (axes[1], "peak_gib", "peak memory (GiB)")):
+    for r in data:  # memory an earlier run of the same process left allocated is not this run's
+        r["peak_own_gib"] = (r.get("peak_gib") or 0) - (r.get("gib_left_by_earlier_runs") or 0)
+    for ax, key, label in ((axes[0], "tps", "tokens/s per GPU"), (axes[1], "peak_own_gib", "peak memory (GiB)")):
         vals = [r.get(key) or 0 for r in data]
         bars = ax.bar(range(len(vals)), vals, color=colors)
         ax.bar_label(bars, labels=[f"{v:,.0f}" if key == "tps" else f"{v:.1f}" for v in vals], fontsize=7)

@@ -221,6 +221,14 @@ def run_trainer(gate: str, args: argparse.Namespace, device: torch.device, dtype
 
 
 def run(kind: str, gate: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    # memory still allocated by earlier runs of this process counts in this run's peak: report it beside the peak
+    left = round(torch.cuda.memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+    res = _run(kind, gate, args, device, dtype)
+    res["gib_left_by_earlier_runs"] = left
+    return res
+
+
+def _run(kind: str, gate: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     if kind.startswith("trainer"):  # trainer[_graphs][_overlap]: the flags, per run
         mods = kind.split("_")[1:]
         if not set(mods) <= {"graphs", "overlap"}:
