@@ -7,6 +7,12 @@ Shapes: H 2048, 128 experts, I 768, 32 heads x 128, 4 KV heads, vocab 151936, bf
 with ~2 GB shards. Prints wall time and peak RSS (from wait4) of every step, the ratio of merge and split to
 `cp -r` in the same run (target <= 1.3x) and peak RSS (target <= 300 MB, flat in the number of layers), and
 writes the rows as JSON lines to --out.
+
+Every step starts from the same state: its previous output deleted, an untimed `cp -r` of the source written and
+deleted, then `sync`. Without that the order of steps decides the figures on a VM: writing into page-cache memory
+the guest has not touched recently costs up to ~2x (split run right after merge, whose output it reads, took
+2.9-3.6 s; the same split right after a source-sized folder was written and deleted took 1.1-1.9 s). Repeats are
+interleaved (cp, merge, split, cp, ...) and the median is reported with every run listed.
 """
 
 from __future__ import annotations
@@ -170,7 +176,7 @@ def drop_page_cache_for(folder: Path) -> None:
                 os.close(fd)
 
 
-def run_depth(work: Path, layers: int, skip_transformers: bool, cold: bool, repeat: int = 1) -> list[dict]:
+def run_depth(work: Path, layers: int, skip_transformers: bool, cold: bool, repeat: int = 1, precondition: bool = True) -> list[dict]:
     py = sys.executable
     cli = [py, "-m", "automodel_convert.cli"]
     src = work / f"qwen3-30b-a3b-{layers}L"
@@ -181,6 +187,10 @@ def run_depth(work: Path, layers: int, skip_transformers: bool, cold: bool, repe
 
     def step(label: str, cmd: list[str], out: Path, clean: bool = True) -> dict:
         shutil.rmtree(out, ignore_errors=True)
+        if precondition:  # the same memory state before every step (see the module docstring)
+            scratch = work / "scratch"
+            subprocess.run(["cp", "-r", str(src), str(scratch)], check=True)
+            shutil.rmtree(scratch)
         if cold:
             drop_page_cache_for(src)
         subprocess.run(["sync"])
@@ -217,13 +227,14 @@ def main() -> None:
     ap.add_argument("--cold", action="store_true", help="evict the source from the page cache before each step")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "convert_bench.jsonl")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
-    ap.add_argument("--repeat", type=int, default=3, help="interleaved repeats of cp/merge/split (median reported)")
+    ap.add_argument("--repeat", type=int, default=5, help="interleaved repeats of cp/merge/split (median reported)")
+    ap.add_argument("--no-precondition", action="store_true", help="skip the untimed write+delete of a source-sized copy before each step")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     rows = []
     for layers in a.layers:
         skip = a.skip_transformers or (a.transformers_layers is not None and layers not in a.transformers_layers)
-        rows += run_depth(a.work, layers, skip, a.cold, a.repeat)
+        rows += run_depth(a.work, layers, skip, a.cold, a.repeat, not a.no_precondition)
         if not a.keep:
             shutil.rmtree(a.work / f"qwen3-30b-a3b-{layers}L", ignore_errors=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)

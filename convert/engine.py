@@ -4,6 +4,8 @@ Contract:
 - Memory: a `Copy` piece is moved with `os.copy_file_range` (kernel-side, no user-space buffer; `pread`/`pwrite`
   in 16 MiB chunks where the filesystem refuses it); a `Transform` holds one expert's inputs and outputs. Nothing
   ever holds a whole fused tensor or checkpoint, so peak memory does not grow with the checkpoint.
+- Files: each output shard gets its full size up front (fallocate where the filesystem has it: contiguous blocks and
+  an early, clean failure on a full disk), then pieces are written at their offsets by a small thread pool.
 - Output: safetensors shards (headers byte-identical to the Rust writer's), `model.safetensors.index.json` with the
   correct `total_size`, every non-weight file of the source (config, generation config, tokenizer, chat template)
   and the sidecar `automodel_convert.json` recording what `split` needs to restore the original shards.
@@ -14,11 +16,13 @@ Contract:
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
 import shutil
 import signal
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -223,6 +227,35 @@ def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int, wha
         n -= k
 
 
+def _linux_fallocate() -> Callable[[int, int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        f = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    f.restype = ctypes.c_int
+    return f
+
+
+_fallocate = _linux_fallocate()
+
+
+def preallocate(fd: int, size: int) -> None:
+    """Give a new output file its full size: fallocate(2) where the filesystem has it (contiguous blocks, and a
+    full disk fails here, before any byte is copied), else ftruncate (sparse). Never glibc's posix_fallocate
+    emulation, which writes every block."""
+    if _fallocate is not None and size > 0:
+        if _fallocate(fd, 0, 0, size) == 0:
+            return
+        err = ctypes.get_errno()
+        if err in _NO_SPACE:
+            raise OSError(err, os.strerror(err))
+    os.ftruncate(fd, size)
+
+
 def transform_bytes(src: Callable[[str, int, int], bytes], piece: Transform) -> bytes:
     """Run one Transform: read its inputs, apply its chain on integer views (bit-exact), return the selected output."""
     xs = [from_bytes(src(k, off, n), shape, piece.itemsize) for k, off, n, shape in piece.inputs]
@@ -350,7 +383,7 @@ def write_checkpoint(
                     fds.append(fd)
                     os.pwrite(fd, header, 0)
                     size = len(header) + of.nbytes
-                    os.ftruncate(fd, size)
+                    preallocate(fd, size)
                     total += size
                     batch: list = []
                     batch_bytes = 0

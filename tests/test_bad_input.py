@@ -212,13 +212,16 @@ def test_destination_not_writable(run_cli, ckpt, tmp_path):
     assert code == 2 and "error:" in err and len(err.strip().splitlines()) == 1
 
 
-def test_disk_full_cleans_up(ckpt, tmp_path):
-    """A file-size limit makes the write fail midway (EFBIG, like ENOSPC): exit 2, one line, nothing left."""
+@pytest.mark.parametrize("fallocate", [True, False], ids=["fails-at-fallocate", "fails-midway"])
+def test_disk_full_cleans_up(ckpt, tmp_path, fallocate):
+    """A file-size limit makes the write fail (EFBIG, like ENOSPC): at the up-front fallocate, or midway through the
+    copy where the filesystem has no fallocate: exit 2, one line, nothing left."""
     code = (
         "import resource, signal, sys;"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN);"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000));"
-        "from automodel_convert.cli import main; sys.exit(main(sys.argv[1:]))"
+        + ("" if fallocate else "import automodel_convert.convert.engine as e; e._fallocate = None;")
+        + "from automodel_convert.cli import main; sys.exit(main(sys.argv[1:]))"
     )
     proc = subprocess.run([sys.executable, "-c", code, "merge", str(ckpt), str(tmp_path / "out"), "--max-shard-size", "1GB"], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
