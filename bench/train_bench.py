@@ -221,7 +221,12 @@ def run_trainer(gate: str, args: argparse.Namespace, device: torch.device, dtype
 
 
 def run(kind: str, gate: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    # memory still allocated by earlier runs of this process counts in this run's peak: report it beside the peak
+    # memory still allocated by earlier runs of this process counts in this run's peak: collect what the previous
+    # run left in reference cycles (the graph check's loss tensor keeps an autograd graph, and through it parameters
+    # and graph buffers, alive until that run's frame is gone), then report what is still left beside the peak
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     left = round(torch.cuda.memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
     res = _run(kind, gate, args, device, dtype)
     res["gib_left_by_earlier_runs"] = left
@@ -256,6 +261,7 @@ def _run(kind: str, gate: str, args: argparse.Namespace, device: torch.device, d
         for p in model.parameters():
             p.grad = None
         loss_check = dict(before=round(before, 5), after=round(after.item(), 5))
+        after = probe = None  # drop the autograd graph (it references every parameter)
     if gate == "balanced":
         if base == "transformers":
             balance_hf_routers(model)
