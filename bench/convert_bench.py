@@ -8,11 +8,14 @@ with ~2 GB shards. Prints wall time and peak RSS (from wait4) of every step, the
 `cp -r` in the same run (target <= 1.3x) and peak RSS (target <= 300 MB, flat in the number of layers), and
 writes the rows as JSON lines to --out.
 
-Every step starts from the same state: its previous output deleted, an untimed `cp -r` of the source written and
-deleted, then `sync`. Without that the order of steps decides the figures on a VM: writing into page-cache memory
-the guest has not touched recently costs up to ~2x (split run right after merge, whose output it reads, took
-2.9-3.6 s; the same split right after a source-sized folder was written and deleted took 1.1-1.9 s). Repeats are
-interleaved (cp, merge, split, cp, ...) and the median is reported with every run listed.
+Every step starts from the same state: its previous output deleted, the other checkpoint folder evicted from the
+page cache (the source while split runs, as for a user who splits a fused checkpoint), an untimed `cp -r` of the
+step's own input written and deleted (the input is then the most recently read data in the page cache, and as much
+memory as the step will write was just freed), then `sync`. Without that the order of steps decides the figures on a VM: writing into
+page-cache memory the guest has not touched recently costs up to ~2x (split run right after merge, whose output it
+reads, took 2.9-3.6 s; the same split right after a source-sized folder was written and deleted took 1.1-1.9 s), and
+at 6 layers three 8.7 GB folders (source, fused, split) do not fit in this machine's page cache, so a split that
+also had to keep the source cached paid for reclaiming memory that cp and merge (two folders each) never did. Repeats are interleaved (cp, merge, split, cp, ...) and the median is reported with every run listed.
 """
 
 from __future__ import annotations
@@ -185,11 +188,14 @@ def run_depth(work: Path, layers: int, skip_transformers: bool, cold: bool, repe
     print(f"# checkpoint {src} ({folder_size(src) / 1e9:.2f} GB, built/found in {time.perf_counter() - t0:.1f} s)", flush=True)
     rows = []
 
-    def step(label: str, cmd: list[str], out: Path, clean: bool = True) -> dict:
+    def step(label: str, cmd: list[str], out: Path, clean: bool = True, inp: Path = src) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         if precondition:  # the same memory state before every step (see the module docstring)
+            for other in (src, work / "fused"):
+                if other != inp and other.exists():
+                    drop_page_cache_for(other)
             scratch = work / "scratch"
-            subprocess.run(["cp", "-r", str(src), str(scratch)], check=True)
+            subprocess.run(["cp", "-r", str(inp), str(scratch)], check=True)
             shutil.rmtree(scratch)
         if cold:
             drop_page_cache_for(src)
@@ -206,7 +212,7 @@ def run_depth(work: Path, layers: int, skip_transformers: bool, cold: bool, repe
     for _ in range(repeat):
         step("cp -r", ["cp", "-r", str(src), str(work / "cp")], work / "cp")
         step("merge", cli + ["merge", str(src), str(work / "fused"), "-q"], work / "fused", clean=False)
-        step("split", cli + ["split", str(work / "fused"), str(work / "split"), "-q"], work / "split", clean=False)
+        step("split", cli + ["split", str(work / "fused"), str(work / "split"), "-q"], work / "split", clean=False, inp=work / "fused")
         same = all(filecmp.cmp(work / "split" / p.name, p, shallow=False) for p in src.iterdir())
         rows[-1]["split_identical_to_source"] = same
         if not same:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import json
 import os
 import shutil
@@ -374,9 +375,11 @@ def write_checkpoint(
                 copied = copy_extra_files(ckpt.root, staging, set(extra_files or ()))
                 for name, data in (extra_files or {}).items():
                     (staging / name).write_bytes(data)
-                tasks: list[tuple[int, int, list]] = []
+                per_file: list[list[tuple[int, int, list]]] = []
                 fds: list[int] = []
                 for of in layout.files:
+                    tasks: list[tuple[int, int, list]] = []
+                    per_file.append(tasks)
                     entries = [(t.name, t.dtype, t.shape) for t in of.tensors]
                     header, offsets = encode_header(entries, of.metadata)
                     fd = os.open(staging / of.name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -397,6 +400,9 @@ def write_checkpoint(
                                 batch, batch_bytes = [], 0
                     if batch:
                         tasks.append((fd, batch_bytes, batch))
+                # round-robin over the output files: buffered writes to one file serialize on its inode lock, so
+                # the workers should be writing different files where there are several
+                tasks = [t for group in itertools.zip_longest(*per_file) for t in group if t is not None]
 
                 def run(task: tuple[int, int, list]) -> None:
                     fd, _, batch = task
