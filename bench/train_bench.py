@@ -197,7 +197,6 @@ def run_trainer(gate: str, args: argparse.Namespace, device: torch.device, dtype
         torch.cuda.reset_peak_memory_stats(device)
     hist = trainer.run()[args.warmup :]
     if args.profile:
-        trainer.args.steps += 2  # two more steps, profiled
         profile_steps("trainer", gate, trainer.step, device, args.profile)
     med = statistics.median
     step = med([m["step_ms"] for m in hist]) / 1e3
