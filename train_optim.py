@@ -15,6 +15,17 @@ clipping, gradient accumulation over micro-batches, gradients reduced after back
 uses it on one rank only and says so when asked for more. `param_groups` lists every per-parameter group, so a
 learning-rate schedule written for `torch.optim.Optimizer` works unchanged; `state` maps parameter -> AdamW state
 like `Optimizer.state` (read and assign), for checkpoints.
+
+Deferring the first layers to the next forward (`defer_until_forward(modules)`): the gradients of the
+layers nearest the input arrive last in backward, yet the next forward needs those layers first, so their updates
+would sit at the end of the step. For the listed modules (given in forward order: embeddings, then the first decoder
+layers) the hooks keep the gradient instead; `step()` queues those updates on the side stream in forward order, an
+event after each module, and a forward pre-hook on each module makes the current stream wait for that module's
+event only. Their AdamW work then overlaps the next forward instead of following backward. The modules must be the
+ones the forward actually calls (after any CUDA-graph capture that replaces them); a step whose deferred updates
+were not waited for by the next forward raises. Without a side stream (CPU) the deferred updates simply run in
+`step()`. `finish()` waits for everything (the trainer calls it before it
+saves or reads parameters); reading `state` calls it too.
 """
 
 from __future__ import annotations
@@ -39,12 +50,14 @@ class _StateView(MutableMapping):
             raise KeyError("not a parameter of this optimizer") from None
 
     def __getitem__(self, p: torch.Tensor) -> dict:
+        self._owner.finish()
         st = self._opt(p).state
         if p not in st:
             raise KeyError("no state yet for this parameter")
         return st[p]
 
     def __setitem__(self, p: torch.Tensor, value: dict) -> None:
+        self._owner.finish()
         self._opt(p).state[p] = value
 
     def __delitem__(self, p: torch.Tensor) -> None:
@@ -79,6 +92,10 @@ class OverlappedAdamW:
         self.pending = False
         self.enabled = True
         self.state = _StateView(self)
+        self.deferred: list[tuple[torch.nn.Module, list[torch.Tensor]]] = []  # (module, its parameters), forward order
+        self._deferred_params: set[torch.Tensor] = set()
+        self._waiting: dict[int, torch.cuda.Event] = {}  # id(module) -> event after its deferred updates
+        self._me = weakref.ref(self)
         # the hooks hold the optimizer weakly: a strong reference from every parameter back to it would be a cycle
         # through autograd's C++ hook tables that Python's gc cannot see, and model + optimizer would never be freed
         me = weakref.ref(self)
@@ -94,8 +111,29 @@ class OverlappedAdamW:
     def param_groups(self) -> list[dict]:
         return [o.param_groups[0] for o in self.optimizers.values()]
 
+    def defer_until_forward(self, modules: Iterable[torch.nn.Module]) -> None:
+        """Defer the updates of these modules' parameters (forward order) to `step()`; see the module docstring."""
+        me = self._me
+        for m in modules:
+            ps = [p for p in m.parameters() if p in self.optimizers and p not in self._deferred_params]
+            if not ps:
+                continue
+            self.deferred.append((m, ps))
+            self._deferred_params.update(ps)
+            if self.stream is None:  # on one stream the deferred updates simply run in step(), in order
+                continue
+
+            def wait(module: torch.nn.Module, args: object) -> None:
+                opt = me()
+                if opt is not None:
+                    ev = opt._waiting.pop(id(module), None)
+                    if ev is not None:
+                        torch.cuda.current_stream(opt.stream.device).wait_event(ev)
+
+            self._hooks.append(m.register_forward_pre_hook(wait))
+
     def _on_grad(self, p: torch.Tensor) -> None:
-        if not self.enabled or p.grad is None:
+        if not self.enabled or p.grad is None or p in self._deferred_params:
             return
         opt = self.optimizers[p]
         if self.stream is None:
@@ -112,9 +150,46 @@ class OverlappedAdamW:
         self.pending = True
 
     def step(self) -> None:
-        """Finish the step: the current stream waits for the updates queued during backward."""
-        if self.stream is not None and self.pending:
+        """Finish the step: the current stream waits for the updates queued during backward; deferred updates are
+        queued in forward order for the next forward to wait on, module by module."""
+        if self.stream is None:
+            for _module, ps in self.deferred:
+                for p in ps:
+                    if p.grad is not None:
+                        self.optimizers[p].step()
+                        p.grad = None
+            return
+        current = torch.cuda.current_stream(self.stream.device)
+        if self._waiting:
+            self._waiting.clear()
+            raise RuntimeError("OverlappedAdamW: the forward did not run the modules given to defer_until_forward, so it "
+                               "did not wait for their updates; pass the modules the forward calls (after graph capture)")
+        if self.pending:
+            current.wait_stream(self.stream)
+            self.pending = False
+        if not self.deferred:
+            return
+        self.stream.wait_stream(current)  # backward has produced the deferred gradients
+        with torch.cuda.stream(self.stream):
+            for module, ps in self.deferred:
+                stepped = False
+                for p in ps:
+                    if p.grad is None:
+                        continue
+                    self.optimizers[p].step()
+                    p.grad.record_stream(self.stream)
+                    p.grad = None
+                    stepped = True
+                if stepped:
+                    ev = torch.cuda.Event()
+                    ev.record(self.stream)
+                    self._waiting[id(module)] = ev
+
+    def finish(self) -> None:
+        """Wait (on the current stream) for every queued update, deferred ones included."""
+        if self.stream is not None:
             torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+            self._waiting.clear()
             self.pending = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -130,3 +205,15 @@ class OverlappedAdamW:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+def input_side_modules(model: torch.nn.Module, layers: int | None = None) -> list[torch.nn.Module]:
+    """The modules to give `defer_until_forward` for a causal LM laid out as `model.model.embed_tokens` +
+    `model.model.layers` (the zoo's and transformers' layout): the embeddings and the first `layers` decoder layers
+    (default: half of them), in forward order."""
+    inner = getattr(model, "model", model)
+    if not hasattr(inner, "embed_tokens") or not hasattr(inner, "layers"):
+        raise ValueError("input_side_modules needs a model with .model.embed_tokens and .model.layers; list the modules yourself")
+    n = len(inner.layers) // 2 if layers is None else layers
+    return [inner.embed_tokens, *list(inner.layers)[:n]]
+

@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from automodel_convert.train_optim import OverlappedAdamW
+from automodel_convert.train_optim import OverlappedAdamW, input_side_modules
 
 from conftest import fixture_path
 
@@ -29,13 +29,20 @@ def tiny_model(device: str) -> torch.nn.Module:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fused", [True, False])
-def test_matches_adamw_bit_for_bit(device: str, fused: bool) -> None:
+@pytest.mark.parametrize("defer", [False, True], ids=["in-backward", "first-layers-deferred"])
+def test_matches_adamw_bit_for_bit(device: str, fused: bool, defer: bool) -> None:
     ref_model = tiny_model(device)
     model = copy.deepcopy(ref_model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     kw = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     ref_opt = torch.optim.AdamW(ref_model.parameters(), fused=fused, foreach=False if fused else None, **kw)
     opt = OverlappedAdamW(model.parameters(), fused=fused, **kw)
+    deferred: set = set()
+    if defer:
+        mods = input_side_modules(model, layers=1)
+        opt.defer_until_forward(mods)
+        deferred = {id(p) for m in mods for p in m.parameters()}
+        assert deferred and len(deferred) < len(list(model.parameters()))
     gen = torch.Generator().manual_seed(1)
     vocab = ref_model.config.vocab_size
     for step in range(4):
@@ -47,9 +54,13 @@ def test_matches_adamw_bit_for_bit(device: str, fused: bool) -> None:
         ref_opt.step()
         ref_opt.zero_grad(set_to_none=True)
         model(input_ids=ids, labels=ids).loss.backward()
-        assert all(p.grad is None for p in model.parameters()), "gradients must be freed by their in-backward update"
+        kept = [id(p) for p in model.parameters() if p.grad is not None]
+        assert set(kept) <= deferred, "in-backward updates must free their gradients"
+        assert bool(kept) == defer, "deferred parameters keep their gradients until step()"
         opt.step()
+        assert all(p.grad is None for p in model.parameters())
         opt.zero_grad()
+    opt.finish()
     names = dict(ref_model.named_parameters())
     moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert len(moved) > len(names) // 2, "most parameters must move: the updates never ran"
@@ -92,3 +103,19 @@ def test_model_and_optimizer_are_freed() -> None:
     del model, opt
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the side stream and its events need CUDA")
+def test_deferred_module_not_called_by_forward_raises() -> None:
+    """A deferred module whose weights the forward reads without calling it would race with its update: loud error."""
+    lin = torch.nn.Linear(8, 8, device="cuda")
+    opt = OverlappedAdamW(lin.parameters(), lr=0.1)
+    opt.defer_until_forward([lin])
+    x = torch.ones(2, 8, device="cuda")
+    for i in range(2):
+        torch.nn.functional.linear(x, lin.weight, lin.bias).sum().backward()  # bypasses lin's forward pre-hook
+        if i == 0:
+            opt.step()
+    with pytest.raises(RuntimeError, match="did not wait for their updates"):
+        opt.step()
