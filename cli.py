@@ -22,7 +22,6 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from .convert import api
-from .convert.engine import DEFAULT_WORKERS
 from .convert.errors import ConvertError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reversible conversion of MoE checkpoints between per-expert and fused layouts.")
@@ -137,7 +136,7 @@ def merge(
     dry_run: DryRun = False,
     max_shard_size: MaxShard = "5GB",
     overwrite: Overwrite = False,
-    workers: Workers = DEFAULT_WORKERS,
+    workers: Workers = 4,
     dequantize: Annotated[str | None, typer.Option("--dequantize", help="write block-FP8 / MXFP4 weights dequantized to this dtype (bf16); drops the scales and quantization_config")] = None,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -156,7 +155,7 @@ def split(
     dry_run: DryRun = False,
     max_shard_size: MaxShard = "5GB",
     overwrite: Overwrite = False,
-    workers: Workers = DEFAULT_WORKERS,
+    workers: Workers = 4,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:

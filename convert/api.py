@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 from .. import __version__
 from .checkpoint import INDEX_NAME, Checkpoint, _load_json, open_checkpoint
 from .engine import (
-    DEFAULT_WORKERS,
     FileLayout,
     SourceFiles,
     parse_size,
@@ -146,7 +145,7 @@ def merge(
     revision: str | None = None,
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
-    workers: int = DEFAULT_WORKERS,
+    workers: int = 4,
     dry_run: bool = False,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
     dequantize: str | None = None,
@@ -187,7 +186,7 @@ def split(
     revision: str | None = None,
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
-    workers: int = DEFAULT_WORKERS,
+    workers: int = 4,
     dry_run: bool = False,
     restore: bool = True,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
