@@ -1,0 +1,29 @@
+"""`bench/train_bench.py` on CPU with tiny shapes: every run kind the GPU records use still runs end to end.
+
+The figures are meaningless on CPU; the test checks that each run reports its timings and memory fields (and no
+error), so a broken run kind is found here rather than in a GPU session.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = ["transformers", "ours", "ours_overlap", "ours_defer", "transformers_defer", "trainer", "trainer_overlap"]
+
+
+def test_train_bench_runs_every_kind_on_cpu() -> None:
+    cmd = [sys.executable, str(ROOT / "bench" / "train_bench.py"), "--device", "cpu", "--tiny", "--layers", "2", "--seq", "16",
+           "--steps", "1", "--warmup", "1", "--dtype", "float32", "--runs", ",".join(RUNS)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"impl"')]
+    assert [r["impl"].replace("(ep=1,world=1)", "").replace("+overlap", "_overlap") for r in rows] == RUNS, proc.stdout[-2000:]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["step_ms"] > 0 and r["tps"] > 0 and r["params_b"] > 0, r
+        if not r["impl"].startswith("trainer"):
+            assert r["step_loop_ms"] > 0 and r["gib_left_by_earlier_runs"] is None, r
