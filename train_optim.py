@@ -24,8 +24,8 @@ event after each module, and a forward pre-hook on each module makes the current
 event only. Their AdamW work then overlaps the next forward instead of following backward. The modules must be the
 ones the forward actually calls (after any CUDA-graph capture that replaces them); a step whose deferred updates
 were not waited for by the next forward raises. Without a side stream (CPU) the deferred updates simply run in
-`step()`. `finish()` waits for everything (the trainer calls it before it
-saves or reads parameters); reading `state` calls it too.
+`step()`. `finish()` waits for everything: call it before reading parameters outside a forward (saving,
+evaluation); reading `state` calls it too.
 """
 
 from __future__ import annotations
@@ -95,10 +95,9 @@ class OverlappedAdamW:
         self.deferred: list[tuple[torch.nn.Module, list[torch.Tensor]]] = []  # (module, its parameters), forward order
         self._deferred_params: set[torch.Tensor] = set()
         self._waiting: dict[int, torch.cuda.Event] = {}  # id(module) -> event after its deferred updates
-        self._me = weakref.ref(self)
         # the hooks hold the optimizer weakly: a strong reference from every parameter back to it would be a cycle
         # through autograd's C++ hook tables that Python's gc cannot see, and model + optimizer would never be freed
-        me = weakref.ref(self)
+        self._me = me = weakref.ref(self)
 
         def hook(p: torch.Tensor) -> None:
             opt = me()
@@ -132,21 +131,24 @@ class OverlappedAdamW:
 
             self._hooks.append(m.register_forward_pre_hook(wait))
 
+    def _update(self, p: torch.Tensor) -> None:
+        """Step `p` (on the side stream when called inside its context) and drop its gradient."""
+        self.optimizers[p].step()
+        if self.stream is not None:
+            # the gradient was made on the current stream and is read on the side stream: keep its memory from
+            # being reused until the update has run
+            p.grad.record_stream(self.stream)
+        p.grad = None
+
     def _on_grad(self, p: torch.Tensor) -> None:
         if not self.enabled or p.grad is None or p in self._deferred_params:
             return
-        opt = self.optimizers[p]
         if self.stream is None:
-            opt.step()
-            p.grad = None
+            self._update(p)
             return
         self.stream.wait_stream(torch.cuda.current_stream(p.device))
         with torch.cuda.stream(self.stream):
-            opt.step()
-        # the gradient was made on the current stream and is read on the side stream: keep its memory from being
-        # reused until the update has run, then drop it
-        p.grad.record_stream(self.stream)
-        p.grad = None
+            self._update(p)
         self.pending = True
 
     def step(self) -> None:
@@ -156,8 +158,7 @@ class OverlappedAdamW:
             for _module, ps in self.deferred:
                 for p in ps:
                     if p.grad is not None:
-                        self.optimizers[p].step()
-                        p.grad = None
+                        self._update(p)
             return
         current = torch.cuda.current_stream(self.stream.device)
         if self._waiting:
@@ -172,14 +173,9 @@ class OverlappedAdamW:
         self.stream.wait_stream(current)  # backward has produced the deferred gradients
         with torch.cuda.stream(self.stream):
             for module, ps in self.deferred:
-                stepped = False
-                for p in ps:
-                    if p.grad is None:
-                        continue
-                    self.optimizers[p].step()
-                    p.grad.record_stream(self.stream)
-                    p.grad = None
-                    stepped = True
+                stepped = [p for p in ps if p.grad is not None]
+                for p in stepped:
+                    self._update(p)
                 if stepped:
                     ev = torch.cuda.Event()
                     ev.record(self.stream)

@@ -5,11 +5,7 @@
 # layers, seq 4096, batch 1 per GPU, random tokens, native router plus a labelled balanced-gate run.
 #   bash bench/ep2_compare.sh        # results in $OUT: ep2_<layers>l.txt, hf_fsdp_<layers>l.txt
 set -uo pipefail
-OUT=${OUT:-./gpu_out}; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 TRANSFORMERS_VERBOSITY=error
-pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >"$OUT/pip.txt" 2>&1
-mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/automodel_convert
-export PYTHONPATH=/tmp/site:/tmp/pkg
+source bench/device_env.sh
 for L in ${DEPTHS:-8 16}; do
   timeout 240 torchrun --nproc_per_node 2 bench/anchors/hf_v5_fsdp_baseline.py --layers "$L" --seq 4096 --fused-adam 2>&1 | grep -v Warn | tail -3 | tee "$OUT/hf_fsdp_${L}l.txt"
   timeout 300 torchrun --nproc_per_node 2 bench/train_bench.py --runs trainer --ep 2 --layers "$L" --seq 4096 --gate balanced --steps 8 --warmup 3 2>&1 | grep -v Warn | tail -8 | tee "$OUT/ep2_${L}l.txt"

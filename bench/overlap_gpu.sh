@@ -3,13 +3,7 @@
 # standard step, transformers v5 in the same process; ~6 min. Results go to $OUT (or ./gpu_out).
 #   bash bench/overlap_gpu.sh
 set -uo pipefail
-OUT=${OUT:-./gpu_out}; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
-pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >"$OUT/pip.txt" 2>&1
-mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/automodel_convert
-export PYTHONPATH=/tmp/site:/tmp/pkg
-python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name())' | tee "$OUT/env.txt"
+source bench/device_env.sh
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_train_optim.py 2>&1 | tail -3 | tee "$OUT/optim_tests.txt"
 B="python3 bench/train_bench.py --layers 8 --seq 4096 --warmup 3"
 RUNS=transformers,ours,trainer,ours_overlap,trainer_overlap,ours_graphs,ours_graphs_overlap,trainer_graphs_overlap

@@ -20,6 +20,14 @@ def rows(path: Path) -> list[dict]:
     return out
 
 
+def save_figure(fig, out: Path) -> None:  # noqa: ANN001 - a matplotlib Figure
+    """Lay out, write (creating the folder) and print the path; shared by the bench's plot scripts."""
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    print(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("file", type=Path)
@@ -47,10 +55,7 @@ def main() -> None:
         ax.grid(axis="y", alpha=0.3)
     first = data[0] if data else {}
     fig.suptitle(a.title or f"train_bench: {first.get('layers')} layers, seq {first.get('seq')}, batch {first.get('batch')}, {first.get('device')}", fontsize=9)
-    fig.tight_layout()
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(a.out)
-    print(a.out)
+    save_figure(fig, a.out)
 
 
 if __name__ == "__main__":

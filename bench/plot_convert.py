@@ -11,6 +11,8 @@ import json
 import statistics
 from pathlib import Path
 
+from plot_bench import save_figure
+
 STEPS = ("cp -r", "merge", "split")
 
 
@@ -49,10 +51,7 @@ def main() -> None:
     axes[1].axhline(300, color="r", lw=0.8, ls="--")
     axes[1].text(-0.4, 300, "target 300 MB", color="r", fontsize=7, va="bottom")
     fig.suptitle("merge / split of a Qwen3-30B-A3B-shaped checkpoint vs cp -r (2-core CPU VM, each step its own process)", fontsize=9)
-    fig.tight_layout()
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(a.out)
-    print(a.out)
+    save_figure(fig, a.out)
 
 
 if __name__ == "__main__":

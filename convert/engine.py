@@ -378,8 +378,8 @@ def write_checkpoint(
                 per_file: list[list[tuple[int, int, list]]] = []
                 fds: list[int] = []
                 for of in layout.files:
-                    tasks: list[tuple[int, int, list]] = []
-                    per_file.append(tasks)
+                    file_tasks: list[tuple[int, int, list]] = []
+                    per_file.append(file_tasks)
                     entries = [(t.name, t.dtype, t.shape) for t in of.tensors]
                     header, offsets = encode_header(entries, of.metadata)
                     fd = os.open(staging / of.name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -396,10 +396,10 @@ def write_checkpoint(
                             batch.append((t, p, base))
                             batch_bytes += p.n
                             if batch_bytes >= 64 << 20:
-                                tasks.append((fd, batch_bytes, batch))
+                                file_tasks.append((fd, batch_bytes, batch))
                                 batch, batch_bytes = [], 0
                     if batch:
-                        tasks.append((fd, batch_bytes, batch))
+                        file_tasks.append((fd, batch_bytes, batch))
                 # round-robin over the output files: buffered writes to one file serialize on its inode lock, so
                 # the workers should be writing different files where there are several
                 tasks = [t for group in itertools.zip_longest(*per_file) for t in group if t is not None]
