@@ -1,16 +1,13 @@
-"""All-to-all expert-parallel dispatch equals single-process MoE, forward and backward (gloo, spawned ranks)."""
+"""All-to-all expert-parallel dispatch equals single-process MoE, forward and backward (gloo, ranks spawned by `spawn_ranks`)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from automodel_convert.parallel.ep_dispatch import AllToAllDispatcher, LocalDispatcher, expert_bounds
+
+from spawn_ranks import init_gloo, run_ranks
 
 T, H, I, E, K = 13, 16, 12, 7, 3  # 7 experts: uneven over 2 and 4 ranks
 
@@ -54,36 +51,23 @@ def _reference(world: int):
     return outs, xgrads, w_gu.grad, w_down.grad
 
 
-def _worker(rank: int, world: int, init: str, q) -> None:  # noqa: ANN001
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        w_gu, w_down, x, idx, w = _problem(rank)
-        b = expert_bounds(E, world)
-        local_gu = w_gu[b[rank] : b[rank + 1]].clone().requires_grad_(True)
-        local_down = w_down[b[rank] : b[rank + 1]].clone().requires_grad_(True)
-        x.requires_grad_(True)
-        w.requires_grad_(True)
-        out = AllToAllDispatcher(E)(x, idx, w, _experts(local_gu, local_down))
-        (out * (rank + 1)).sum().backward()
-        q.put((rank, out.detach(), x.grad, w.grad, local_gu.grad, local_down.grad))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int) -> tuple:
+    init_gloo()
+    w_gu, w_down, x, idx, w = _problem(rank)
+    b = expert_bounds(E, world)
+    local_gu = w_gu[b[rank] : b[rank + 1]].clone().requires_grad_(True)
+    local_down = w_down[b[rank] : b[rank + 1]].clone().requires_grad_(True)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    out = AllToAllDispatcher(E)(x, idx, w, _experts(local_gu, local_down))
+    (out * (rank + 1)).sum().backward()
+    return rank, out.detach(), x.grad, w.grad, local_gu.grad, local_down.grad
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_alltoall_matches_single_process(world):
     ref_out, ref_grads, ref_gu, ref_down = _reference(world)
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        init = f"file://{os.path.join(tmp, 'store')}"
-        procs = [ctx.Process(target=_worker, args=(r, world, init, q)) for r in range(world)]
-        for p in procs:
-            p.start()
-        results = sorted((q.get(timeout=120) for _ in range(world)), key=lambda r: r[0])
-        for p in procs:
-            p.join(timeout=60)
-            assert p.exitcode == 0
+    results = run_ranks(_worker, world)
     b = expert_bounds(E, world)
     for rank, out, xg, wg, gu, down in results:
         torch.testing.assert_close(out, ref_out[rank], atol=1e-5, rtol=0)

@@ -7,13 +7,11 @@ the single-process gradient of the mean loss, within 1e-5.
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from spawn_ranks import init_gloo, run_ranks
 
 
 def tiny_model(kind: str):
@@ -51,55 +49,34 @@ def reference(kind: str, world: int):
     return losses, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def worker(rank: int, world: int, ep: int, kind: str, init: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        from automodel_convert.parallel import build_mesh
-        from automodel_convert.parallel.expert_parallel import parallelize
+def worker(rank: int, world: int, ep: int, kind: str) -> dict:
+    from automodel_convert.parallel import build_mesh
+    from automodel_convert.parallel.expert_parallel import parallelize
 
-        model = tiny_model(kind)
-        meshes = build_mesh(ep=ep, device_type="cpu").train_meshes()
-        parallelize(model, meshes, param_dtype=None, reduce_dtype=torch.float32)
-        ids = batch(rank, model.config.vocab_size)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        grads = {}
-        for n, p in model.named_parameters():
-            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-            if p.dim() == 3 and ("gate_up_proj" in n or "down_proj" in n):
-                # experts: gather the ep shards (each rank holds a slice along dim 0)
-                parts = [torch.empty(0)] * ep
-                dist.all_gather_object(parts, g, group=meshes.ep_group)
-                g = torch.cat(parts)
-            grads[n] = g
-        torch.save({"loss": loss.item(), "grads": grads if rank == 0 else None}, f"{out}/r{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(fn, world: int, *args) -> list[dict]:  # noqa: ANN001
-    """Run `fn(rank, world, *args, init, outdir)` in `world` spawned processes; return each rank's saved dict."""
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as tmp:
-        init = f"file://{os.path.join(tmp, 'store')}"
-        procs = [ctx.Process(target=fn, args=(r, world, *args, init, tmp)) for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=240)
-        for p in procs:  # a hung rank fails the test instead of hanging the suite
-            if p.is_alive():
-                p.kill()
-                p.join()
-        assert all(p.exitcode == 0 for p in procs), f"rank exit codes {[p.exitcode for p in procs]} (negative: killed after timeout)"
-        return [torch.load(f"{tmp}/r{r}.pt", weights_only=True) for r in range(world)]
+    init_gloo()
+    model = tiny_model(kind)
+    meshes = build_mesh(ep=ep, device_type="cpu").train_meshes()
+    parallelize(model, meshes, param_dtype=None, reduce_dtype=torch.float32)
+    ids = batch(rank, model.config.vocab_size)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {}
+    for n, p in model.named_parameters():
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        if p.dim() == 3 and ("gate_up_proj" in n or "down_proj" in n):
+            # experts: gather the ep shards (each rank holds a slice along dim 0)
+            parts = [torch.empty(0)] * ep
+            dist.all_gather_object(parts, g, group=meshes.ep_group)
+            g = torch.cat(parts)
+        grads[n] = g
+    return {"loss": loss.item(), "grads": grads if rank == 0 else None}
 
 
 @pytest.mark.parametrize("kind", ["qwen3_moe", "deepseek_v3"])
 @pytest.mark.parametrize("world,ep", [(2, 2), (4, 4), (4, 2)])
 def test_ep_fsdp_matches_single_process(kind, world, ep):
     ref_losses, ref_grads = reference(kind, world)
-    results = spawn(worker, world, ep, kind)
+    results = run_ranks(worker, world, ep, kind)
     for rank, res in enumerate(results):
         assert abs(res["loss"] - ref_losses[rank]) <= 1e-5, (rank, res["loss"], ref_losses[rank])
     grads = results[0]["grads"]

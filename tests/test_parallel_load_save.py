@@ -15,19 +15,18 @@ import math
 import os
 import re
 import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from automodel_convert.convert import api
 from automodel_convert.convert.errors import ConvertError
 from automodel_convert.convert.registry import get_mapping
 
 from conftest import FIXTURES
+from spawn_ranks import init_gloo, spawn_ranks
 
 # fixture name -> model_type; the spawned worlds load all of them (those without a fixture or mapping are skipped)
 FAMILIES = {
@@ -265,8 +264,8 @@ def _job(job: dict, rank: int, world: int, out: Path, meshes: dict) -> dict:
     return res
 
 
-def _worker(rank: int, world: int, init: str, jobs: list[dict], out: str, fault: dict | None) -> None:
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+def _worker(rank: int, world: int, jobs: list[dict], out: str, fault: dict | None) -> dict:
+    init_gloo(timeout_s=60)
     out_dir = Path(out)
     results: dict[str, dict] = {}
     meshes: dict = {}
@@ -285,30 +284,14 @@ def _worker(rank: int, world: int, init: str, jobs: list[dict], out: str, fault:
             results[job["name"]] = _job(job, rank, world, out_dir, meshes)
         except BaseException as e:  # noqa: BLE001 - reported to the test
             results[job["name"]] = {"exception": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-    (out_dir / f"result-{rank}.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
+    return json.loads(json.dumps(results))  # plain data only
 
 
 def run_world(world: int, jobs: list[dict], out: Path, fault: dict | None = None) -> tuple[list[dict | None], list[int]]:
     """Spawn `world` gloo ranks running `jobs`; returns each rank's report (None if it died) and exit codes."""
     out.mkdir(parents=True, exist_ok=True)
-    for f in out.glob("result-*.json"):
-        f.unlink()
-    ctx = mp.get_context("spawn")
-    init = f"file://{out / f'.store-{os.urandom(4).hex()}'}"
-    procs = [ctx.Process(target=_worker, args=(r, world, init, jobs, str(out), fault)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=WORLD_TIMEOUT)
-        if p.is_alive():
-            p.kill()
-            p.join()
-    reports = []
-    for r in range(world):
-        f = out / f"result-{r}.json"
-        reports.append(json.loads(f.read_text()) if f.exists() else None)
-    return reports, [p.exitcode for p in procs]
+    outcomes = spawn_ranks(_worker, world, jobs, str(out), fault, timeout_s=WORLD_TIMEOUT)
+    return [o.result if o.exitcode == 0 else None for o in outcomes], [o.exitcode for o in outcomes]
 
 
 def available() -> list[str]:

@@ -13,16 +13,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import tempfile
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from automodel_convert.train import main
 
 from conftest import fixture_path
+from spawn_ranks import run_ranks
 
 TEXT = [
     "the quick brown fox jumps over the lazy dog",
@@ -106,50 +105,23 @@ def test_overlap_optimizer_matches_and_resumes(ckpt, tmp_path, monkeypatch, caps
     assert [m["loss"] for m in b.run()] == got[2:]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
+def _worker(rank: int, world: int, ckpt: str, out: str) -> dict | None:
     from automodel_convert.train import TrainArgs, Trainer
 
     common = dict(model=ckpt, data=os.path.join(ckpt, "train.jsonl"), ep=2, seq=16, steps=4, lr=3e-3, dtype="float32", quiet=True, device="cpu")
-    try:
-        a = Trainer(TrainArgs(**common, save=f"{out}/a", save_every=2))
-        hist_a = a.run()
-        b = Trainer(TrainArgs(**common, resume=f"{out}/a/step-2"))
-        hist_b = b.run()
-        full = {n: t.full_tensor() if hasattr(t, "full_tensor") else t for n, t in a.export_state().items()}
-        if rank == 0:
-            torch.save({"a": [m["loss"] for m in hist_a], "b": [m["loss"] for m in hist_b], "full": full}, f"{out}/result.pt")
-    finally:
-        dist.destroy_process_group()
+    a = Trainer(TrainArgs(**common, save=f"{out}/a", save_every=2))
+    hist_a = a.run()
+    b = Trainer(TrainArgs(**common, resume=f"{out}/a/step-2"))
+    hist_b = b.run()
+    full = {n: t.full_tensor() if hasattr(t, "full_tensor") else t for n, t in a.export_state().items()}
+    return {"a": [m["loss"] for m in hist_a], "b": [m["loss"] for m in hist_b], "full": full} if rank == 0 else None
 
 
 def test_ep2_save_resume_and_transformers_logits(ckpt):
     import transformers
 
-    world = 2
     with tempfile.TemporaryDirectory() as out:
-        ctx = mp.get_context("spawn")
-        port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world, port, ckpt, out)) for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=300)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        assert [p.exitcode for p in procs] == [0] * world
-        res = torch.load(f"{out}/result.pt", weights_only=True)
+        res = run_ranks(_worker, 2, ckpt, out)[0]
         assert len(res["a"]) == 4 and len(res["b"]) == 2
         assert res["b"][0] == res["a"][2], (res["a"], res["b"])  # step 3 after resume == step 3 uninterrupted
         assert res["b"][1] == res["a"][3]
