@@ -70,7 +70,7 @@ class TrainArgs:
     init: str = "pretrained"
     num_layers: int | None = None
     backend: str = ""
-    dispatcher: str = "alltoall"
+    dispatcher: str = "auto"
     metrics: str | None = None
     seed: int = 0
     peak_tflops: float = 790.0
@@ -78,6 +78,7 @@ class TrainArgs:
     device: str = "auto"
     cuda_graphs: bool = False
     overlap_optimizer: bool = False
+    reshard_after_forward: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -202,6 +203,7 @@ class Trainer:
 
         from .models import AutoModelForCausalLM, BackendConfig
         from .parallel import build_mesh
+        from .parallel.ep_dispatch import DispatcherError, choose_dispatcher
         from .parallel.expert_parallel import parallelize
 
         self.args = args
@@ -212,6 +214,11 @@ class Trainer:
         if args.device not in ("auto", "cuda", "cpu"):
             raise TrainError(f"--device {args.device!r}: use auto, cuda or cpu")
         self.mesh = build_mesh(ep=args.ep, device_type=None if args.device == "auto" else args.device)
+        try:  # before any weight is read: a dispatcher that cannot run here is one line
+            chosen = choose_dispatcher(args.dispatcher, args.ep, self.mesh.device_type)
+        except DispatcherError as e:
+            raise TrainError(str(e)) from e
+        self.dispatcher = chosen if args.ep > 1 else "local"  # one rank: every expert is local, nothing to send
         self.rank, self.world = self.mesh.rank, self.mesh.world
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.mesh.device_type == "cuda" else torch.device("cpu")
         self.dtype = getattr(torch, DTYPES[args.dtype])
@@ -232,7 +239,7 @@ class Trainer:
         self.source = getattr(self.model, "_sharded_source", None)
         self.meshes = self.mesh.train_meshes()
         mp_dtype = None if self.dtype == torch.float32 else self.dtype
-        parallelize(self.model, self.meshes, param_dtype=mp_dtype, reduce_dtype=torch.float32, activation_checkpointing=args.ac, dispatcher=args.dispatcher)
+        parallelize(self.model, self.meshes, param_dtype=mp_dtype, reduce_dtype=torch.float32, activation_checkpointing=args.ac, dispatcher=self.dispatcher if args.ep > 1 else "auto", reshard_after_forward=args.reshard_after_forward)
         self.model.train()
         if args.cuda_graphs:  # replay each decoder layer's captured forward/backward (models/common/graphs.py)
             if self.device.type != "cuda" or self.world != 1:
@@ -516,7 +523,7 @@ def train(args: TrainArgs) -> list[dict]:
         console.print(
             f"[bold]{trainer.config.model_type}[/]: {trainer.total_params / 1e9:.2f}B parameters ({trainer.expert_params / 1e9:.2f}B in experts, "
             f"{trainer.active_params / 1e9:.2f}B active), world {trainer.world}, ep {args.ep}, dp {trainer.world}, seq {args.seq}, "
-            f"batch {args.batch}/GPU, {args.dtype}, loaded in {trainer.load_seconds:.1f} s, predicted state {trainer.state_gib:.1f} GiB/GPU"
+            f"batch {args.batch}/GPU, {args.dtype}, dispatcher {trainer.dispatcher}, loaded in {trainer.load_seconds:.1f} s, predicted state {trainer.state_gib:.1f} GiB/GPU"
             + (f", resumed at step {trainer.step_index}" if args.resume else "")
         )
     history = trainer.run(show)
@@ -548,7 +555,7 @@ def cli(
     init: str = typer.Option("pretrained", help="pretrained, or random (config only, benchmarks)"),
     num_layers: int | None = typer.Option(None, help="override num_hidden_layers (with --init random)"),
     backend: str = typer.Option("", help="BackendConfig as key=value,..."),
-    dispatcher: str = typer.Option("alltoall", help="token dispatcher: alltoall, auto (= alltoall: DeepEP is not built), deepep (an error naming what is missing)"),
+    dispatcher: str = typer.Option("auto", help="token dispatcher for ep > 1: auto (deepep where deep_ep imports on CUDA, else alltoall), alltoall, deepep"),
     metrics: str | None = typer.Option(None, help="JSON-lines metrics file (default <save>/metrics.jsonl)"),
     seed: int = typer.Option(0),
     peak_tflops: float = typer.Option(790.0, help="bf16 TFLOP/s per GPU that MFU is relative to (790: the H200's measured matmul ceiling)"),
@@ -556,9 +563,10 @@ def cli(
     device: str = typer.Option("auto", help="auto (cuda when available), cuda or cpu (gloo)"),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="experimental: CUDA graphs per decoder layer (one GPU, ep=1)"),
     overlap_optimizer: bool = typer.Option(False, "--overlap-optimizer", help="step AdamW per parameter inside backward (one rank; lower peak memory)"),
+    reshard_after_forward: bool = typer.Option(True, "--reshard-after-forward/--no-reshard-after-forward", help="FSDP2: free gathered dense parameters after forward (less memory) or keep them for backward (one all-gather fewer)"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
-    args = TrainArgs(model, data, ep, seq, batch, steps, lr, warmup, weight_decay, save, save_every, save_layout, resume, ac, dtype, init, num_layers, backend, dispatcher, metrics, seed, peak_tflops, quiet, device=device, cuda_graphs=cuda_graphs, overlap_optimizer=overlap_optimizer)
+    args = TrainArgs(model, data, ep, seq, batch, steps, lr, warmup, weight_decay, save, save_every, save_layout, resume, ac, dtype, init, num_layers, backend, dispatcher, metrics, seed, peak_tflops, quiet, device=device, cuda_graphs=cuda_graphs, overlap_optimizer=overlap_optimizer, reshard_after_forward=reshard_after_forward)
     try:
         train(args)
     except (TrainError, ValueError, FileNotFoundError, NotImplementedError, ConvertError, OSError) as e:

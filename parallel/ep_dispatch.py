@@ -1,25 +1,35 @@
-"""Token dispatch for expert parallelism: route, permute, all-to-all, grouped experts, send back, combine.
+"""Expert-parallel token dispatchers: each token travels once to every rank that holds one of its experts.
 
-Contract (shapes per rank; T local tokens, H hidden, k experts per token, E global experts, ep ranks):
-- `x [T, H]`, `topk_idx [T, k]` (global expert ids, int64), `topk_weight [T, k]`.
-- `experts_fn(x_grouped [N, H], counts [n_local])` runs this rank's experts on tokens sorted by LOCAL expert
-  (`counts[j]` rows for local expert j, in order) and returns `[N, H_out]`.
-- Returns `out [T, H_out] = sum_k topk_weight[t, k] * expert_{topk_idx[t, k]}(x[t])`, the same value (up to float
-  summation order) as running every expert on one rank. Autograd flows through every step (both all-to-alls).
-Expert ownership follows DTensor's `Shard(0)` rule on the ep group (`torch.chunk`: the first ranks get
-`ceil(E/ep)` experts; uneven counts work). A `Dispatcher` subclass (e.g. DeepEP) replaces `dispatch`/`combine`.
+Both dispatchers implement `models.common.dispatch.TokenDispatcher` (dispatch -> the experts' grouped compute ->
+combine) over an ep process group; expert ownership follows DTensor's `Shard(0)` rule (`expert_bounds`, the
+torch.chunk split: the first ranks get ceil(E/ep) experts; uneven counts work for the all-to-all dispatcher).
+
+- `AllToAllDispatcher` (NCCL on GPUs, gloo on CPUs): a token is sent once per destination rank (not once per
+  (token, expert) pair: with top-8 over 2 ranks that is at most 2 rows instead of 8), with its k expert ids
+  (translated to the destination's local ids, -1 where another rank owns the expert) and weights. The receiver
+  expands each token to its local (token, expert) pairs, runs the experts with the weight folded in, sums a token's
+  pairs into one row, and sends one row back per (token, rank); the source adds up its ranks' rows.
+- `DeepEPDispatcher`: the same exchange through DeepEP's intranode NVLink kernels (`deep_ep.Buffer.dispatch` /
+  `combine`, which deduplicate the same way), wrapped in autograd functions whose backward is the other kernel.
+
+Host syncs, and why they remain: the all-to-all needs its split sizes on the host, so `AllToAllDispatcher.dispatch`
+reads one small tensor per layer (rows to send, rows and (token, expert) pairs to receive, per rank) in one `.tolist()`
+after one tiny all-to-all; combine and both backward passes reuse those sizes (no further sync). DeepEP's
+dispatch waits on the host for the received-token count (its notify step) for the same reason. Nothing else syncs.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-ExpertsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from ..models.common.dispatch import RoutedRows, TokenDispatcher, expand_received, sum_pairs
+
+
+class DispatcherError(ValueError):
+    """A dispatcher that cannot run here (one line: what is missing and what to use instead)."""
 
 
 def expert_bounds(num_experts: int, ep: int) -> list[int]:
@@ -33,14 +43,13 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:  # noqa: ANN001
-        ctx.splits = (out_splits, in_splits)
-        ctx.group = group
+        ctx.splits, ctx.group = (out_splits, in_splits), group
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
         dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: ANN205
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
         out_splits, in_splits = ctx.splits
         gin = grad.new_empty((sum(in_splits), *grad.shape[1:]))
         dist.all_to_all_single(gin, grad.contiguous(), in_splits, out_splits, group=ctx.group)
@@ -51,102 +60,191 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
-@dataclass
-class DispatchState:
-    """What `combine` needs to undo `dispatch`."""
-
-    pair_order: torch.Tensor  # (token, k) pairs sorted by global expert: pair_order[i] = flat pair index
-    local_order: torch.Tensor | None  # received rows sorted by local expert
-    send_splits: list[int]
-    recv_splits: list[int]
-    num_tokens: int
-    topk_weight: torch.Tensor
+def _a2a(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:  # noqa: ANN001
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
 
 
-class Dispatcher:
-    """Interface: `dispatch` sends tokens to the ranks owning their experts; `combine` brings results back."""
+class _AllToAllRowsAndMeta(torch.autograd.Function):
+    """Rows and their (ids, weights) in one autograd node: forward sends both, backward returns both gradients in a
+    fixed order. Every rank runs this node's backward exactly once (absent gradients are zeros), so the backward
+    collectives line up on every rank, also one that holds no experts or receives no rows."""
 
-    name = "base"
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, meta: torch.Tensor, out_splits: list[int], in_splits: list[int], group):  # noqa: ANN001, ANN205
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        return _a2a(x, out_splits, in_splits, group), _a2a(meta, out_splits, in_splits, group)
 
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
-        raise NotImplementedError
-
-    def combine(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        raise NotImplementedError
-
-    def __call__(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, experts_fn: ExpertsFn) -> torch.Tensor:
-        xs, counts, state = self.dispatch(x, topk_idx, topk_weight)
-        return self.combine(experts_fn(xs, counts), state)
-
-
-def _combine_pairs(y_pairs_sorted: torch.Tensor, state: DispatchState) -> torch.Tensor:
-    """Weight each (token, k) pair's expert output and sum into its token (fp32 accumulation)."""
-    k = state.topk_weight.shape[1]
-    w = state.topk_weight.reshape(-1)[state.pair_order].unsqueeze(1)
-    weighted = (y_pairs_sorted.float() * w.float()).to(y_pairs_sorted.dtype)
-    out = y_pairs_sorted.new_zeros((state.num_tokens, y_pairs_sorted.shape[1]))
-    return out.index_add(0, state.pair_order // k, weighted)
+    @staticmethod
+    def backward(ctx, g_x: torch.Tensor, g_meta: torch.Tensor):  # noqa: ANN001, ANN205
+        out_splits, in_splits = ctx.splits
+        return _a2a(g_x, in_splits, out_splits, ctx.group), _a2a(g_meta, in_splits, out_splits, ctx.group), None, None, None
 
 
-class LocalDispatcher(Dispatcher):
-    """All experts on this rank (ep = 1): sort (token, k) pairs by expert, no communication."""
+class _SentRows:
+    """What `AllToAllDispatcher.combine` needs: the sent rows' tokens, the splits, and the receiver's pairs."""
 
-    name = "local"
-
-    def __init__(self, num_experts: int) -> None:
-        self.num_experts = num_experts
-
-    def dispatch(self, x, topk_idx, topk_weight):  # noqa: ANN001, ANN201
-        T, k = topk_idx.shape
-        flat = topk_idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        state = DispatchState(order, None, [], [], T, topk_weight)
-        return x[order // k], counts, state
-
-    def combine(self, y, state):  # noqa: ANN001, ANN201
-        return _combine_pairs(y, state)
+    def __init__(self, token: torch.Tensor, num_tokens: int, send: list[int], recv: list[int], pairs) -> None:  # noqa: ANN001
+        self.token, self.num_tokens, self.send, self.recv, self.pairs = token, num_tokens, send, recv, pairs
 
 
-class AllToAllDispatcher(Dispatcher):
-    """Expert parallelism over `group` with `dist.all_to_all_single` (NCCL on GPUs, gloo on CPUs)."""
+class AllToAllDispatcher(TokenDispatcher):
+    """Expert parallelism over `group` with `dist.all_to_all_single`, one row per (token, destination rank)."""
 
     name = "alltoall"
 
     def __init__(self, num_experts: int, group=None) -> None:  # noqa: ANN001
-        self.num_experts = num_experts
-        self.group = group
-        self.ep = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
+        self.num_experts, self.group = num_experts, group
+        self.ep, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.bounds = expert_bounds(num_experts, self.ep)
-        self.local_experts = self.bounds[self.rank + 1] - self.bounds[self.rank]
+        self.num_local = self.bounds[self.rank + 1] - self.bounds[self.rank]
+        self._bounds_t: torch.Tensor | None = None
 
-    def dispatch(self, x, topk_idx, topk_weight):  # noqa: ANN001, ANN201
-        T, k = topk_idx.shape
-        flat = topk_idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        # tokens per global expert, then exchanged so every rank learns how many rows each source sends per local expert
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        per_rank = torch.stack([counts[self.bounds[r] : self.bounds[r + 1]].sum() for r in range(self.ep)])
-        width = max(self.bounds[r + 1] - self.bounds[r] for r in range(self.ep))
-        send_matrix = torch.zeros(self.ep, width, dtype=counts.dtype, device=counts.device)
-        for r in range(self.ep):
-            n = self.bounds[r + 1] - self.bounds[r]
-            send_matrix[r, :n] = counts[self.bounds[r] : self.bounds[r + 1]]
-        recv_matrix = torch.empty_like(send_matrix)
-        dist.all_to_all_single(recv_matrix, send_matrix, group=self.group)  # [src rank, local expert]
-        recv_matrix = recv_matrix[:, : self.local_experts]
-        send_splits = per_rank.tolist()  # one host sync per layer: all_to_all needs split sizes on the host
-        recv_splits = recv_matrix.sum(1).tolist()
-        received = all_to_all(x[order // k], recv_splits, send_splits, self.group)
-        # rows arrive grouped by source rank, each source's rows sorted by expert: regroup by local expert
-        local_ids = torch.arange(self.local_experts, device=x.device).repeat(self.ep)
-        row_expert = torch.repeat_interleave(local_ids, recv_matrix.reshape(-1))
-        local_order = torch.argsort(row_expert, stable=True)
-        state = DispatchState(order, local_order, send_splits, recv_splits, T, topk_weight)
-        return received[local_order], recv_matrix.sum(0), state
+    def _owner(self, indices: torch.Tensor) -> torch.Tensor:
+        if self._bounds_t is None or self._bounds_t.device != indices.device:
+            self._bounds_t = torch.tensor(self.bounds, device=indices.device, dtype=indices.dtype)
+        return torch.bucketize(indices, self._bounds_t[1:-1], right=True)  # rank owning each chosen expert
 
-    def combine(self, y, state):  # noqa: ANN001, ANN201
-        unsorted = torch.empty_like(y).index_copy(0, state.local_order, y) if y.shape[0] else y
-        back = all_to_all(unsorted, state.send_splits, state.recv_splits, self.group)
-        return _combine_pairs(back, state)
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> RoutedRows:
+        T, k = indices.shape
+        owner = self._owner(indices)
+        in_rank = torch.zeros(T, self.ep, dtype=torch.bool, device=x.device).scatter_(1, owner, True)
+        pairs_per_rank = torch.bincount(owner.reshape(-1), minlength=self.ep)
+        send_counts = torch.stack([in_rank.sum(0), pairs_per_rank], 1)  # [ep, 2]: rows, pairs
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        sizes = torch.cat([send_counts[:, 0], recv_counts.reshape(-1)]).tolist()  # the one host sync
+        send, recv, num_pairs = sizes[: self.ep], sizes[self.ep :: 2], sum(sizes[self.ep + 1 :: 2])
+        # rows in (destination rank, token) order: a stable sort puts the chosen (rank, token) cells first
+        cells = torch.argsort((~in_rank.t()).reshape(-1).to(torch.int8), stable=True)[: sum(send)]
+        dest, token = cells // T, cells % T
+        local = indices.index_select(0, token) - self._bounds_t.index_select(0, dest)[:, None]
+        local = torch.where(owner.index_select(0, token) == dest[:, None], local, -1)
+        meta = torch.cat([local.to(torch.float32), weights.index_select(0, token).float()], 1)  # ids exact in fp32
+        recv_x, recv_meta = _AllToAllRowsAndMeta.apply(x.index_select(0, token), meta, recv, send, self.group)
+        routed = expand_received(recv_x, recv_meta[:, :k].detach().long(), recv_meta[:, k:], self.num_local, num_pairs)
+        routed.state = _SentRows(token, T, send, recv, routed.state)
+        return routed
+
+    def combine(self, y: torch.Tensor, routed: RoutedRows) -> torch.Tensor:
+        st: _SentRows = routed.state
+        back = all_to_all(sum_pairs(y, st.pairs), st.send, st.recv, self.group)
+        out = torch.zeros(st.num_tokens, y.shape[1], dtype=torch.float32, device=y.device)
+        return out.index_add(0, st.token, back.float()).to(y.dtype)
+
+
+# ---------------------------------------------------------------- DeepEP
+
+
+def deepep_available() -> bool:
+    try:
+        import deep_ep  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_BUFFERS: dict[tuple[int, int], object] = {}
+
+
+def deepep_buffer(group, hidden_bytes: int):  # noqa: ANN001, ANN201
+    """One DeepEP NVLink buffer per (group, row size), sized by DeepEP's own hints for its default configs."""
+    import deep_ep
+
+    key = (id(group), hidden_bytes)
+    if key not in _BUFFERS:
+        n = dist.get_world_size(group)
+        cfgs = (deep_ep.Buffer.get_dispatch_config(n), deep_ep.Buffer.get_combine_config(n))
+        nvl_bytes = max(c.get_nvl_buffer_size_hint(hidden_bytes, n) for c in cfgs)
+        _BUFFERS[key] = deep_ep.Buffer(group, nvl_bytes, 0)
+    return _BUFFERS[key]
+
+
+class _DeepEPDispatch(torch.autograd.Function):
+    """DeepEP dispatch; backward is DeepEP combine (gradients of rows and of the routing weights go home summed)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, buffer, num_experts: int, box: list):  # noqa: ANN001
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(indices, num_experts)
+        recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
+            x, topk_idx=indices, topk_weights=weights, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+        )
+        ctx.buffer, ctx.handle = buffer, handle
+        box.extend([recv_idx, sum(counts), handle])
+        return recv_x, recv_w
+
+    @staticmethod
+    def backward(ctx, g_x: torch.Tensor | None, g_w: torch.Tensor | None):  # noqa: ANN001, ANN205
+        if g_x is None:
+            return None, None, None, None, None, None
+        gw_in = None if g_w is None else g_w.float().contiguous()
+        gx, gw, _ = ctx.buffer.combine(g_x.contiguous(), ctx.handle, topk_weights=gw_in)
+        return gx, gw, None, None, None, None
+
+
+class _DeepEPCombine(torch.autograd.Function):
+    """DeepEP combine (sum over ranks); backward is DeepEP dispatch of the gradient with the cached layout."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, buffer, handle) -> torch.Tensor:  # noqa: ANN001
+        ctx.buffer, ctx.handle = buffer, handle
+        out, _, _ = buffer.combine(y.contiguous(), handle)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # noqa: ANN001, ANN205
+        gy, _, _, _, _, _ = ctx.buffer.dispatch(g.contiguous(), handle=ctx.handle)
+        return gy, None, None
+
+
+class DeepEPDispatcher(TokenDispatcher):
+    """Expert parallelism through DeepEP's intranode (NVLink) kernels; bf16 rows, E divisible by ep."""
+
+    name = "deepep"
+
+    def __init__(self, num_experts: int, group) -> None:  # noqa: ANN001
+        if not deepep_available():
+            raise DispatcherError("dispatcher 'deepep' needs the deep_ep package (build it: docs/DEEPEP.md); or use --dispatcher alltoall")
+        self.num_experts, self.group = num_experts, group
+        self.ep, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        if num_experts % self.ep:
+            raise DispatcherError(f"dispatcher 'deepep' needs the {num_experts} experts to divide evenly over ep={self.ep}; use --dispatcher alltoall")
+        self.num_local = num_experts // self.ep
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> RoutedRows:
+        if x.dtype != torch.bfloat16 or not x.is_cuda:
+            raise DispatcherError(f"dispatcher 'deepep' moves bf16 CUDA rows, got {x.dtype} on {x.device}; use --dispatcher alltoall")
+        buffer = deepep_buffer(self.group, x.shape[1] * x.element_size())
+        box: list = []
+        recv_x, recv_w = _DeepEPDispatch.apply(x, weights.float(), indices.long(), buffer, self.num_experts, box)
+        recv_idx, num_pairs, handle = box
+        routed = expand_received(recv_x, recv_idx, recv_w, self.num_local, num_pairs)
+        routed.state = (routed.state, buffer, handle)
+        return routed
+
+    def combine(self, y: torch.Tensor, routed: RoutedRows) -> torch.Tensor:
+        pairs, buffer, handle = routed.state
+        return _DeepEPCombine.apply(sum_pairs(y, pairs), buffer, handle)
+
+
+DISPATCHERS = ("auto", "alltoall", "deepep")
+
+
+def choose_dispatcher(name: str, ep: int, device_type: str) -> str:
+    """`auto` -> deepep where deep_ep imports, the device is CUDA and ep > 1, else alltoall; others are checked."""
+    if name not in DISPATCHERS:
+        raise DispatcherError(f"dispatcher {name!r} is unknown; use one of {', '.join(DISPATCHERS)}")
+    if name == "auto":
+        return "deepep" if ep > 1 and device_type == "cuda" and deepep_available() else "alltoall"
+    if name == "deepep" and not deepep_available():
+        raise DispatcherError("dispatcher 'deepep' needs the deep_ep package (build it: docs/DEEPEP.md); or use --dispatcher alltoall")
+    if name == "deepep" and device_type != "cuda":
+        raise DispatcherError("dispatcher 'deepep' runs on CUDA GPUs only; use --dispatcher alltoall")
+    return name
+
+
+def make_dispatcher(name: str, num_experts: int, group) -> TokenDispatcher:  # noqa: ANN001
+    """A resolved dispatcher name (see `choose_dispatcher`) -> the dispatcher for one experts module."""
+    return DeepEPDispatcher(num_experts, group) if name == "deepep" else AllToAllDispatcher(num_experts, group)

@@ -5,27 +5,31 @@ Contract:
   (size W/ep) factor the same ranks: rank = ep_dp_index * ep + ep_index. Ranks of one `ep` group hold different
   experts; ranks of one `ep_dp` group hold the same experts.
 - `parallelize(model, meshes)` finds every experts module (3-D `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`
-  parameters, forward `(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`: transformers v5's
-  experts interface, which the zoo follows), keeps this rank's `Shard(0)` slice of its experts (torch.chunk rule;
-  uneven E works), and routes tokens with a `Dispatcher` (all-to-all by default). Experts are then FSDP2-sharded
+  parameters; transformers' own experts classes are swapped for the zoo's `GroupedExperts` holding the same
+  parameters), keeps this rank's `Shard(0)` slice of its experts (torch.chunk rule; uneven E works) and swaps its
+  dispatcher (`parallel.ep_dispatch`: all-to-all or DeepEP). The module's forward is untouched: expert parallelism
+  is "shard the weights and swap the dispatcher". Experts are then FSDP2-sharded
   over `ep_dp` when it has more than one rank (gradients reduced only among ranks holding the same experts; with
-  ep == world nothing to reduce), dense parameters over `dp` (world > 1), with bf16 compute and fp32 gradient
-  reduction. A single rank gets no FSDP wrapper (nothing to shard or reduce).
+  ep == world nothing to reduce), dense parameters over `dp` (world > 1; untied output head and embedding as units
+  of their own), with bf16 compute and fp32 gradient reduction. A single rank gets no FSDP wrapper.
 - Gradient scale: every rank's loss reaches the experts it routed to, so expert gradients sum W per-rank losses;
-  FSDP averages over `ep_dp` (W/ep ranks), and an extra `1/ep` in the experts' backward makes the result the
+  FSDP averages over `ep_dp` (W/ep ranks), and `GroupedExperts.grad_scale = 1/ep` makes the result the
   gradient of the mean loss, like the dense parameters.
 """
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .ep_dispatch import AllToAllDispatcher, Dispatcher, LocalDispatcher, expert_bounds
+from ..models.common.dispatch import TokenDispatcher
+from ..models.common.experts import GroupedExperts
+from ..models.common.hf_experts import default_gate
+from .ep_dispatch import DispatcherError, choose_dispatcher, expert_bounds, make_dispatcher
 
 
 class ExpertParallelError(ValueError):
@@ -49,84 +53,48 @@ class TrainMeshes:
         return self.ep_mesh.get_group()
 
 
-class _GradScale(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
+def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    found = []
+    for name, mod in model.named_modules():
+        gu, dn = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
+        if isinstance(gu, nn.Parameter) and isinstance(dn, nn.Parameter) and gu.dim() == 3 and dn.dim() == 3:
+            if getattr(mod, "has_bias", False) or getattr(mod, "is_transposed", False) or hasattr(mod, "gate_up_proj_bias"):
+                raise ExpertParallelError(f"{name}: experts with biases or a transposed layout (gpt_oss style) have no expert-parallel support yet; use --ep 1")
+            found.append((name, mod))
+    return found
 
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):  # noqa: ANN205
-        return g * ctx.scale, None
 
+def as_grouped_experts(name: str, mod: nn.Module) -> GroupedExperts:
+    """The zoo's `GroupedExperts` holding `mod`'s own parameters (same names, so state dicts are unchanged).
 
-def grouped_swiglu(xs: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act: Callable) -> torch.Tensor:
-    """SwiGLU experts over tokens sorted by expert: `counts[j]` rows for expert j. Grouped GEMM on CUDA.
-
-    The weights always enter the autograd graph, even on a rank that holds no experts (torch.chunk's uneven rule
-    can leave the last ranks empty) or receives no tokens: FSDP's post-backward (gradient reduction) must run at the
-    same point on every rank, and every rank must join the backward all-to-alls, or ranks issue collectives in
-    different orders and deadlock.
+    transformers' experts classes (concatenated SwiGLU, `gate_up_proj [E, 2I, H]`) become the zoo module, so there
+    is one grouped compute path and one place to swap the dispatcher; other experts variants are refused.
     """
-    if gate_up.shape[0] == 0:
-        # xs (no rows) stays in the graph too, so this rank takes part in the dispatch all-to-all's backward
-        return xs.new_zeros((xs.shape[0], down.shape[1])) + (xs.sum() + (gate_up.sum() + down.sum()).to(xs.dtype)) * 0
-    if xs.is_cuda and xs.dtype == torch.bfloat16:
-        offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        h = torch._grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs)
-        g, u = h.chunk(2, dim=-1)
-        return torch._grouped_mm(act(g) * u, down.transpose(-2, -1), offs=offs)
-    outs = []  # reference path (CPU tests): one matmul per expert
-    for j, chunk in enumerate(xs.split(counts.tolist())):
-        g, u = (chunk @ gate_up[j].t()).chunk(2, dim=-1)
-        outs.append((act(g) * u) @ down[j].t())
-    return torch.cat(outs) if outs else xs.new_zeros((0, down.shape[1]))
+    if isinstance(mod, GroupedExperts):
+        return mod
+    plain = getattr(mod, "has_gate", True) and getattr(mod, "is_concatenated", True) and not getattr(mod, "has_post_expert_norm", False)
+    if not (plain and default_gate(mod)):
+        raise ExpertParallelError(f"{name}: {type(mod).__name__} is not a plain concatenated SwiGLU experts module; expert parallelism does not support it yet, use --ep 1")
+    E = int(getattr(mod, "num_experts", mod.gate_up_proj.shape[0]))
+    _, two_i, h = mod.gate_up_proj.shape
+    with torch.device("meta"):
+        new = GroupedExperts(E, h, two_i // 2, impl="auto", swiglu_impl="auto")
+    new.gate_up_proj, new.down_proj = mod.gate_up_proj, mod.down_proj
+    new.act_fn = F.silu if isinstance(mod.act_fn, nn.SiLU) or type(mod.act_fn).__name__ == "SiLUActivation" else mod.act_fn
+    if hasattr(mod, "_ep_num_experts"):
+        new._ep_num_experts = mod._ep_num_experts
+    return new
 
 
-def _zoo_experts_fn(mod: nn.Module, gate_up: torch.Tensor, down: torch.Tensor) -> Callable:
-    """The zoo's grouped GEMM (models/common/experts.py back-ends) on this rank's experts, no host sync."""
-    from ..models.common.experts import grouped_linear, swiglu
-
-    def run(xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        if gate_up.shape[0] == 0:
-            return grouped_swiglu(xs, counts, gate_up, down, mod.act_fn)
-        offsets = torch.cumsum(counts, 0).to(torch.int32)
-        ids = torch.repeat_interleave(torch.arange(counts.numel(), device=xs.device), counts.long(), output_size=xs.shape[0])
-        h = grouped_linear(xs, gate_up.transpose(1, 2), offsets, ids, mod.impl)
-        a = swiglu(h, None, mod.act_fn, mod.swiglu_impl)
-        return grouped_linear(a, down.transpose(1, 2), offsets, ids, mod.impl)
-
-    return run
-
-
-def _ep_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-    gate_up = _GradScale.apply(self.gate_up_proj, self._ep_grad_scale)
-    down = _GradScale.apply(self.down_proj, self._ep_grad_scale)
-    if getattr(self, "layout", None) == "concat" and hasattr(self, "run_grouped"):  # a zoo GroupedExperts
-        experts_fn = _zoo_experts_fn(self, gate_up, down)
-    else:  # transformers' experts class (fallback models): reference SwiGLU, grouped_mm on CUDA
-
-        def experts_fn(xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-            return grouped_swiglu(xs, counts, gate_up, down, self.act_fn)
-
-    _add_load(self, top_k_index)
-    out = self._ep_dispatcher(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype), experts_fn)
-    return out.to(hidden_states.dtype)
-
-
-def _add_load(mod: nn.Module, top_k_index: torch.Tensor) -> None:
+def _count_load(mod: nn.Module, args: tuple) -> None:
     """Routed (token, slot) pairs per global expert, accumulated in place into a persistent buffer: no host sync
     (bincount on CUDA syncs) and correct under CUDA graph replay."""
     with torch.no_grad():
-        flat = top_k_index.reshape(-1)
+        flat = args[1].reshape(-1)
         buf = getattr(mod, "_ep_load", None)
         if buf is None or buf.device != flat.device:
             buf = mod._ep_load = torch.zeros(mod._ep_num_experts, dtype=torch.int64, device=flat.device)
         buf.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int64))
-
-
-def _count_load(mod: nn.Module, args: tuple) -> None:
-    _add_load(mod, args[1])
 
 
 def expert_load(model: nn.Module, reset: bool = True) -> torch.Tensor | None:
@@ -140,39 +108,35 @@ def expert_load(model: nn.Module, reset: bool = True) -> torch.Tensor | None:
     return torch.stack(loads) if loads else None
 
 
-def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    found = []
-    for name, mod in model.named_modules():
-        gu, dn = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
-        if isinstance(gu, nn.Parameter) and isinstance(dn, nn.Parameter) and gu.dim() == 3 and dn.dim() == 3:
-            if getattr(mod, "has_bias", False) or getattr(mod, "is_transposed", False) or hasattr(mod, "gate_up_proj_bias"):
-                raise ExpertParallelError(f"{name}: experts with biases or a transposed layout (gpt_oss style) have no expert-parallel support yet; use --ep 1")
-            found.append((name, mod))
-    return found
+def shard_experts(model: nn.Module, ep: int, ep_rank: int, make: Callable[[int], TokenDispatcher] | None) -> list[GroupedExperts]:
+    """Keep this rank's `Shard(0)` slice of every experts module and give it `make(E)`'s dispatcher (ep > 1).
 
-
-def shard_experts(model: nn.Module, ep: int, ep_rank: int, dispatcher_factory: Callable[[int], Dispatcher], grad_scale: float) -> list[nn.Module]:
-    """Keep this rank's experts of every experts module and route through a dispatcher. Returns the modules."""
+    transformers' experts modules are first swapped for the zoo's (`as_grouped_experts`). Weights already sliced
+    (sharded loading records the global E as `_ep_num_experts`) are kept as they are. Returns the modules.
+    """
     mods = experts_modules(model)
     if not mods:
         raise ExpertParallelError(f"{type(model).__name__} has no fused experts modules (gate_up_proj/down_proj); this model type has no expert-parallel support")
-    for _, mod in mods:
-        E = mod.gate_up_proj.shape[0] if not hasattr(mod, "_ep_num_experts") else mod._ep_num_experts
+    out = []
+    for name, old in mods:
+        mod = as_grouped_experts(name, old)
+        if mod is not old:
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, mod)
+        E = getattr(mod, "_ep_num_experts", mod.gate_up_proj.shape[0])
         b = expert_bounds(E, ep)
-        if not hasattr(mod, "_ep_num_experts"):
+        if mod.gate_up_proj.shape[0] != b[ep_rank + 1] - b[ep_rank]:
             mod.gate_up_proj = nn.Parameter(mod.gate_up_proj.data[b[ep_rank] : b[ep_rank + 1]].clone())
             mod.down_proj = nn.Parameter(mod.down_proj.data[b[ep_rank] : b[ep_rank + 1]].clone())
-        mod._ep_num_experts = E
-        if ep == 1 and getattr(mod, "layout", None) == "concat" and hasattr(mod, "run_grouped"):
-            # a zoo GroupedExperts holding every expert: its own tuned forward; only count the routed load
-            if not getattr(mod, "_ep_load_hook", False):
-                mod.register_forward_pre_hook(_count_load)
-                mod._ep_load_hook = True
-            continue
-        mod._ep_dispatcher = dispatcher_factory(E)
-        mod._ep_grad_scale = grad_scale
-        mod.forward = types.MethodType(_ep_forward, mod)
-    return [m for _, m in mods]
+        mod._ep_num_experts = mod.num_experts = E
+        if ep > 1:
+            mod.dispatcher = make(E)
+            mod.grad_scale = 1.0 / ep
+        if not getattr(mod, "_ep_load_hook", False):
+            mod.register_forward_pre_hook(_count_load)
+            mod._ep_load_hook = True
+        out.append(mod)
+    return out
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -194,26 +158,24 @@ def parallelize(
     param_dtype: torch.dtype | None = torch.bfloat16,
     reduce_dtype: torch.dtype = torch.float32,
     activation_checkpointing: bool = False,
-    dispatcher: str = "alltoall",
+    dispatcher: str = "auto",
+    reshard_after_forward: bool = True,
 ) -> nn.Module:
-    """Expert-shard, (optionally) checkpoint and FSDP2-wrap `model` in place; returns it."""
+    """Expert-shard, (optionally) checkpoint and FSDP2-wrap `model` in place; returns it.
+
+    `dispatcher` is resolved by `ep_dispatch.choose_dispatcher` (auto: DeepEP on CUDA with ep > 1 where deep_ep
+    imports, else all-to-all); the name used is left in `model.ep_dispatcher`. `reshard_after_forward=False` keeps
+    the dense layers' gathered parameters from forward to backward (no second all-gather, more memory).
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if dispatcher == "deepep":
-        import importlib.util
-
-        if importlib.util.find_spec("deep_ep") is None:
-            raise ExpertParallelError("dispatcher 'deepep' needs the deep-ep package (pip install 'automodel-convert[deepep]', Hopper GPUs with NVSHMEM); or use --dispatcher alltoall")
-        raise ExpertParallelError("dispatcher 'deepep': the DeepEP dispatcher is not built in this version (docs/DEEPEP.md says why); use --dispatcher alltoall")
-    if dispatcher not in ("alltoall", "auto", "local"):
-        raise ExpertParallelError(f"dispatcher {dispatcher!r} is unknown; use alltoall (or auto, which picks alltoall)")
-
-    def factory(E: int) -> Dispatcher:
-        if meshes.ep == 1:
-            return LocalDispatcher(E)
-        return AllToAllDispatcher(E, meshes.ep_group)
-
-    experts = shard_experts(model, meshes.ep, meshes.ep_rank, factory, 1.0 / meshes.ep)
+    try:
+        name = choose_dispatcher(dispatcher, meshes.ep, meshes.dp.device_type)
+    except DispatcherError as e:
+        raise ExpertParallelError(str(e)) from e
+    group = meshes.ep_group if meshes.ep > 1 else None
+    experts = shard_experts(model, meshes.ep, meshes.ep_rank, lambda E: make_dispatcher(name, E, group))
+    model.ep_dispatcher = name if meshes.ep > 1 else "local"
     layers = decoder_layers(model)
     if activation_checkpointing and hasattr(model, "gradient_checkpointing"):  # zoo models: same parameter names
         model.gradient_checkpointing = True
@@ -233,10 +195,21 @@ def parallelize(
         if mod.gate_up_proj.shape[0] == 0 or meshes.world // meshes.ep == 1:
             skip.update(mod.parameters(recurse=False))
         else:
-            fully_shard(mod, mesh=meshes.ep_dp_mesh, mp_policy=mp)
+            fully_shard(mod, mesh=meshes.ep_dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     if meshes.world > 1:
         for layer in layers:
-            fully_shard(layer, mesh=meshes.dp, mp_policy=mp, ignored_params=skip or None)
+            fully_shard(layer, mesh=meshes.dp, mp_policy=mp, ignored_params=skip or None, reshard_after_forward=reshard_after_forward)
+        for unit in _edge_units(model):
+            fully_shard(unit, mesh=meshes.dp, mp_policy=mp, reshard_after_forward=reshard_after_forward)
         fully_shard(model, mesh=meshes.dp, mp_policy=mp, ignored_params=skip or None)
     return model
 
+
+def _edge_units(model: nn.Module) -> list[nn.Module]:
+    """The output head (and the input embedding) as FSDP units of their own when untied: the head's gradient is
+    reduce-scattered while the layers' backward runs instead of at the very end with the root's."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if head is None or emb is None or head.weight is emb.weight:
+        return []
+    return [head, emb]

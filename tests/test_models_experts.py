@@ -62,12 +62,13 @@ def test_forward_and_grads_match_reference(layout: str, impl: str) -> None:
     assert max((a - b).abs().max().item() for a, b in zip(got, ref)) < 1e-4
 
 
-def test_grouped_forward_is_the_ep_entry_point() -> None:
+def test_run_grouped_is_the_one_compute_path() -> None:
+    """What every dispatcher feeds: rows already sorted by expert, int32 cumulative offsets, no routing weight."""
     experts = make("concat", "auto")
     counts = torch.tensor([3, 0, 2, 4, 0, 1])
     x = torch.randn(int(counts.sum()), 32)
     ids = torch.repeat_interleave(torch.arange(6), counts)
-    out = experts.grouped_forward(x, counts)
+    out = experts.run_grouped(x, torch.cumsum(counts, 0).to(torch.int32), ids)
     want = reference(experts, x, ids[:, None], torch.ones(x.shape[0], 1))
     assert (out - want).abs().max() < 1e-5
 

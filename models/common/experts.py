@@ -5,14 +5,15 @@ Layouts (transformers v5, fused): `layout="concat"`: `gate_up_proj [E, 2I, H]` (
 along the last dim (gate = even columns), `gate_up_proj_bias [E, 2I]`, `down_proj [E, I, H]`, `down_proj_bias [E, H]`.
 
 `GroupedExperts.forward(x [T, H], indices [T, K], weights [T, K]) -> [T, H]` computes
-`sum_k weights[t, k] * expert_{indices[t, k]}(x[t])`:
-1. `dispatch_plan`: one stable sort of the T*K (token, slot) pairs by expert; `offsets [E]` (int32, cumulative row
-   counts) come from `searchsorted` on the sorted ids: no host-device sync.
-2. `gather_rows`: x rows in expert order (forward and backward are gathers: deterministic, no atomics).
-3. `grouped_linear` (gate_up) -> activation with the routing weight folded in (`a = act(gate) * up * w`, exact since
-   the down projection is linear; a bias is scaled accordingly) -> `grouped_linear` (down).
-4. `combine_rows`: back to (token, slot) order and summed over the K slots (gathers again; one fused Triton pass
-   on CUDA when the `swiglu` back-end is "triton"/"auto", which also picks the fused SwiGLU).
+`sum_k weights[t, k] * expert_{indices[t, k]}(x[t])` in three steps, the same on one rank and under expert parallelism:
+1. `self.dispatcher.dispatch` (models/common/dispatch.py): rows sorted by (local) expert, int32 `offsets`, and each
+   row's routing weight. `LocalDispatcher` (the default) sorts on this rank with no host sync; expert parallelism
+   swaps in an all-to-all or DeepEP dispatcher (parallel/ep_dispatch.py) and keeps only this rank's `Shard(0)`
+   slice of the weights. Nothing else changes.
+2. `run_grouped`, the one compute path: `grouped_linear` (gate_up) -> activation with the routing weight folded in
+   (`a = act(gate) * up * w`, exact since the down projection is linear; a bias is scaled accordingly) ->
+   `grouped_linear` (down).
+3. `self.dispatcher.combine`: the weighted rows summed back into their tokens.
 `grouped_linear` back-ends: "grouped_mm" (`torch._grouped_mm`, offsets as a device tensor), "padded" (loop-free:
 rows scattered into per-expert buckets of the largest count, one batched bmm; one host sync for that count),
 "loop" (reference loop over experts); "auto" takes grouped_mm when the call's shapes/dtype allow it, else padded. `run_grouped(x_sorted, offsets, sorted_ids)` runs the experts on rows that
@@ -22,81 +23,13 @@ are already sorted (the expert-parallel dispatcher's entry point).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..backend import triton_ok
-
-
-@dataclass
-class DispatchPlan:
-    perm: torch.Tensor  # [S] flat (token*K + slot) index of the i-th row in expert order
-    inv_perm: torch.Tensor  # [S] position in expert order of flat pair p
-    token_idx: torch.Tensor  # [S] token of the i-th sorted row
-    sorted_ids: torch.Tensor  # [S] expert of the i-th sorted row
-    offsets: torch.Tensor  # [E] int32 cumulative counts (end of each expert's rows)
-    top_k: int
-
-
-def dispatch_plan(indices: torch.Tensor, num_experts: int) -> DispatchPlan:
-    top_k = indices.shape[-1]
-    flat = indices.reshape(-1)
-    sorted_ids, perm = torch.sort(flat, stable=True)
-    bounds = torch.arange(num_experts, device=flat.device, dtype=sorted_ids.dtype)
-    offsets = torch.searchsorted(sorted_ids, bounds, right=True).to(torch.int32)
-    inv_perm = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
-    return DispatchPlan(perm, inv_perm, perm // top_k, sorted_ids, offsets, top_k)
-
-
-def _sum_slots(src: torch.Tensor, idx: torch.Tensor, top_k: int, fused: bool) -> torch.Tensor:
-    """`out[t] = sum_k src[idx[t*K + k]]`; one Triton pass when `fused`, else index_select + sum."""
-    if fused:
-        from .kernels import gather_sum
-
-        return gather_sum(src, idx, top_k)
-    g = src.index_select(0, idx)
-    return g.view(-1, top_k, g.shape[-1]).sum(dim=1)
-
-
-class _GatherRows(torch.autograd.Function):
-    """x[token_idx]; backward sums the K copies of each token by gathering in (token, slot) order."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, token_idx: torch.Tensor, inv_perm: torch.Tensor, top_k: int, fused: bool) -> torch.Tensor:  # noqa: ANN001
-        ctx.save_for_backward(inv_perm)
-        ctx.top_k, ctx.fused = top_k, fused
-        return x.index_select(0, token_idx)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
-        (inv_perm,) = ctx.saved_tensors
-        return _sum_slots(grad, inv_perm, ctx.top_k, ctx.fused), None, None, None, None
-
-
-class _CombineRows(torch.autograd.Function):
-    """y (expert order) -> (token, slot) order, summed over slots; backward is y_grad = grad[token_idx]."""
-
-    @staticmethod
-    def forward(ctx, y: torch.Tensor, inv_perm: torch.Tensor, token_idx: torch.Tensor, top_k: int, fused: bool) -> torch.Tensor:  # noqa: ANN001
-        ctx.save_for_backward(token_idx)
-        return _sum_slots(y, inv_perm, top_k, fused)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
-        (token_idx,) = ctx.saved_tensors
-        return grad.index_select(0, token_idx), None, None, None, None
-
-
-def gather_rows(x: torch.Tensor, plan: DispatchPlan, kernels: str = "torch") -> torch.Tensor:
-    return _GatherRows.apply(x, plan.token_idx, plan.inv_perm, plan.top_k, triton_ok(x, kernels))
-
-
-def combine_rows(y: torch.Tensor, plan: DispatchPlan, kernels: str = "torch") -> torch.Tensor:
-    return _CombineRows.apply(y, plan.inv_perm, plan.token_idx, plan.top_k, triton_ok(y, kernels))
-
+from .dispatch import DispatchPlan, LocalDispatcher, TokenDispatcher, combine_rows, dispatch_plan, gather_rows  # noqa: F401 - re-exported
 
 # ---------------------------------------------------------------- grouped GEMM back-ends
 
@@ -211,6 +144,8 @@ class GroupedExperts(nn.Module):
         self.act_fn = F.silu if act == "silu" else ACT2FN[act]
         self.alpha, self.limit = swiglu_alpha, swiglu_limit
         self.impl, self.swiglu_impl = impl, swiglu_impl
+        self.dispatcher: TokenDispatcher = LocalDispatcher(num_experts, swiglu_impl)
+        self.grad_scale = 1.0  # multiplies the weights' gradients (expert parallelism: 1/ep, see parallel/)
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, layout={self.layout}, impl={self.impl}"
@@ -222,11 +157,21 @@ class GroupedExperts(nn.Module):
         sorted_ids: torch.Tensor,
         row_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Experts on rows already sorted by expert: `[S, H] -> [S, H]`, scaled by `row_weight [S]` if given."""
+        """Experts on rows already sorted by expert: `[S, H] -> [S, H]`, scaled by `row_weight [S]` if given.
+
+        A rank may hold no experts (torch.chunk's uneven `Shard(0)` rule) or receive no rows: the weights and the
+        rows still enter the autograd graph, so every rank reaches the same collectives in backward.
+        """
+        gate_up, down = self.gate_up_proj, self.down_proj
+        if self.grad_scale != 1.0:
+            gate_up, down = _GradScale.apply(gate_up, self.grad_scale), _GradScale.apply(down, self.grad_scale)
+        if gate_up.shape[0] == 0:
+            keep = (x_sorted.sum() + sum(p.sum() for p in self.parameters()).to(x_sorted.dtype)) * 0
+            return x_sorted.new_zeros((x_sorted.shape[0], self.hidden_size)) + keep
         if self.layout == "concat":
-            w1, w2 = self.gate_up_proj.transpose(1, 2), self.down_proj.transpose(1, 2)
+            w1, w2 = gate_up.transpose(1, 2), down.transpose(1, 2)
         else:
-            w1, w2 = self.gate_up_proj, self.down_proj
+            w1, w2 = gate_up, down
         h = grouped_linear(x_sorted, w1, offsets, sorted_ids, self.impl)
         if self.layout == "concat":
             a = swiglu(h, row_weight, self.act_fn, self.swiglu_impl)
@@ -238,17 +183,19 @@ class GroupedExperts(nn.Module):
         return y + (bias if row_weight is None else bias * row_weight[:, None])
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        plan = dispatch_plan(indices, self.num_experts)
-        xs = gather_rows(x, plan, self.swiglu_impl)
-        row_weight = weights.reshape(-1).index_select(0, plan.perm).to(x.dtype)
-        y = self.run_grouped(xs, plan.offsets, plan.sorted_ids, row_weight)
-        return combine_rows(y, plan, self.swiglu_impl)
+        routed = self.dispatcher.dispatch(x, indices, weights.to(x.dtype))
+        y = self.run_grouped(routed.x, routed.offsets, routed.expert_ids, routed.weights)
+        return self.dispatcher.combine(y, routed)
 
-    def grouped_forward(self, x_grouped: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """The expert-parallel dispatcher's `experts_fn(x_grouped [N, H], counts [E_local]) -> [N, H]`: rows
-        already sorted by (local) expert, `counts[e]` rows each, unweighted. No host sync."""
-        offsets = torch.cumsum(counts, 0).to(torch.int32)
-        ids = torch.repeat_interleave(
-            torch.arange(self.num_experts, device=x_grouped.device), counts.long(), output_size=x_grouped.shape[0]
-        )
-        return self.run_grouped(x_grouped, offsets, ids)
+
+class _GradScale(torch.autograd.Function):
+    """Identity in forward; multiplies the gradient by `scale` in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:  # noqa: ANN001
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # noqa: ANN001, ANN205
+        return g * ctx.scale, None

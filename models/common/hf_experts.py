@@ -22,7 +22,7 @@ from .experts import combine_rows, dispatch_plan, gather_rows, grouped_linear, s
 EXPERTS_KEY = "automodel_grouped"
 
 
-def _default_gate(module: nn.Module) -> bool:
+def default_gate(module: nn.Module) -> bool:
     try:
         from transformers.integrations.moe import _default_apply_gate
     except ImportError:
@@ -52,7 +52,7 @@ def hf_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index
     h = grouped_linear(xs, w1 if transposed else w1.transpose(1, 2), plan.offsets, plan.sorted_ids, impl)
     if has_bias:
         h = h + (self.gate_up_proj_bias if has_gate else self.up_proj_bias)[plan.sorted_ids].to(h.dtype)
-    if has_gate and getattr(self, "is_concatenated", True) and _default_gate(self) and getattr(self.config, "hidden_act", None) == "silu":
+    if has_gate and getattr(self, "is_concatenated", True) and default_gate(self) and getattr(self.config, "hidden_act", None) == "silu":
         a = swiglu(h, row_w if fold else None, impl=kernels)
     else:
         a = self._apply_gate(h) if has_gate else self.act_fn(h)
