@@ -188,7 +188,8 @@ def run_trainer(gate: str, args: argparse.Namespace, device: torch.device, dtype
             folder = obj[0]
         targs = TrainArgs(model=folder, init="random", ep=args.ep, seq=args.seq, batch=args.batch, steps=args.warmup + args.steps,
                           dtype=args.dtype, backend=args.backend, quiet=True, peak_tflops=PEAK_TFLOPS, ac=args.ac,
-                          cuda_graphs=args.cuda_graphs, overlap_optimizer=args.overlap_optimizer)
+                          cuda_graphs=args.cuda_graphs, overlap_optimizer=args.overlap_optimizer, dispatcher=args.dispatcher,
+                          reshard_after_forward=args.reshard_after_forward)
         trainer = Trainer(targs)
         if dist.is_initialized():
             dist.barrier()
@@ -198,8 +199,7 @@ def run_trainer(gate: str, args: argparse.Namespace, device: torch.device, dtype
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     hist = trainer.run()[args.warmup :]
-    if args.profile:
-        profile_steps("trainer", gate, trainer.step, device, args.profile)
+    exposure = profile_steps("trainer", gate, trainer.step, device, args.profile) if args.profile else {}
     med = statistics.median
     step = med([m["step_ms"] for m in hist]) / 1e3
     peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0], device=device)
@@ -208,14 +208,15 @@ def run_trainer(gate: str, args: argparse.Namespace, device: torch.device, dtype
     tps = args.batch * args.seq / step
     tflops = train_flops_per_token(cfg, args.seq) * tps / 1e12
     res = dict(
-        impl=f"trainer(ep={args.ep},world={trainer.world})" + ("+graphs" if args.cuda_graphs else "") + ("+overlap" if args.overlap_optimizer else "") + ("+balanced" if gate == "balanced" else ""), gate=gate,
+        impl=f"trainer(ep={args.ep},world={trainer.world}" + (f",{trainer.dispatcher}" if args.ep > 1 else "") + ("" if args.reshard_after_forward else ",noreshard") + ")" + ("+graphs" if args.cuda_graphs else "") + ("+overlap" if args.overlap_optimizer else "") + ("+balanced" if gate == "balanced" else ""), gate=gate,
         layers=args.layers, seq=args.seq, batch=args.batch, params_b=round(trainer.total_params / 1e9, 3), adamw="fused" if device.type == "cuda" else "foreach",
         fwd_ms=round(med([m["forward_ms"] for m in hist]), 2), bwd_ms=round(med([m["backward_ms"] for m in hist]), 2),
         fb_ms=round(med([m["forward_ms"] + m["backward_ms"] for m in hist]), 2), opt_ms=round(med([m["optimizer_ms"] for m in hist]), 2),
         step_ms=round(step * 1e3, 2), tps=round(tps), tflops=round(tflops, 1), mfu=round(tflops / PEAK_TFLOPS, 4),
         peak_gib=round(peak.item(), 2) if device.type == "cuda" else None, device=str(device), world=trainer.world, ep=args.ep,
         expert_load_max_over_mean=round(med([m.get("expert_load_max_over_mean", 0) for m in hist]), 3),
-        torch=torch.__version__, transformers=__import__("transformers").__version__,
+        torch=torch.__version__, transformers=__import__("transformers").__version__, dispatcher=trainer.dispatcher,
+        reshard_after_forward=args.reshard_after_forward, **exposure,
     )
     trainer = None
     gc.collect()
@@ -340,13 +341,59 @@ def _run(kind: str, gate: str, args: argparse.Namespace, device: torch.device, d
     return res
 
 
-def profile_steps(kind: str, gate: str, step_fn, device: torch.device, path: str) -> None:  # noqa: ANN001
+COMM_KERNELS = ("nccl", "deep_ep", "intranode", "notify_dispatch", "cached_notify")
+
+
+def _union_ms(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def comm_exposure(trace_path: str, steps: int) -> dict[str, float]:
+    """From a chrome trace: GPU time per step spent in communication kernels (NCCL, DeepEP), and the part of it
+    during which no compute kernel ran on any stream (exposed), in ms."""
+    events = json.loads(Path(trace_path).read_text())["traceEvents"]
+    comm, compute = [], []
+    for e in events:
+        if e.get("cat") != "kernel" or "dur" not in e:
+            continue
+        span = (float(e["ts"]), float(e["ts"]) + float(e["dur"]))
+        (comm if any(k in e["name"].lower() for k in COMM_KERNELS) else compute).append(span)
+    comm_u, comp_u = _union_ms(comm), _union_ms(compute)
+    overlap, j = 0.0, 0
+    for a, b in comm_u:  # both lists sorted and disjoint: sweep
+        while j < len(comp_u) and comp_u[j][1] <= a:
+            j += 1
+        k = j
+        while k < len(comp_u) and comp_u[k][0] < b:
+            overlap += min(b, comp_u[k][1]) - max(a, comp_u[k][0])
+            k += 1
+    total = sum(b - a for a, b in comm_u)
+    return {"comm_ms": round(total / 1e3 / steps, 2), "exposed_comm_ms": round((total - overlap) / 1e3 / steps, 2)}
+
+
+def profile_steps(kind: str, gate: str, step_fn, device: torch.device, path: str) -> dict[str, float]:  # noqa: ANN001
+    """Two profiled steps: a kernel table appended to `path`, and (CUDA) the communication time and its exposed part."""
+    import os
+    import tempfile
+
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(2):
             step_fn()
+    exposure: dict[str, float] = {}
+    if device.type == "cuda":
+        with tempfile.TemporaryDirectory() as tmp:
+            trace = os.path.join(tmp, "trace.json")
+            prof.export_chrome_trace(trace)
+            exposure = comm_exposure(trace, 2)
     table = None
     keys = ("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" else ()
     for key in (*keys, "self_cpu_time_total"):
@@ -356,7 +403,8 @@ def profile_steps(kind: str, gate: str, step_fn, device: torch.device, path: str
         except (AttributeError, KeyError, ValueError):
             continue
     with open(path, "a") as f:
-        f.write(f"\n===== {kind} gate={gate} (2 steps, top kernels by device time) =====\n{table}\n")
+        f.write(f"\n===== {kind} gate={gate} (2 steps, top kernels by device time) {exposure} =====\n{table}\n")
+    return exposure
 
 
 RATIOS = ("fwd_ms", "bwd_ms", "fb_ms", "opt_ms", "step_ms", "step_nosync_ms", "step_loop_ms", "tps", "tflops", "peak_gib")
@@ -400,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", default="transformers,ours", help="comma list of runs (order kept): transformers[_overlap], ours[_graphs][_overlap], trainer[_graphs][_overlap]")
     ap.add_argument("--ep", type=int, default=1, help="trainer runs: expert-parallel degree (under torchrun)")
     ap.add_argument("--ac", action="store_true", help="trainer runs: activation checkpointing")
+    ap.add_argument("--dispatcher", default="auto", help="trainer runs with ep > 1: auto, alltoall or deepep")
+    ap.add_argument("--no-reshard", dest="reshard_after_forward", action="store_false", help="trainer runs: FSDP2 reshard_after_forward=False")
     ap.add_argument("--cuda-graphs", action="store_true", help="trainer runs: CUDA graphs per decoder layer (one GPU)")
     ap.add_argument("--overlap-optimizer", action="store_true", help="trainer runs: AdamW stepped inside backward (one GPU)")
     ap.add_argument("--backend", default="", help="our BackendConfig as key=value,... (default: all auto)")
