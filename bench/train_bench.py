@@ -354,27 +354,46 @@ def _union_ms(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return [(a, b) for a, b in out]
 
 
+COMM_KINDS = {"reduce_scatter": ("reducescatter",), "all_gather": ("allgather",), "all_reduce": ("allreduce",),
+              "all_to_all": ("sendrecv", "alltoall"), "deepep": ("deep_ep",)}
+
+
+def _overlap_ms(spans: list[tuple[float, float]], other: list[tuple[float, float]]) -> float:
+    """Time (same unit) that the disjoint sorted `spans` share with the disjoint sorted `other`."""
+    total, j = 0.0, 0
+    for a, b in spans:
+        while j < len(other) and other[j][1] <= a:
+            j += 1
+        k = j
+        while k < len(other) and other[k][0] < b:
+            total += min(b, other[k][1]) - max(a, other[k][0])
+            k += 1
+    return total
+
+
 def comm_exposure(trace_path: str, steps: int) -> dict[str, float]:
-    """From a chrome trace: GPU time per step spent in communication kernels (NCCL, DeepEP), and the part of it
-    during which no compute kernel ran on any stream (exposed), in ms."""
+    """From a chrome trace: GPU time per step in communication kernels (NCCL, DeepEP) and the part of it during which
+    no compute kernel ran on any stream (exposed), in ms; also the exposed time of each kind of collective."""
     events = json.loads(Path(trace_path).read_text())["traceEvents"]
-    comm, compute = [], []
+    comm: dict[str, list] = {k: [] for k in COMM_KINDS}
+    compute = []
     for e in events:
         if e.get("cat") != "kernel" or "dur" not in e:
             continue
-        span = (float(e["ts"]), float(e["ts"]) + float(e["dur"]))
-        (comm if any(k in e["name"].lower() for k in COMM_KERNELS) else compute).append(span)
-    comm_u, comp_u = _union_ms(comm), _union_ms(compute)
-    overlap, j = 0.0, 0
-    for a, b in comm_u:  # both lists sorted and disjoint: sweep
-        while j < len(comp_u) and comp_u[j][1] <= a:
-            j += 1
-        k = j
-        while k < len(comp_u) and comp_u[k][0] < b:
-            overlap += min(b, comp_u[k][1]) - max(a, comp_u[k][0])
-            k += 1
-    total = sum(b - a for a, b in comm_u)
-    return {"comm_ms": round(total / 1e3 / steps, 2), "exposed_comm_ms": round((total - overlap) / 1e3 / steps, 2)}
+        span, name = (float(e["ts"]), float(e["ts"]) + float(e["dur"])), e["name"].lower()
+        kind = next((k for k, keys in COMM_KINDS.items() if any(x in name for x in keys)), None)
+        if kind is None and any(x in name for x in COMM_KERNELS):
+            kind = "deepep" if "nccl" not in name else "all_to_all"
+        (comm[kind] if kind else compute).append(span)
+    comp_u = _union_ms(compute)
+    all_u = _union_ms([s for spans in comm.values() for s in spans])
+    total = sum(b - a for a, b in all_u)
+    out = {"comm_ms": round(total / 1e3 / steps, 2), "exposed_comm_ms": round((total - _overlap_ms(all_u, comp_u)) / 1e3 / steps, 2)}
+    for kind, spans in comm.items():
+        u = _union_ms(spans)
+        if u:
+            out[f"exposed_{kind}_ms"] = round((sum(b - a for a, b in u) - _overlap_ms(u, comp_u)) / 1e3 / steps, 2)
+    return out
 
 
 def profile_steps(kind: str, gate: str, step_fn, device: torch.device, path: str) -> dict[str, float]:  # noqa: ANN001

@@ -25,7 +25,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from ..models.common.dispatch import RoutedRows, TokenDispatcher, expand_received, sum_pairs
+from ..models.backend import triton_ok
+from ..models.common.dispatch import RoutedRows, SlotRows, TokenDispatcher, expand_received, gather_slots, sum_slots
 
 
 class DispatcherError(ValueError):
@@ -83,10 +84,10 @@ class _AllToAllRowsAndMeta(torch.autograd.Function):
 
 
 class _SentRows:
-    """What `AllToAllDispatcher.combine` needs: the sent rows' tokens, the splits, and the receiver's pairs."""
+    """What `AllToAllDispatcher.combine` needs: the sent rows (token, rank slots), the splits, the receiver's pairs."""
 
-    def __init__(self, token: torch.Tensor, num_tokens: int, send: list[int], recv: list[int], pairs) -> None:  # noqa: ANN001
-        self.token, self.num_tokens, self.send, self.recv, self.pairs = token, num_tokens, send, recv, pairs
+    def __init__(self, sent: SlotRows, send: list[int], recv: list[int], pairs: SlotRows) -> None:
+        self.sent, self.send, self.recv, self.pairs = sent, send, recv, pairs
 
 
 class AllToAllDispatcher(TokenDispatcher):
@@ -119,19 +120,19 @@ class AllToAllDispatcher(TokenDispatcher):
         # rows in (destination rank, token) order: a stable sort puts the chosen (rank, token) cells first
         cells = torch.argsort((~in_rank.t()).reshape(-1).to(torch.int8), stable=True)[: sum(send)]
         dest, token = cells // T, cells % T
+        sent = SlotRows.build(token, dest, T, self.ep, triton_ok(x, "auto"))
         local = indices.index_select(0, token) - self._bounds_t.index_select(0, dest)[:, None]
         local = torch.where(owner.index_select(0, token) == dest[:, None], local, -1)
         meta = torch.cat([local.to(torch.float32), weights.index_select(0, token).float()], 1)  # ids exact in fp32
-        recv_x, recv_meta = _AllToAllRowsAndMeta.apply(x.index_select(0, token), meta, recv, send, self.group)
+        recv_x, recv_meta = _AllToAllRowsAndMeta.apply(gather_slots(x, sent), meta, recv, send, self.group)
         routed = expand_received(recv_x, recv_meta[:, :k].detach().long(), recv_meta[:, k:], self.num_local, num_pairs)
-        routed.state = _SentRows(token, T, send, recv, routed.state)
+        routed.state = _SentRows(sent, send, recv, routed.state)
         return routed
 
     def combine(self, y: torch.Tensor, routed: RoutedRows) -> torch.Tensor:
         st: _SentRows = routed.state
-        back = all_to_all(sum_pairs(y, st.pairs), st.send, st.recv, self.group)
-        out = torch.zeros(st.num_tokens, y.shape[1], dtype=torch.float32, device=y.device)
-        return out.index_add(0, st.token, back.float()).to(y.dtype)
+        back = all_to_all(sum_slots(y, st.pairs), st.send, st.recv, self.group)
+        return sum_slots(back, st.sent)
 
 
 # ---------------------------------------------------------------- DeepEP
@@ -226,7 +227,7 @@ class DeepEPDispatcher(TokenDispatcher):
 
     def combine(self, y: torch.Tensor, routed: RoutedRows) -> torch.Tensor:
         pairs, buffer, handle = routed.state
-        return _DeepEPCombine.apply(sum_pairs(y, pairs), buffer, handle)
+        return _DeepEPCombine.apply(sum_slots(y, pairs), buffer, handle)
 
 
 DISPATCHERS = ("auto", "alltoall", "deepep")

@@ -27,3 +27,18 @@ def test_train_bench_runs_every_kind_on_cpu() -> None:
         assert r["step_ms"] > 0 and r["tps"] > 0 and r["params_b"] > 0, r
         if not r["impl"].startswith("trainer"):
             assert r["step_loop_ms"] > 0 and r["gib_left_by_earlier_runs"] is None, r
+
+
+def test_comm_exposure_counts_only_communication_no_compute_overlaps(tmp_path) -> None:
+    """The exposed-communication figure of the EP profiles, on a hand-made trace: each kernel's span against the
+    union of compute kernels on any stream (CPU ops ignored)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import train_bench
+
+    kernels = [("ncclDevKernel_ReduceScatter_Sum_f32", 0, 100), ("sm90_gemm", 50, 100), ("void deep_ep::intranode::dispatch<2>", 200, 30),
+               ("ncclDevKernel_AllGather_RING_LL", 300, 40), ("elementwise", 320, 100)]
+    events = [{"cat": "kernel", "name": n, "ts": ts, "dur": d} for n, ts, d in kernels] + [{"cat": "cpu_op", "name": "nccl:all_gather", "ts": 0, "dur": 999}]
+    (tmp_path / "t.json").write_text(json.dumps({"traceEvents": events}))
+    got = train_bench.comm_exposure(str(tmp_path / "t.json"), steps=1)  # microseconds in, ms out
+    # RS 0-100 overlaps the GEMM 50-100: 50 exposed; DeepEP 30 exposed; AG 300-340 overlaps 320-340: 20 exposed
+    assert got == {"comm_ms": 0.17, "exposed_comm_ms": 0.1, "exposed_reduce_scatter_ms": 0.05, "exposed_all_gather_ms": 0.02, "exposed_deepep_ms": 0.03}

@@ -77,7 +77,7 @@ def _worker(rank: int, world: int) -> tuple:
     x.requires_grad_(True)
     w.requires_grad_(True)
     routed = mod.dispatcher.dispatch(x, idx, w)
-    sent = routed.state.token.numel()  # rows this rank sent (each a (token, rank) pair)
+    sent = routed.state.sent.token.numel()  # rows this rank sent (each a (token, rank) pair)
     out = mod.dispatcher.combine(mod.run_grouped(routed.x, routed.offsets, routed.expert_ids, routed.weights), routed)
     (out * (rank + 1)).sum().backward()
     owners = torch.bucketize(idx, torch.tensor(b[1:-1]), right=True)

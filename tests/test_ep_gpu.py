@@ -40,10 +40,9 @@ def _inputs(T: int = 512, H: int = 256, E: int = 16, k: int = 4):
 
 
 def _run(mod, dispatcher, x, idx, w):  # noqa: ANN001, ANN202
-    from automodel_convert.parallel.expert_parallel import _zoo_experts_fn
-
+    mod.dispatcher = dispatcher  # expert parallelism swaps the dispatcher; the experts' forward stays the same
     x = x.clone().requires_grad_(True)
-    out = dispatcher(x, idx, w.to(x.dtype), _zoo_experts_fn(mod, mod.gate_up_proj, mod.down_proj))
+    out = mod(x, idx, w.to(x.dtype))
     out.float().square().sum().backward()
     return out.float(), x.grad.float(), mod.gate_up_proj.grad.float(), mod.down_proj.grad.float()
 
@@ -63,11 +62,11 @@ def _close(got, ref) -> None:  # noqa: ANN001
 
 
 def test_local_dispatcher_grouped_path_matches_fp32_loop():
-    from automodel_convert.parallel.ep_dispatch import LocalDispatcher
+    from automodel_convert.models.common.dispatch import LocalDispatcher
 
     x, idx, w = _inputs()
     mod = _experts("grouped_mm", "triton", torch.bfloat16)
-    _close(_run(mod, LocalDispatcher(16), x.bfloat16(), idx, w), _reference(x, idx, w))
+    _close(_run(mod, LocalDispatcher(16, "triton"), x.bfloat16(), idx, w), _reference(x, idx, w))
 
 
 def test_alltoall_dispatcher_on_one_nccl_rank_matches_fp32_loop():

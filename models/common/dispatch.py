@@ -140,11 +140,53 @@ class LocalDispatcher(TokenDispatcher):
 
 
 @dataclass
-class ReceivedPairs:
-    """Received tokens expanded to (token, local expert) pairs, sorted by local expert."""
+class SlotRows:
+    """Rows that each belong to one of G groups of k slots (a received token's k experts, a token's ep ranks).
 
-    token: torch.Tensor  # [S] received-token row of each pair
-    num_received: int  # R, the received-token rows
+    `token[i]` is row i's group; `slots[g * k + j]` is the row in slot j of group g, or the number of rows (a zero
+    row) when that slot is empty. Expanding (`gather_slots`) and summing back (`sum_slots`) are then both gathers:
+    deterministic, no atomics, one fused Triton pass on CUDA.
+    """
+
+    token: torch.Tensor  # [S] group of each row
+    slots: torch.Tensor  # [G * k]
+    top_k: int
+    fused: bool
+
+    @staticmethod
+    def build(group: torch.Tensor, slot: torch.Tensor, num_groups: int, k: int, fused: bool) -> SlotRows:
+        """Rows whose group and slot are `group [S]`, `slot [S]`."""
+        n = group.numel()
+        slots = torch.full((num_groups * k,), n, dtype=torch.long, device=group.device)
+        slots.scatter_(0, group * k + slot, torch.arange(n, device=group.device))
+        return SlotRows(group, slots, k, fused)
+
+
+class _GatherSlots(torch.autograd.Function):
+    """`x[token]`; backward sums each group's row gradients by gathering (no atomics)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, pairs: SlotRows) -> torch.Tensor:  # noqa: ANN001
+        ctx.pairs = pairs
+        return x.index_select(0, pairs.token)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        p = ctx.pairs
+        return _sum_slots(torch.cat([grad, grad.new_zeros(1, grad.shape[1])]), p.slots, p.top_k, p.fused), None
+
+
+class _SumSlots(torch.autograd.Function):
+    """Rows -> one row per group (a gather-sum over its k slots); backward is a gather."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, pairs: SlotRows) -> torch.Tensor:  # noqa: ANN001
+        ctx.pairs = pairs
+        return _sum_slots(torch.cat([y, y.new_zeros(1, y.shape[1])]), pairs.slots, pairs.top_k, pairs.fused)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        return grad.index_select(0, ctx.pairs.token), None
 
 
 def expand_received(
@@ -153,7 +195,7 @@ def expand_received(
     """Tokens that arrived once per rank (`recv_x [R, H]`, `recv_idx [R, k]` local expert ids or -1 for experts on
     other ranks, `recv_weights [R, k]`) -> rows per (token, local expert) pair sorted by local expert. `num_pairs`
     (the count of ids >= 0, known on the host from the exchange that sized the transfer) spares a host sync.
-    `sum_pairs` is the matching first half of combine."""
+    `sum_pairs` is the matching first half of combine. Both directions are gathers: deterministic, no atomics."""
     k = recv_idx.shape[1]
     flat = recv_idx.reshape(-1)
     key = torch.where(flat >= 0, flat, num_local)  # other ranks' experts sort last and are cut off
@@ -161,13 +203,17 @@ def expand_received(
     sorted_ids, perm = sorted_ids[:num_pairs], perm[:num_pairs]
     bounds = torch.arange(num_local, device=flat.device, dtype=sorted_ids.dtype)
     offsets = torch.searchsorted(sorted_ids, bounds, right=True).to(torch.int32)
-    token = perm // k
-    xs = recv_x.index_select(0, token)
+    pairs = SlotRows.build(perm // k, perm % k, recv_x.shape[0], k, triton_ok(recv_x, "auto"))
+    xs = gather_slots(recv_x, pairs)
     row_weight = recv_weights.reshape(-1).index_select(0, perm).to(recv_x.dtype)
-    return RoutedRows(xs, offsets, sorted_ids, row_weight, ReceivedPairs(token, recv_x.shape[0]))
+    return RoutedRows(xs, offsets, sorted_ids, row_weight, pairs)
 
 
-def sum_pairs(y: torch.Tensor, pairs: ReceivedPairs) -> torch.Tensor:
-    """Weighted expert outputs per pair -> one row per received token (fp32 accumulation, then y's dtype)."""
-    out = torch.zeros(pairs.num_received, y.shape[1], dtype=torch.float32, device=y.device)
-    return out.index_add(0, pairs.token, y.float()).to(y.dtype)
+def gather_slots(x: torch.Tensor, rows: SlotRows) -> torch.Tensor:
+    """`x[rows.token]` (one row per slot in use); its backward sums by gathering."""
+    return _GatherSlots.apply(x, rows)
+
+
+def sum_slots(y: torch.Tensor, rows: SlotRows) -> torch.Tensor:
+    """One row per group: the sum of its rows (weighted expert outputs per pair -> one row per received token)."""
+    return _SumSlots.apply(y, rows)
