@@ -3,7 +3,8 @@
 - The DeepEP dispatcher against the all-to-all dispatcher over NCCL: the same experts (the zoo's grouped GEMM on this
   rank's `Shard(0)` slice, bf16), the same tokens: outputs and the gradients of tokens, routing weights and expert
   weights agree within bf16 tolerance; and both agree with a float32 one-process reference.
-- A 20-step EP=2 training run (trainer, random init, synthetic data) gives the same loss curve with both dispatchers.
+- A 20-step EP=2 training run (trainer, random init, synthetic random tokens, so the loss moves around ln(vocab) rather
+  than falling) gives the same loss curve, step for step, with both dispatchers.
 """
 
 from __future__ import annotations
@@ -71,11 +72,12 @@ def _close(a: torch.Tensor, b: torch.Tensor, name: str, rel: float = 2e-2) -> No
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("deep_ep"), reason="needs deep_ep (docs/DEEPEP.md)")
 def test_deepep_equals_alltoall_and_fp32_reference():
     results = run_ranks(_dispatch_worker, 2, timeout_s=300)
+    refs = [_run(rank, 2, "", torch.float32, True) for rank in range(2)]  # one process, every expert, float32
     for rank, res in enumerate(results):
-        ref = _run(rank, 2, "", torch.float32, True)  # one process, every expert, float32 (this process's GPU 0)
         b = (0, E // 2) if rank == 0 else (E // 2, E)
         for key in ("out", "dx", "dw", "d_gate_up", "d_down"):
-            r = ref[key][b[0] : b[1]] if key in ("d_gate_up", "d_down") else ref[key]
+            # tokens and routing weights are per rank; an expert's gradient sums every rank's tokens routed to it
+            r = (refs[0][key] + refs[1][key])[b[0] : b[1]] if key in ("d_gate_up", "d_down") else refs[rank][key]
             _close(res["deepep"][key], res["alltoall"][key], f"rank {rank} {key} deepep vs alltoall")
             _close(res["deepep"][key], r, f"rank {rank} {key} deepep vs fp32")
 
@@ -97,6 +99,6 @@ def test_twenty_step_loss_curve_matches_between_dispatchers(tmp_path):
     cfg.save_pretrained(tmp_path)
     curves = {d: run_ranks(_train_worker, 2, str(tmp_path), d, timeout_s=400)[0] for d in ("alltoall", "deepep")}
     a, b = curves["alltoall"], curves["deepep"]
-    assert len(a) == len(b) == 20 and a[-1] < a[0], curves
+    assert len(a) == len(b) == 20 and len({round(x, 4) for x in a}) > 10, curves  # the updates change the loss
     for i, (x, y) in enumerate(zip(a, b)):
         assert abs(x - y) <= 2e-2 * abs(x), (i, curves)
