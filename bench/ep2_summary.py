@@ -30,7 +30,7 @@ def rows_for(out: Path, layers: int) -> list[dict]:
     for f in sorted((out / f"nemo_{layers}l").glob("*.json")):
         r = json.loads(f.read_text())
         rows.append({"system": f"NeMo AutoModel ({r['dispatcher']})", "gate": "balanced" if r["balanced"] else "native", "step_ms": r["step_ms"],
-                     "tps": r["tokens_per_s_per_gpu"], "peak_gib": r.get("peak_gib_timed", r.get("peak_gib")), "tflops": r["tflops_per_gpu"]})
+                     "tps": r["tokens_per_s_per_gpu"], "peak_gib": r.get("peak_gib_max_over_ranks", r.get("peak_gib")), "tflops": r["tflops_per_gpu"]})
     return rows
 
 
