@@ -9,7 +9,8 @@ Contract:
   holder (a waiter that then locks an unlinked file notices and retries).
 - Staging is the hidden sibling `.<name>.partial-<pid>-<hex>`; long names are shortened (prefix + hash) so that the
   hidden names stay within the 255-byte file-name limit. Partials of processes that no longer exist are removed at
-  the next run (`clean_stale_partials`) and reported.
+  the next run (`clean_stale_partials`) and reported; an old destination moved aside by a killed fallback
+  `--overwrite` is put back if the destination is missing.
 - `commit(staging, dst, replace)` is the final step, with SIGINT/SIGTERM blocked:
   - no replacement: `renameat2(RENAME_NOREPLACE)` (a destination that appeared during the run makes it fail; the
     fallback without renameat2 is `link`-free: `mkdir`-probe then `rename`, which can only lose against a folder
@@ -26,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import fnmatch
 import hashlib
 import os
 import shutil
@@ -42,6 +44,19 @@ from .errors import ConvertError
 MAX_NAME = 255
 _TERMINATING = (signal.SIGINT, signal.SIGTERM)
 CHECKPOINT_MARKERS = ("config.json", "model.safetensors.index.json", "automodel_convert.json")
+CHECKPOINT_FILES = (
+    "*.safetensors",
+    "*.json",
+    "*.model",
+    "*.tiktoken",
+    "*.jinja",
+    "tokenizer*",
+    "merges.txt",
+    "vocab.txt",
+    "README*",
+    "LICENSE*",
+    ".gitattributes",
+)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -76,27 +91,49 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_partials(dst: Path) -> list[str]:
-    """Remove `.<dst>.partial-<pid>-*` folders whose writer process no longer exists; return their names."""
-    prefix = f"{hidden_stem(dst)}.partial-"
-    removed = []
+def _dead_writer_folders(dst: Path, kind: str) -> list[Path]:
+    """`.<dst>.<kind>-<pid>-*` folders whose writer process no longer exists."""
+    prefix = f"{hidden_stem(dst)}.{kind}-"
+    found = []
     for p in dst.parent.iterdir():
         if not p.name.startswith(prefix) or not p.is_dir() or p.is_symlink():
             continue
         pid_text = p.name[len(prefix) :].split("-", 1)[0]
-        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p.name)
-    return removed
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            found.append(p)
+    return found
+
+
+def clean_stale_partials(dst: Path) -> list[str]:
+    """Tidy up after killed runs; return what was done, one phrase each.
+
+    - `.<dst>.partial-<pid>-*` of dead processes: removed (incomplete output, or the old content after an exchange);
+    - `.<dst>.old-<pid>-*` of dead processes (a fallback --overwrite killed between its two renames): put back as
+      `dst` when `dst` is absent, else removed (the new checkpoint was already in place).
+    """
+    done = []
+    for p in _dead_writer_folders(dst, "partial"):
+        remove_tree(p)
+        done.append(f"removed the stale partial folder {p.name}")
+    for p in _dead_writer_folders(dst, "old"):
+        if not os.path.lexists(dst):
+            os.rename(p, dst)
+            done.append(f"restored {dst.name} from {p.name}, left by an interrupted --overwrite")
+        else:
+            remove_tree(p)
+            done.append(f"removed the stale old folder {p.name}")
+    return done
 
 
 def is_checkpoint_folder(folder: Path) -> bool:
-    """Safetensors shards plus a config, an index or our sidecar, and no sub-folders (what --overwrite may replace)."""
+    """What --overwrite may replace: safetensors shards plus a config, an index or our sidecar, no sub-folders, and
+    no file a checkpoint would not hold (`CHECKPOINT_FILES`: shards, JSON, tokenizer and template files, README)."""
     entries = list(folder.iterdir())
-    if any(p.is_dir() for p in entries):
+    if any(p.is_dir() and not p.is_symlink() for p in entries):
         return False
     names = {p.name for p in entries}
+    if not all(any(fnmatch.fnmatchcase(n, pat) for pat in CHECKPOINT_FILES) for n in names):
+        return False
     return any(n.endswith(".safetensors") for n in names) and any(m in names for m in CHECKPOINT_MARKERS)
 
 
@@ -245,7 +282,7 @@ def _replace(staging: Path, dst: Path) -> Path | None:
         return None
     if _rename2(staging, dst, RENAME_EXCHANGE):
         return staging
-    old = dst.parent / f"{hidden_stem(dst)}.partial-{os.getpid()}-old{uuid.uuid4().hex[:6]}"
+    old = dst.parent / f"{hidden_stem(dst)}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     commit_rename(dst, old)
     try:
         commit_rename(staging, dst)
@@ -280,9 +317,18 @@ def commit(staging: Path, dst: Path, replace: bool, force: bool = False) -> None
             COMMITTED.append(dst)
             fsync_dir(dst.parent)
             if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_tree(old)
     except KeyboardInterrupt as e:
         raise Interrupted(placed, dst) from e
+
+
+def remove_tree(folder: Path) -> None:
+    """rmtree that also removes a folder whose permission bits (copied from a read-only source) forbid writing."""
+    try:
+        os.chmod(folder, 0o700)
+    except OSError:
+        pass
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def fsync_dir(folder: Path) -> None:

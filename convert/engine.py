@@ -48,6 +48,7 @@ from .destination import (
     commit,
     destination_lock,
     fsync_dir,
+    remove_tree,
     signals_deferred,
     staging_path,
 )
@@ -353,7 +354,7 @@ def _sigterm_raises() -> Iterator[None]:
 def _remove_quietly(folder: Path) -> None:
     """Remove a staging folder; a second Ctrl-C / SIGTERM must not interrupt it."""
     with signals_deferred():
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_tree(folder)
 
 
 @contextmanager
@@ -371,10 +372,10 @@ def atomic_folder(
     if not dst.parent.is_dir():
         raise ConvertError(f"the parent folder of {str(dst)!r} does not exist; create it first")
     with destination_lock(dst):
+        tidied = clean_stale_partials(dst)  # first: it may put back a destination a killed run moved aside
+        if notes is not None:
+            notes.extend(tidied)
         check_destination(dst, source, overwrite, force)
-        stale = clean_stale_partials(dst)
-        if stale and notes is not None:
-            notes.append(f"removed {len(stale)} stale partial folder(s) left by killed runs: {', '.join(stale)}")
         staging = staging_path(dst)
         with _sigterm_raises():
             try:

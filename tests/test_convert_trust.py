@@ -193,7 +193,11 @@ def test_overwrite_replaces_only_checkpoint_folders(run_cli, src, merged, tmp_pa
     code, _, err = run_cli("merge", src, other, "--overwrite", "--force", "-q")
     assert code == 0, err
     assert not (other / "notes.txt").exists() and (other / "automodel_convert.json").exists()
-    # a checkpoint folder (written by us) is replaced with --overwrite alone
+    # a checkpoint folder (written by us) is replaced with --overwrite alone, but not with a stranger's file in it
+    (merged / "notes.txt").write_text("mine")
+    code, _, err = run_cli("merge", src, merged, "--overwrite", "-q")
+    assert code == 2 and "--force" in err and (merged / "notes.txt").exists()
+    (merged / "notes.txt").unlink()
     code, _, err = run_cli("merge", src, merged, "--overwrite", "-q")
     assert code == 0, err
     assert leftovers(tmp_path, "merged") == ["merged"] and leftovers(tmp_path, "other") == ["other"]
@@ -320,8 +324,7 @@ def test_failed_fallback_commit_restores_old_destination(merged, src, tmp_path, 
 
 
 def test_stale_partial_of_dead_process_is_cleaned(run_cli, src, tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    pid = int(dead.stdout)
+    pid = _dead_pid()
     stale = tmp_path / f".out.partial-{pid}-deadbeef"
     stale.mkdir()
     (stale / "model-00001-of-00001.safetensors").write_bytes(b"x" * 100)
@@ -333,6 +336,41 @@ def test_stale_partial_of_dead_process_is_cleaned(run_cli, src, tmp_path):
     assert "stale" in out + err
     shutil.rmtree(live)
     assert leftovers(tmp_path, "out") == ["out"]
+
+
+def _dead_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+
+
+def test_old_destination_of_killed_fallback_overwrite_is_restored(run_cli, src, merged, tmp_path):
+    """A fallback --overwrite killed (SIGKILL) between its two renames leaves the old checkpoint in `.merged.old-*`
+    and no destination: the next run puts it back before anything else, and says so."""
+    old_bytes = folder_bytes(merged)
+    aside = tmp_path / f".merged.old-{_dead_pid()}-0badf00d"
+    merged.rename(aside)
+    code, out, err = run_cli("merge", src, merged)
+    assert code == 2 and "exists" in err  # restored first, so without --overwrite it is not replaced
+    assert folder_bytes(merged) == old_bytes and not aside.exists()
+    merged.rename(aside)
+    code, out, err = run_cli("merge", src, merged, "--overwrite")
+    assert code == 0, err
+    assert "restored" in out and leftovers(tmp_path, "merged") == ["merged"]
+
+
+def test_signal_right_after_staging_is_made_leaves_nothing(src, tmp_path, monkeypatch):
+    import automodel_convert.convert.engine as engine
+    from automodel_convert.convert import merge
+
+    real = engine._make_staging
+
+    def made_then_interrupted(staging, dst):
+        real(staging, dst)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_make_staging", made_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        merge(src, tmp_path / "out")
+    assert leftovers(tmp_path, "out") == []
 
 
 # ---------------------------------------------------------------- item 6: a source rewritten during the run
