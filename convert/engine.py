@@ -245,11 +245,35 @@ def pwrite_all(fd: int, data: bytes | memoryview, off: int) -> None:
 
 
 def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int, what: str = "", hasher: Hasher | None = None) -> None:
-    """Copy `n` bytes between files at explicit offsets; with `hasher`, through user space and hashed on the way."""
-    if hasher is not None or n < SMALL_COPY or not _copy_file_range_ok:
+    """Copy `n` bytes between files at explicit offsets, hashing them into `hasher` when given.
+
+    Small pieces go through one buffer (hashed there, for free); large ones are copied in the kernel and hashed from
+    a second read of the source range (page cache) into one reused buffer, so no large copy allocates per chunk."""
+    if n < SMALL_COPY or not _copy_file_range_ok:
         _copy_via_buffer(src_fd, src_off, dst_fd, dst_off, n, what, hasher)
-    else:
-        _copy_in_kernel(src_fd, src_off, dst_fd, dst_off, n, what)
+        return
+    _copy_in_kernel(src_fd, src_off, dst_fd, dst_off, n, what)
+    if hasher is not None:
+        hash_source_range(src_fd, src_off, n, hasher, what)
+
+
+def hash_source_range(fd: int, off: int, n: int, hasher: Hasher, what: str) -> None:
+    buf = bytearray(min(n, CHUNK))
+    view = memoryview(buf)
+    done = 0
+    while done < n:
+        k = _source_preadv(fd, view[: min(n - done, len(buf))], off + done, what)
+        if k == 0:
+            raise ConvertError(f"source ended early while hashing {what}; the shard is truncated, re-download it")
+        hasher.update(view[:k])
+        done += k
+
+
+def _source_preadv(fd: int, view: memoryview, off: int, what: str) -> int:
+    try:
+        return os.preadv(fd, [view], off)
+    except OSError as e:
+        raise ConvertError(f"cannot read the source ({what}: {e.strerror or e}); check the source files and their disk") from e
 
 
 def _copy_via_buffer(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int, what: str, hasher: Hasher | None) -> None:
