@@ -416,6 +416,8 @@ def atomic_folder(
 ) -> Iterator[Path]:
     """Yield a staging folder that becomes `dst` only if the block completes (see `destination.py`)."""
     dst = Path(os.path.abspath(dst))
+    if not dst.name:
+        raise ConvertError(f"destination {str(dst)!r} is a filesystem root; write to a new folder")
     if not dst.parent.is_dir():
         raise ConvertError(f"the parent folder of {str(dst)!r} does not exist; create it first")
     with destination_lock(dst):
