@@ -451,7 +451,16 @@ def verify(
         files.close()
     checked, algorithm = _check_recorded_checksums(ckpt, mapping, mt, given, mismatches, window)
     return VerifyResult(
-        str(ckpt.root), mt, src_layout, via, len(back.outputs), compared, mismatches, time.perf_counter() - t0, checked, algorithm
+        str(ckpt.root),
+        mt,
+        src_layout,
+        via,
+        len(back.outputs),
+        compared,
+        mismatches,
+        time.perf_counter() - t0,
+        checked,
+        algorithm,
     )
 
 
@@ -479,7 +488,9 @@ def _check_recorded_checksums(
             if want is None:
                 mismatches.append(f"{t.name}: no checksum recorded at merge time")
             elif h.hexdigest() != want:
-                mismatches.append(f"{t.name}: checksum differs from the one recorded at merge time (the merged files changed)")
+                mismatches.append(
+                    f"{t.name}: checksum differs from the one recorded at merge time (the merged files changed)"
+                )
     finally:
         files.close()
     return len(plan.outputs), sums["algorithm"]
@@ -532,7 +543,9 @@ def inspect(
     # expert tensors: the fused groups, plus the mapping's `expert_tensors` (types stored as the model holds them:
     # gpt_oss, llama4, dbrx, jetmoe; MXFP4 blocks/scales), all sharded along dim 0 by expert parallelism
     templates = [Template(x) for x in mapping.expert_tensors]
-    expert_outs = [t for t in plan.outputs if t.group is not None or (t.shape and any(x.match(t.name) for x in templates))]
+    expert_outs = [
+        t for t in plan.outputs if t.group is not None or (t.shape and any(x.match(t.name) for x in templates))
+    ]
     expert_bytes = sum(t.nbytes for t in expert_outs)
     info = {
         "source": str(ckpt.root),
@@ -594,7 +607,9 @@ def _index_source(src: str | Path, revision: str | None) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(text, revision=revision, allow_patterns=["config.json", "*.safetensors.index.json"]))
+        return Path(
+            snapshot_download(text, revision=revision, allow_patterns=["config.json", "*.safetensors.index.json"])
+        )
     except Exception as e:  # noqa: BLE001 - hub errors vary; the message says what to do
         raise ConvertError(
             f"cannot fetch config.json and {INDEX_NAME} of {text!r} from the hub ({type(e).__name__}); check the name, log in, or download them"
@@ -607,7 +622,9 @@ def index_keys(folder: Path, *, require_config: bool = True) -> tuple[list[str],
     if (folder / "config.json").exists():
         config = _load_json(folder / "config.json", "config.json")
     elif require_config:
-        raise ConvertError(f"{folder} has no config.json; copy the model's config.json next to the index or pass --model-type")
+        raise ConvertError(
+            f"{folder} has no config.json; copy the model's config.json next to the index or pass --model-type"
+        )
     if (folder / INDEX_NAME).exists():
         wm = _load_json(folder / INDEX_NAME, "the safetensors index").get("weight_map")
         if not isinstance(wm, dict) or not wm:
@@ -675,7 +692,9 @@ def plan_from_index(
     missing = [k for k in keys if k not in shapes]
     extra = sorted(set(shapes) - set(keys))
     if missing or extra:
-        raise ConvertError(f"shapes do not match the index: {len(missing)} keys without a shape (e.g. {missing[:1]}), {len(extra)} unknown (e.g. {extra[:1]})")
+        raise ConvertError(
+            f"shapes do not match the index: {len(missing)} keys without a shape (e.g. {missing[:1]}), {len(extra)} unknown (e.g. {extra[:1]})"
+        )
     target = _layout_arg(layout, (Layout.PER_EXPERT, Layout.FUSED, Layout.TRANSPOSED), "--layout")
     ckpt = checkpoint_from_shapes(folder, config, {k: shapes[k] for k in keys})
     return plan_conversion(ckpt, get_mapping(mt), target, naming=naming, model_type=mt)

@@ -62,7 +62,9 @@ class Checkpoint:
             try:
                 st = os.stat(self.path(file))
             except OSError as e:
-                raise ConvertError(f"source shard {file!r} disappeared while it was being converted ({e.strerror}); run again on a stable copy") from e
+                raise ConvertError(
+                    f"source shard {file!r} disappeared while it was being converted ({e.strerror}); run again on a stable copy"
+                ) from e
             self.check_file(file, st)
 
 
@@ -95,7 +97,9 @@ def _safe_shard_name(root: Path, name: object) -> str:
         raise ConvertError(f"{root / INDEX_NAME}: weight_map has a non-string file name {name!r}; fix the index")
     p = PurePosixPath(name)
     if p.is_absolute() or "\\" in name or any(part in ("..", "") for part in p.parts) or name.startswith("~"):
-        raise ConvertError(f"{root / INDEX_NAME}: shard path {name!r} escapes the checkpoint folder; the index must name files inside it")
+        raise ConvertError(
+            f"{root / INDEX_NAME}: shard path {name!r} escapes the checkpoint folder; the index must name files inside it"
+        )
     return name
 
 
@@ -104,7 +108,9 @@ def open_checkpoint(root: str | Path, *, require_config: bool = True) -> Checkpo
     if not root.exists():
         raise ConvertError(f"source {str(root)!r} does not exist; give a checkpoint folder or a hub repo id")
     if not root.is_dir():
-        raise ConvertError(f"source {str(root)!r} is not a folder; give the folder that holds config.json and the safetensors shards")
+        raise ConvertError(
+            f"source {str(root)!r} is not a folder; give the folder that holds config.json and the safetensors shards"
+        )
     shard_paths = sorted(p.name for p in root.iterdir() if p.is_file() and p.name.endswith(".safetensors"))
     index_path = root / INDEX_NAME
     if not shard_paths and not index_path.exists():
@@ -113,13 +119,17 @@ def open_checkpoint(root: str | Path, *, require_config: bool = True) -> Checkpo
             raise ConvertError(
                 f"{root} holds only pickle checkpoints ({', '.join(pickles[:3])}); automodel-convert never unpickles: convert them to safetensors first (transformers: model.save_pretrained(dir))"
             )
-        raise ConvertError(f"no .safetensors files in {root}; point at a checkpoint folder that holds safetensors shards")
+        raise ConvertError(
+            f"no .safetensors files in {root}; point at a checkpoint folder that holds safetensors shards"
+        )
 
     config: dict = {}
     if (root / "config.json").exists():
         config = _load_json(root / "config.json", "config.json")
     elif require_config:
-        raise ConvertError(f"{root} has no config.json; copy the model's config.json next to the shards or pass --model-type")
+        raise ConvertError(
+            f"{root} has no config.json; copy the model's config.json next to the shards or pass --model-type"
+        )
 
     index_metadata = None
     weight_map: dict[str, str] | None = None
@@ -133,7 +143,9 @@ def open_checkpoint(root: str | Path, *, require_config: bool = True) -> Checkpo
         shard_names = sorted(set(weight_map.values()))
         for name in shard_names:
             if not (root / name).is_file():
-                raise ConvertError(f"{index_path} names shard {name!r}, which is missing; re-download it or fix the index")
+                raise ConvertError(
+                    f"{index_path} names shard {name!r}, which is missing; re-download it or fix the index"
+                )
     else:
         shard_names = shard_paths
 
@@ -151,12 +163,16 @@ def open_checkpoint(root: str | Path, *, require_config: bool = True) -> Checkpo
                     f"{name}: tensor {t.name!r} is {'indexed under ' + repr(where) if where else 'not in the index'}; the index is stale: regenerate it"
                 )
             if t.name in tensors:
-                raise ConvertError(f"tensor {t.name!r} is stored twice ({tensors[t.name].file} and {name}); remove the duplicate shard")
+                raise ConvertError(
+                    f"tensor {t.name!r} is stored twice ({tensors[t.name].file} and {name}); remove the duplicate shard"
+                )
             tensors[t.name] = t
     if weight_map is not None:
         missing = [k for k in weight_map if k not in tensors]
         if missing:
-            raise ConvertError(f"{index_path}: {len(missing)} indexed tensors are missing from their shards (e.g. {missing[0]!r} in {weight_map[missing[0]]}); re-download the shards")
+            raise ConvertError(
+                f"{index_path}: {len(missing)} indexed tensors are missing from their shards (e.g. {missing[0]!r} in {weight_map[missing[0]]}); re-download the shards"
+            )
 
     sidecar = _load_json(root / SIDECAR_NAME, SIDECAR_NAME) if (root / SIDECAR_NAME).exists() else None
     if sidecar is not None:
@@ -192,18 +208,32 @@ def _check_original(original: object) -> None:
         _need(name not in seen, f"recorded shard name {name!r} appears twice")
         seen.add(name)
         keys = f.get("keys")
-        _need(isinstance(keys, list) and all(isinstance(k, str) for k in keys), f"shard {name!r} has no list of tensor names")
-        _need(f.get("metadata") is None or _is_str_map(f.get("metadata")), f"shard {name!r} has metadata that is not strings")
+        _need(
+            isinstance(keys, list) and all(isinstance(k, str) for k in keys),
+            f"shard {name!r} has no list of tensor names",
+        )
+        _need(
+            f.get("metadata") is None or _is_str_map(f.get("metadata")),
+            f"shard {name!r} has metadata that is not strings",
+        )
     _need(isinstance(original.get("has_index", True), bool), "`original.has_index` is not true/false")
-    _need(original.get("index_text") is None or isinstance(original.get("index_text"), str), "`original.index_text` is not text")
-    _need(original.get("index_metadata") is None or isinstance(original.get("index_metadata"), dict), "`original.index_metadata` is not an object")
+    _need(
+        original.get("index_text") is None or isinstance(original.get("index_text"), str),
+        "`original.index_text` is not text",
+    )
+    _need(
+        original.get("index_metadata") is None or isinstance(original.get("index_metadata"), dict),
+        "`original.index_metadata` is not an object",
+    )
 
 
 def _check_parts(parts: object) -> None:
     _need(isinstance(parts, dict), "`parts` is not an object")
     for name, shapes in parts.items():
-        ok = isinstance(shapes, list) and bool(shapes) and all(
-            isinstance(s, list) and all(type(d) is int and d >= 0 for d in s) for s in shapes
+        ok = (
+            isinstance(shapes, list)
+            and bool(shapes)
+            and all(isinstance(s, list) and all(type(d) is int and d >= 0 for d in s) for s in shapes)
         )
         _need(ok, f"`parts` of {name!r} is not a list of shapes")
 
@@ -219,7 +249,9 @@ def validate_sidecar(sidecar: dict, path: Path) -> None:
         for field_name in ("layout", "original_layout"):
             value = sidecar.get(field_name)
             _need(value is None or value in {x.value for x in Layout}, f"`{field_name}` {value!r} is not a layout")
-        _need(sidecar.get("model_type") is None or isinstance(sidecar.get("model_type"), str), "`model_type` is not text")
+        _need(
+            sidecar.get("model_type") is None or isinstance(sidecar.get("model_type"), str), "`model_type` is not text"
+        )
         if sidecar.get("original") is not None:
             _check_original(sidecar["original"])
         if sidecar.get("parts") is not None:
@@ -227,7 +259,9 @@ def validate_sidecar(sidecar: dict, path: Path) -> None:
         if sidecar.get("checksums") is not None:
             _check_checksums(sidecar["checksums"])
     except _Bad as e:
-        raise ConvertError(f"{path}: {e}; the sidecar was edited or is corrupt: restore it from the merge output, or delete it to split by model type") from e
+        raise ConvertError(
+            f"{path}: {e}; the sidecar was edited or is corrupt: restore it from the merge output, or delete it to split by model type"
+        ) from e
 
 
 def model_type_of(ckpt: Checkpoint, override: str | None) -> str:

@@ -176,7 +176,9 @@ def destination_lock(dst: Path) -> Iterator[None]:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
-            raise ConvertError(f"cannot create the lock file {str(path)!r} ({e.strerror}); choose a writable destination") from e
+            raise ConvertError(
+                f"cannot create the lock file {str(path)!r} ({e.strerror}); choose a writable destination"
+            ) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -185,7 +187,9 @@ def destination_lock(dst: Path) -> Iterator[None]:
                 raise ConvertError(
                     f"another automodel-convert run is writing {str(dst)!r} (lock {path.name}); wait for it or choose another destination"
                 ) from e
-            raise ConvertError(f"cannot lock {str(path)!r} ({e.strerror}); choose a destination on a local filesystem") from e
+            raise ConvertError(
+                f"cannot lock {str(path)!r} ({e.strerror}); choose a destination on a local filesystem"
+            ) from e
         if _same_file(fd, path):
             break
         os.close(fd)  # the holder removed the file after we opened it: lock the new one
@@ -269,9 +273,13 @@ def _place_new(staging: Path, dst: Path) -> None:
         if _rename2(staging, dst, RENAME_NOREPLACE):
             return
     except FileExistsError as e:
-        raise ConvertError(f"destination {str(dst)!r} appeared while this run was writing; it was left as it is, run again to a new folder") from e
+        raise ConvertError(
+            f"destination {str(dst)!r} appeared while this run was writing; it was left as it is, run again to a new folder"
+        ) from e
     if os.path.lexists(dst):
-        raise ConvertError(f"destination {str(dst)!r} appeared while this run was writing; it was left as it is, run again to a new folder")
+        raise ConvertError(
+            f"destination {str(dst)!r} appeared while this run was writing; it was left as it is, run again to a new folder"
+        )
     commit_rename(staging, dst)
 
 
@@ -288,7 +296,9 @@ def _replace(staging: Path, dst: Path) -> Path | None:
         commit_rename(staging, dst)
     except OSError as e:
         os.rename(old, dst)
-        raise ConvertError(f"could not move the new checkpoint into {str(dst)!r} ({e.strerror}); the destination is unchanged") from e
+        raise ConvertError(
+            f"could not move the new checkpoint into {str(dst)!r} ({e.strerror}); the destination is unchanged"
+        ) from e
     return old
 
 

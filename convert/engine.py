@@ -105,7 +105,17 @@ def parse_size(text: str | int) -> int:
     if isinstance(text, int):
         return text
     t = text.strip().upper().replace(" ", "")
-    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    units = {
+        "KIB": 1 << 10,
+        "MIB": 1 << 20,
+        "GIB": 1 << 30,
+        "TIB": 1 << 40,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "B": 1,
+    }
     num, m = t, 1
     for unit, mult in units.items():
         if t.endswith(unit):
@@ -116,7 +126,9 @@ def parse_size(text: str | int) -> int:
     except ValueError as e:
         raise ConvertError(f"--max-shard-size {text!r} is not a size; use e.g. 5GB, 500MB or 2GiB") from e
     if not math.isfinite(val) or val < 1 or val > 1 << 62:
-        raise ConvertError(f"--max-shard-size {text!r} must be a finite size of at least 1 byte; use e.g. 5GB, 500MB or 2GiB")
+        raise ConvertError(
+            f"--max-shard-size {text!r} must be a finite size of at least 1 byte; use e.g. 5GB, 500MB or 2GiB"
+        )
     return int(val)
 
 
@@ -131,7 +143,10 @@ def shard_by_size(tensors: list[OutTensor], max_bytes: int, metadata: dict[str, 
         groups[-1].append(t)
         size += t.nbytes
     n = len(groups)
-    files = [OutFile(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g, dict(metadata) if metadata else None) for i, g in enumerate(groups)]
+    files = [
+        OutFile(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g, dict(metadata) if metadata else None)
+        for i, g in enumerate(groups)
+    ]
     return FileLayout(files, write_index=True)
 
 
@@ -144,15 +159,21 @@ def restore_layout(tensors: list[OutTensor], original: dict) -> FileLayout:
         ts = []
         for k in f["keys"]:
             if k not in by_name:
-                raise ConvertError(f"the recorded original layout names {k!r}, which this conversion does not produce; pass --no-restore to shard afresh")
+                raise ConvertError(
+                    f"the recorded original layout names {k!r}, which this conversion does not produce; pass --no-restore to shard afresh"
+                )
             ts.append(by_name[k])
             used.add(k)
         files.append(OutFile(f["name"], ts, f.get("metadata")))
     extra = [t.name for t in tensors if t.name not in used]
     if extra:
         raise ConvertError(f"{extra[0]!r} is not in the recorded original layout; pass --no-restore to shard afresh")
-    return FileLayout(files, write_index=bool(original.get("has_index", True)), index_metadata=dict(original.get("index_metadata") or {}),
-                      index_text=original.get("index_text"))
+    return FileLayout(
+        files,
+        write_index=bool(original.get("has_index", True)),
+        index_metadata=dict(original.get("index_metadata") or {}),
+        index_text=original.get("index_text"),
+    )
 
 
 def record_original(ckpt: Checkpoint) -> dict:
@@ -164,7 +185,10 @@ def record_original(ckpt: Checkpoint) -> dict:
         "has_index": ckpt.has_index,
         "index_text": index_text,
         "index_metadata": ckpt.index_metadata,
-        "files": [{"name": name, "metadata": h.metadata, "keys": [t.name for t in h.tensors]} for name, h in ckpt.files.items()],
+        "files": [
+            {"name": name, "metadata": h.metadata, "keys": [t.name for t in h.tensors]}
+            for name, h in ckpt.files.items()
+        ],
     }
 
 
@@ -181,7 +205,9 @@ def read_source(fd: int, n: int, off: int, what: str) -> bytes:
     try:
         return _source_pread(fd, n, off)
     except OSError as e:
-        raise ConvertError(f"cannot read the source ({what}: {e.strerror or e}); check the source files and their disk") from e
+        raise ConvertError(
+            f"cannot read the source ({what}: {e.strerror or e}); check the source files and their disk"
+        ) from e
 
 
 class SourceFiles:
@@ -202,7 +228,9 @@ class SourceFiles:
                 try:
                     fd = os.open(self.ckpt.path(file), os.O_RDONLY | os.O_CLOEXEC)
                 except OSError as e:
-                    raise ConvertError(f"cannot open the source shard {file!r} ({e.strerror}); it was moved or deleted during the run") from e
+                    raise ConvertError(
+                        f"cannot open the source shard {file!r} ({e.strerror}); it was moved or deleted during the run"
+                    ) from e
                 self._fds[file] = fd
                 self.ckpt.check_file(file, os.fstat(fd))
             return self._fds[file]
@@ -217,7 +245,9 @@ class SourceFiles:
         while len(out) < n:
             b = read_source(fd, min(n - len(out), CHUNK * 4), pos + len(out), self.ckpt.tensors[key].file)
             if not b:
-                raise ConvertError(f"{self.ckpt.tensors[key].file}: ended early while reading {key!r}; the shard is truncated, re-download it")
+                raise ConvertError(
+                    f"{self.ckpt.tensors[key].file}: ended early while reading {key!r}; the shard is truncated, re-download it"
+                )
             out += b
         with self._lock:
             self.bytes_read += n
@@ -244,7 +274,9 @@ def pwrite_all(fd: int, data: bytes | memoryview, off: int) -> None:
         view, off = view[k:], off + k
 
 
-def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int, what: str = "", hasher: Hasher | None = None) -> None:
+def copy_range(
+    src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int, what: str = "", hasher: Hasher | None = None
+) -> None:
     """Copy `n` bytes between files at explicit offsets, hashing them into `hasher` when given.
 
     Small pieces go through one buffer (hashed there, for free); large ones are copied in the kernel and hashed from
@@ -273,10 +305,14 @@ def _source_preadv(fd: int, view: memoryview, off: int, what: str) -> int:
     try:
         return os.preadv(fd, [view], off)
     except OSError as e:
-        raise ConvertError(f"cannot read the source ({what}: {e.strerror or e}); check the source files and their disk") from e
+        raise ConvertError(
+            f"cannot read the source ({what}: {e.strerror or e}); check the source files and their disk"
+        ) from e
 
 
-def _copy_via_buffer(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int, what: str, hasher: Hasher | None) -> None:
+def _copy_via_buffer(
+    src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int, what: str, hasher: Hasher | None
+) -> None:
     done = 0
     while done < n:
         buf = read_source(src_fd, min(n - done, CHUNK), src_off + done, what)
@@ -449,7 +485,9 @@ def _make_staging(staging: Path, dst: Path) -> None:
 
 
 def _no_space(e: OSError, dst: Path) -> ConvertError:
-    return ConvertError(f"no space left while writing {str(dst)!r} ({e.strerror}); free disk space or choose another destination (nothing was left behind)")
+    return ConvertError(
+        f"no space left while writing {str(dst)!r} ({e.strerror}); free disk space or choose another destination (nothing was left behind)"
+    )
 
 
 def _write_error(e: OSError, dst: Path) -> ConvertError:
@@ -492,7 +530,9 @@ def copy_extra_files(src: Path, staging: Path, skip: set[str] | None = None) -> 
             copy_extra_file(p, staging / p.name)
         except OSError as e:
             if e.filename is not None and Path(e.filename) == p:
-                raise ConvertError(f"cannot read the source file {p.name!r} ({e.strerror}); check its permissions and disk, or remove it from the source") from e
+                raise ConvertError(
+                    f"cannot read the source file {p.name!r} ({e.strerror}); check its permissions and disk, or remove it from the source"
+                ) from e
             raise
         copied.append(p.name)
     return copied
@@ -615,7 +655,9 @@ def _check_outputs(staging: Path, layout: FileLayout, placed: dict[str, tuple[st
                 got = _hash_written(staging / placed[t.name][0], placed[t.name][1], t.nbytes, digests.algorithm)
             want = digests.expected.get(t.name)
             if want is None:
-                raise ConvertError(f"automodel_convert.json has no checksum for {t.name!r}; the sidecar is incomplete, pass --no-restore")
+                raise ConvertError(
+                    f"automodel_convert.json has no checksum for {t.name!r}; the sidecar is incomplete, pass --no-restore"
+                )
             if got != want:
                 raise ConvertError(
                     f"{t.name!r} does not match the checksum recorded at merge time: the merged checkpoint is corrupt (run `automodel-convert verify` on it); nothing was written"
@@ -636,7 +678,9 @@ def _hash_written(path: Path, start: int, n: int, algorithm: str) -> str:
     return h.hexdigest()
 
 
-def _open_outputs(staging: Path, layout: FileLayout, file_mode: int, fds: list[int]) -> tuple[list[list[Task]], dict[str, tuple[str, int]], int]:
+def _open_outputs(
+    staging: Path, layout: FileLayout, file_mode: int, fds: list[int]
+) -> tuple[list[list[Task]], dict[str, tuple[str, int]], int]:
     """Create every output shard (header written, full size allocated); their tasks, tensor placements, bytes."""
     per_file: list[list[Task]] = []
     placed: dict[str, tuple[str, int]] = {}
@@ -655,7 +699,9 @@ def _open_outputs(staging: Path, layout: FileLayout, file_mode: int, fds: list[i
     return per_file, placed, total
 
 
-def _run_pool(tasks: list[Task], workers: int, files: SourceFiles, digests: Digests, progress: Callable[[int], None] | None) -> None:
+def _run_pool(
+    tasks: list[Task], workers: int, files: SourceFiles, digests: Digests, progress: Callable[[int], None] | None
+) -> None:
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
     try:
         for _ in pool.map(lambda task: _run_task(task, files, digests, progress), tasks):
@@ -734,7 +780,9 @@ def write_checkpoint(
     finally:
         files.close()
     checks = digests.sources.sidecar_block() if digests.sources is not None else None
-    return WriteResult([of.name for of in layout.files], sum(len(of.tensors) for of in layout.files), total, copied, notes, checks)
+    return WriteResult(
+        [of.name for of in layout.files], sum(len(of.tensors) for of in layout.files), total, copied, notes, checks
+    )
 
 
 def _check_names(layout: FileLayout, extra_files: dict[str, bytes] | None) -> None:
@@ -745,7 +793,9 @@ def _check_names(layout: FileLayout, extra_files: dict[str, bytes] | None) -> No
         if not is_plain_file_name(name):
             raise ConvertError(f"refusing to write {name!r}: output files must be plain names inside the destination")
     if len(set(names)) != len(names):
-        raise ConvertError("two output files would have the same name; the recorded layout is corrupt, pass --no-restore")
+        raise ConvertError(
+            "two output files would have the same name; the recorded layout is corrupt, pass --no-restore"
+        )
 
 
 def _coalesce(pieces: list) -> list:
@@ -776,4 +826,3 @@ def tensor_from_pieces(files: SourceFiles, t: OutTensor, dtype: torch.dtype) -> 
     if t.nbytes == 0:
         return torch.empty(t.shape, dtype=dtype)
     return torch.frombuffer(buf, dtype=dtype).reshape(t.shape)
-

@@ -114,13 +114,17 @@ def _fmt_keys(keys: list[str], n: int = 2) -> str:
     return ", ".join(repr(k) for k in keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
-def _chunk_shapes(group: ExpertGroup, layout: Layout, expert_shape: Shape, recorded: list | None, key: str) -> list[Shape]:
+def _chunk_shapes(
+    group: ExpertGroup, layout: Layout, expert_shape: Shape, recorded: list | None, key: str
+) -> list[Shape]:
     """Part shapes of one expert of a fused tensor: recorded by us (checked against the tensor), or equal chunks of
     the fused output dim."""
     if recorded is not None:
         shapes = [tuple(s) for s in recorded]
         try:
-            fits = len(shapes) == len(group.parts) and group.chain(layout, shapes).out_shapes(shapes)[0] == tuple(expert_shape)
+            fits = len(shapes) == len(group.parts) and group.chain(layout, shapes).out_shapes(shapes)[0] == tuple(
+                expert_shape
+            )
         except (ValueError, IndexError):
             fits = False
         if not fits:
@@ -134,14 +138,18 @@ def _chunk_shapes(group: ExpertGroup, layout: Layout, expert_shape: Shape, recor
     out_dim = 0 if layout is Layout.FUSED else 1
     total = expert_shape[out_dim]
     if total % n:
-        raise MappingError(f"fused tensor {key!r}: dim {out_dim + 1} ({total}) does not split into {n} equal parts; the checkpoint is not in the {layout} layout")
+        raise MappingError(
+            f"fused tensor {key!r}: dim {out_dim + 1} ({total}) does not split into {n} equal parts; the checkpoint is not in the {layout} layout"
+        )
     # Canonical parts are F.linear [out, in] (or any [out, ...] for the fused layout); the fused layouts are
     # cat(parts, 0) (+ a transpose).
     inner = tuple(expert_shape[1:]) if layout is Layout.FUSED else (expert_shape[1 - out_dim],)
     base = [(total // n, *inner)] * n
     chain = group.chain(layout, base)
     if chain.out_shapes(base)[0] != tuple(expert_shape):
-        raise MappingError(f"fused tensor {key!r}: shape {list(expert_shape)} does not fit the {layout} layout of its group")
+        raise MappingError(
+            f"fused tensor {key!r}: shape {list(expert_shape)} does not fit the {layout} layout of its group"
+        )
     return base
 
 
@@ -177,7 +185,9 @@ def plan_conversion(
         mk = mapping.to_model_key(key)
         back = mapping.to_disk_key(mk)
         if back != key and mapping.to_model_key(back) != mk:
-            raise MappingError(f"key {key!r} renames to {mk!r}, which does not rename back; the {model_type} mapping cannot convert this checkpoint")
+            raise MappingError(
+                f"key {key!r} renames to {mk!r}, which does not rename back; the {model_type} mapping cannot convert this checkpoint"
+            )
         if mk in seen:
             raise MappingError(f"keys {seen[mk]!r} and {key!r} both map to {mk!r}; the checkpoint mixes naming schemes")
         seen[mk] = key
@@ -225,13 +235,19 @@ def plan_conversion(
     recorded = _layout_from_records(ckpt)
     if stacked_pe:
         if user_layout not in (None, Layout.PER_EXPERT):
-            raise MappingError(f"--source-layout {user_layout}, but the checkpoint's expert keys are per-expert; drop --source-layout")
+            raise MappingError(
+                f"--source-layout {user_layout}, but the checkpoint's expert keys are per-expert; drop --source-layout"
+            )
         source_layout = Layout.PER_EXPERT
     elif stacked_fk:
-        fused_shapes = [(groups[i[0]], ckpt.tensors[fused_keys[i]]) for i in stacked_fk if groups[i[0]] in mapping.groups]
+        fused_shapes = [
+            (groups[i[0]], ckpt.tensors[fused_keys[i]]) for i in stacked_fk if groups[i[0]] in mapping.groups
+        ]
         source_layout = fused_orientation(ckpt, mapping, fused_shapes, recorded, user_layout)
     else:
-        source_layout = recorded or (Layout.PER_EXPERT if mapping.groups and mapping.disk_layout is Layout.PER_EXPERT else mapping.disk_layout)
+        source_layout = recorded or (
+            Layout.PER_EXPERT if mapping.groups and mapping.disk_layout is Layout.PER_EXPERT else mapping.disk_layout
+        )
         if any(g.stacked for g in mapping.groups):
             raise MappingError(
                 f"no expert tensors of model_type {model_type!r} found (expected keys like {mapping.groups[0].parts[0]!r} or {mapping.groups[0].fused!r}); check --model-type"
@@ -253,15 +269,23 @@ def plan_conversion(
             missing = _first_missing(experts, n_exp)
             extra = [e for e in present if e >= n_exp]
             if missing or extra:
-                what = f"missing expert(s) {missing}" if missing else f"expert index(es) {extra[:5]} beyond num_experts={n_exp}"
-                raise MappingError(f"{fused_name!r}: {what} (found {len(present)} of num_experts={n_exp}); the checkpoint is incomplete or its config is wrong")
+                what = (
+                    f"missing expert(s) {missing}"
+                    if missing
+                    else f"expert index(es) {extra[:5]} beyond num_experts={n_exp}"
+                )
+                raise MappingError(
+                    f"{fused_name!r}: {what} (found {len(present)} of num_experts={n_exp}); the checkpoint is incomplete or its config is wrong"
+                )
             shapes: list[Shape] | None = None
             dtype = None
             for e in range(n_exp):
                 slot = experts[e]
                 if len(slot) != len(g.parts):
                     miss = [g.part_templates[p].format(**caps, expert=e) for p in range(len(g.parts)) if p not in slot]
-                    raise MappingError(f"{fused_name!r}: expert {e} lacks {_fmt_keys(miss)}; the checkpoint is incomplete")
+                    raise MappingError(
+                        f"{fused_name!r}: expert {e} lacks {_fmt_keys(miss)}; the checkpoint is incomplete"
+                    )
                 infos = [ckpt.tensors[slot[p]] for p in range(len(g.parts))]
                 s = [t.shape for t in infos]
                 if shapes is None:
@@ -276,7 +300,14 @@ def plan_conversion(
                 g.chain(Layout.FUSED, shapes)
             except ValueError as e:
                 raise MappingError(f"{fused_name!r}: parts cannot be fused ({e})") from e
-            gi = GroupInstance(g, caps, n_exp, shapes, dtype, parts={e: [experts[e][p] for p in range(len(g.parts))] for e in range(n_exp)})
+            gi = GroupInstance(
+                g,
+                caps,
+                n_exp,
+                shapes,
+                dtype,
+                parts={e: [experts[e][p] for p in range(len(g.parts))] for e in range(n_exp)},
+            )
             instances.append(gi)
             first_key_of_inst[inst] = min((k for e in experts.values() for k in e.values()), key=_order_index(ckpt))
     if fused_keys:
@@ -294,7 +325,9 @@ def plan_conversion(
                 raise MappingError(f"fused tensor {key!r} has shape {list(info.shape)}; expected [experts, ...]")
             n_exp = info.shape[0]
             if cfg_experts is not None and n_exp != cfg_experts:
-                raise MappingError(f"fused tensor {key!r} holds {n_exp} experts but the config says {cfg_experts}; the checkpoint and config disagree")
+                raise MappingError(
+                    f"fused tensor {key!r} holds {n_exp} experts but the config says {cfg_experts}; the checkpoint and config disagree"
+                )
             shapes = _chunk_shapes(g, source_layout, info.shape[1:], recorded_parts.get(fused_model_name), key)
             instances.append(GroupInstance(g, caps, n_exp, shapes, info.dtype, fused_key=key))
             first_key_of_inst[inst] = key
@@ -327,14 +360,20 @@ def plan_conversion(
 
 
 def fused_orientation(
-    ckpt: Checkpoint, mapping: MoEMapping, fused: list[tuple[ExpertGroup, TensorInfo]], recorded: Layout | None, user: Layout | None
+    ckpt: Checkpoint,
+    mapping: MoEMapping,
+    fused: list[tuple[ExpertGroup, TensorInfo]],
+    recorded: Layout | None,
+    user: Layout | None,
 ) -> Layout:
     """How an already-fused checkpoint is oriented: the user's `--source-layout` (checked against the shapes), else
     what we recorded, else the type's declared hub layout; for types whose fused checkpoints exist in both
     orientations (a transposed hub layout, while transformers saves the untransposed one) the one orientation that
     every fused tensor's shape fits, refusing when a tensor fits both (2I == H or I == H) or neither."""
     if user is Layout.PER_EXPERT:
-        raise MappingError("--source-layout per_expert, but the checkpoint's expert tensors are fused; use fused or transposed")
+        raise MappingError(
+            "--source-layout per_expert, but the checkpoint's expert tensors are fused; use fused or transposed"
+        )
     if user is None and recorded is not None:
         return Layout.FUSED if recorded is Layout.PER_EXPERT else recorded
     if user is None and mapping.disk_layout is not Layout.TRANSPOSED:
@@ -357,7 +396,9 @@ def fused_orientation(
             )
         chosen &= fits
     if not fused and user is None:
-        raise MappingError("cannot tell the orientation of the fused experts from their shapes; pass --source-layout fused or --source-layout transposed")
+        raise MappingError(
+            "cannot tell the orientation of the fused experts from their shapes; pass --source-layout fused or --source-layout transposed"
+        )
     if not chosen:
         which = f"the {user} orientation" if user is not None else "either orientation"
         raise MappingError(
@@ -389,7 +430,9 @@ def _order_index(ckpt: Checkpoint):
     return lambda k: (files[ckpt.tensors[k].file], ckpt.tensors[k].start)
 
 
-def _emit_instance(mapping: MoEMapping, gi: GroupInstance, src: Layout, dst: Layout, disk_names: bool) -> list[OutTensor]:
+def _emit_instance(
+    mapping: MoEMapping, gi: GroupInstance, src: Layout, dst: Layout, disk_names: bool
+) -> list[OutTensor]:
     g, caps, E = gi.group, gi.captures, gi.num_experts
     if not g.stacked:  # a non-stacked fusion: parts or the fused tensor, never transposed, no expert dim
         src = Layout.PER_EXPERT if gi.fused_key is None else Layout.FUSED
@@ -424,7 +467,11 @@ def _emit_instance(mapping: MoEMapping, gi: GroupInstance, src: Layout, dst: Lay
                     piece: Piece = Copy(rng[0], rng[1], rng[2], 0, ex)
                 else:
                     piece = Transform((expert_slice_input(e),), decode, p, itemsize, 0, part_nbytes[p], ex)
-                outs.append(OutTensor(name, gi.dtype, gi.part_shapes[p], [piece], g.fused if g.stacked else None, False, sources))
+                outs.append(
+                    OutTensor(
+                        name, gi.dtype, gi.part_shapes[p], [piece], g.fused if g.stacked else None, False, sources
+                    )
+                )
         return outs
 
     encode = g.chain(dst, gi.part_shapes)
@@ -444,7 +491,9 @@ def _emit_instance(mapping: MoEMapping, gi: GroupInstance, src: Layout, dst: Lay
             pieces.append(Transform(inputs, encode, 0, itemsize, base, expert_nbytes, ex))
         else:
             decode = g.chain(src, gi.part_shapes).inverse()
-            pieces.append(Transform((expert_slice_input(e),), decode.then(encode), 0, itemsize, base, expert_nbytes, ex))
+            pieces.append(
+                Transform((expert_slice_input(e),), decode.then(encode), 0, itemsize, base, expert_nbytes, ex)
+            )
     name = g.fused_template.format(**caps)
     if disk_names:
         name = mapping.to_disk_key(name)
@@ -540,7 +589,9 @@ def key_coverage(keys: list[str], mapping: MoEMapping, config: dict, *, model_ty
     elif stacked_fk:
         cov.layout = mapping.disk_layout if mapping.disk_layout is not Layout.PER_EXPERT else Layout.FUSED
     elif any(g.stacked for g in mapping.groups):
-        cov.problems.append(f"no expert tensors of model_type {model_type!r} found (expected keys like {mapping.groups[0].parts[0]!r})")
+        cov.problems.append(
+            f"no expert tensors of model_type {model_type!r} found (expected keys like {mapping.groups[0].parts[0]!r})"
+        )
     cfg_experts = mapping.num_experts(config)
     for inst, experts in per_expert.items():
         g = groups[inst[0]]
@@ -549,13 +600,27 @@ def key_coverage(keys: list[str], mapping: MoEMapping, config: dict, *, model_ty
         missing = list(itertools.islice((e for e in range(n) if len(experts.get(e, ())) != len(g.parts)), 5))
         extra = [e for e in experts if e >= n]
         if missing or extra:
-            cov.problems.append(f"{name!r}: " + (f"experts {missing[:5]} incomplete" if missing else f"experts {extra[:5]} beyond num_experts={n}"))
-        row = cov.groups.setdefault(g.fused, {"fused": g.fused, "parts": list(g.parts), "instances": 0, "experts": n, "keys": 0})
+            cov.problems.append(
+                f"{name!r}: "
+                + (f"experts {missing[:5]} incomplete" if missing else f"experts {extra[:5]} beyond num_experts={n}")
+            )
+        row = cov.groups.setdefault(
+            g.fused, {"fused": g.fused, "parts": list(g.parts), "instances": 0, "experts": n, "keys": 0}
+        )
         row["instances"] += 1
         row["keys"] += sum(len(p) for p in experts.values())
     for inst in fused:
         g = groups[inst[0]]
-        row = cov.groups.setdefault(g.fused, {"fused": g.fused, "parts": list(g.parts), "instances": 0, "experts": cfg_experts if g.stacked else 1, "keys": 0})
+        row = cov.groups.setdefault(
+            g.fused,
+            {
+                "fused": g.fused,
+                "parts": list(g.parts),
+                "instances": 0,
+                "experts": cfg_experts if g.stacked else 1,
+                "keys": 0,
+            },
+        )
         row["instances"] += 1
         row["keys"] += 1
     return cov

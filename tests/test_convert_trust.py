@@ -47,8 +47,13 @@ def make_qwen3_moe(folder: Path, *, experts: int = E, hidden: int = H, inter: in
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    config = {"model_type": "qwen3_moe", "hidden_size": hidden, "moe_intermediate_size": inter, "num_experts": experts,
-              "num_hidden_layers": LAYERS}
+    config = {
+        "model_type": "qwen3_moe",
+        "hidden_size": hidden,
+        "moe_intermediate_size": inter,
+        "num_experts": experts,
+        "num_hidden_layers": LAYERS,
+    }
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "tokenizer.json").write_text('{"version": "1.0"}')
     return folder
@@ -113,7 +118,9 @@ def _write_sidecar(folder: Path, sidecar: dict) -> None:
 # ---------------------------------------------------------------- item 2: split trusts the sidecar
 
 
-@pytest.mark.parametrize("name", ["../escape.safetensors", "/ABS/victim.txt", "sub/x.safetensors", "config.json", ".hidden.safetensors"])
+@pytest.mark.parametrize(
+    "name", ["../escape.safetensors", "/ABS/victim.txt", "sub/x.safetensors", "config.json", ".hidden.safetensors"]
+)
 def test_split_refuses_sidecar_shard_names_outside_destination(run_cli, merged, tmp_path, name):
     victim = tmp_path / "victim" / "victim.txt"
     victim.parent.mkdir()
@@ -154,7 +161,9 @@ def test_split_refuses_hand_edited_parts(run_cli, merged, tmp_path):
     assert leftovers(tmp_path, "out") == []
 
 
-@pytest.mark.parametrize("field,value", [("layout", "sideways"), ("original_layout", 7), ("original", [1]), ("parts", {"x": "y"})])
+@pytest.mark.parametrize(
+    "field,value", [("layout", "sideways"), ("original_layout", 7), ("original", [1]), ("parts", {"x": "y"})]
+)
 def test_split_refuses_malformed_sidecar_fields(run_cli, merged, tmp_path, field, value):
     sidecar = _sidecar(merged)
     sidecar[field] = value
@@ -295,7 +304,9 @@ def test_sigterm_during_overwrite_commit(merged, src, tmp_path, mode):
     assert len(proc.stderr.strip().splitlines()) == 1
     assert (merged / "generation_config.json").read_text() == '{"new": true}'
     assert {k: v.view(torch.int16) for k, v in all_tensors(merged).items()}.keys() == set(all_tensors(merged))
-    assert _sidecar(merged)["checksums"]["tensors"].keys() == {k for p in src.glob("*.safetensors") for k in load_file(p)}
+    assert _sidecar(merged)["checksums"]["tensors"].keys() == {
+        k for p in src.glob("*.safetensors") for k in load_file(p)
+    }
     assert leftovers(tmp_path, "merged") == ["merged"]
 
 
@@ -339,7 +350,9 @@ def test_stale_partial_of_dead_process_is_cleaned(run_cli, src, tmp_path):
 
 
 def _dead_pid() -> int:
-    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    return int(
+        subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    )
 
 
 def test_old_destination_of_killed_fallback_overwrite_is_restored(run_cli, src, merged, tmp_path):
@@ -429,7 +442,9 @@ def test_merge_records_checksums_of_every_source_tensor(src, merged_base):
 
 
 def _flip_bit_in_expert(folder: Path) -> None:
-    shard = next(p for p in sorted(folder.glob("*.safetensors")) if "experts.gate_up_proj" in str(safe_open(p, "pt").keys()))
+    shard = next(
+        p for p in sorted(folder.glob("*.safetensors")) if "experts.gate_up_proj" in str(safe_open(p, "pt").keys())
+    )
     with safe_open(shard, "pt") as f:
         keys = list(f.keys())
     from automodel_convert.convert.safetensors_io import read_header
@@ -477,7 +492,9 @@ def test_dequantize_unquantized_is_refused(run_cli, src, tmp_path):
 # ---------------------------------------------------------------- item 1: orientation of already-fused checkpoints
 
 
-def _vl_checkpoint(folder: Path, *, hidden: int, inter: int, transposed: bool, experts: int = 3) -> dict[str, torch.Tensor]:
+def _vl_checkpoint(
+    folder: Path, *, hidden: int, inter: int, transposed: bool, experts: int = 3
+) -> dict[str, torch.Tensor]:
     """A minimal qwen3_vl_moe checkpoint: returns the fused tensors in transformers' in-memory layout."""
     folder.mkdir(parents=True)
     g = torch.Generator().manual_seed(1)
@@ -492,7 +509,10 @@ def _vl_checkpoint(folder: Path, *, hidden: int, inter: int, transposed: bool, e
         disk[f"{p}.down_proj"] = down.transpose(1, 2).contiguous() if transposed else down
     disk["model.language_model.embed_tokens.weight"] = torch.randn(8, hidden, generator=g).bfloat16()
     save_file(disk, folder / "model.safetensors", metadata={"format": "pt"})
-    cfg = {"model_type": "qwen3_vl_moe", "text_config": {"hidden_size": hidden, "moe_intermediate_size": inter, "num_experts": experts}}
+    cfg = {
+        "model_type": "qwen3_vl_moe",
+        "text_config": {"hidden_size": hidden, "moe_intermediate_size": inter, "num_experts": experts},
+    }
     (folder / "config.json").write_text(json.dumps(cfg))
     return model
 
@@ -512,7 +532,10 @@ def test_fused_orientation_detected_from_shapes(run_cli, tmp_path, transposed):
 
     info = inspect(tmp_path / "src")
     assert info["layout"] == ("transposed" if transposed else "fused")
-    assert {g["fused"].rsplit(".", 1)[-1]: g["part_shapes"][0] for g in info["groups"]} == {"gate_up_proj": [12, 40], "down_proj": [40, 12]}
+    assert {g["fused"].rsplit(".", 1)[-1]: g["part_shapes"][0] for g in info["groups"]} == {
+        "gate_up_proj": [12, 40],
+        "down_proj": [40, 12],
+    }
 
 
 @pytest.mark.parametrize("hidden,inter", [(24, 12), (16, 16)], ids=["2I==H", "I==H"])
@@ -613,9 +636,11 @@ def test_usage_error_is_one_line(run_cli, src, tmp_path):
 
 
 def test_ctrl_c_during_imports_is_one_line():
-    code = "import builtins, sys\nreal = builtins.__import__\n" \
-        "def imp(name, *a, **k):\n    if name == 'typer':\n        raise KeyboardInterrupt\n    return real(name, *a, **k)\n" \
+    code = (
+        "import builtins, sys\nreal = builtins.__import__\n"
+        "def imp(name, *a, **k):\n    if name == 'typer':\n        raise KeyboardInterrupt\n    return real(name, *a, **k)\n"
         "builtins.__import__ = imp\nfrom automodel_convert.cli import console_main\nconsole_main()\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code, "list"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 130
     assert len(proc.stderr.strip().splitlines()) == 1 and "interrupted" in proc.stderr, proc.stderr
@@ -699,4 +724,3 @@ def test_trailing_junk_refused_like_safetensors(run_cli, src, tmp_path):
     code, _, err = run_cli("merge", src, tmp_path / "out", "-q")
     assert code == 2
     one_line_error(err, "trailing")
-
