@@ -15,16 +15,18 @@ the type's declared disk layout; never from shapes). Mixed or partial layouts ar
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections import defaultdict
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 from .checkpoint import Checkpoint
 from .errors import MappingError
 from .mapping import ExpertGroup, Layout, MoEMapping, Template
 from .ops import Chain, Shape
-from .safetensors_io import DTYPE_SIZES
+from .safetensors_io import DTYPE_SIZES, TensorInfo
 
 LAYOUT_METADATA_KEY = "automodel_convert.layout"
 
@@ -112,35 +114,61 @@ def _fmt_keys(keys: list[str], n: int = 2) -> str:
     return ", ".join(repr(k) for k in keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
-def _chunk_shapes(group: ExpertGroup, layout: Layout, expert_shape: Shape, recorded: list | None, key: str) -> list[Shape]:
-    """Part shapes of one expert of a fused tensor: recorded by us, or equal chunks of the fused output dim."""
+def _chunk_shapes(
+    group: ExpertGroup, layout: Layout, expert_shape: Shape, recorded: list | None, key: str
+) -> list[Shape]:
+    """Part shapes of one expert of a fused tensor: recorded by us (checked against the tensor), or equal chunks of
+    the fused output dim."""
     if recorded is not None:
-        return [tuple(s) for s in recorded]
+        shapes = [tuple(s) for s in recorded]
+        try:
+            fits = len(shapes) == len(group.parts) and group.chain(layout, shapes).out_shapes(shapes)[0] == tuple(
+                expert_shape
+            )
+        except (ValueError, IndexError):
+            fits = False
+        if not fits:
+            raise MappingError(
+                f"automodel_convert.json records parts {[list(x) for x in shapes]} for {key!r}, which do not make its expert shape {list(expert_shape)} in the {layout} layout; the sidecar was edited: restore it"
+            )
+        return shapes
     n = len(group.parts)
     if len(expert_shape) != 2 and (layout is not Layout.FUSED or not expert_shape):
         raise MappingError(f"fused tensor {key!r} has expert shape {list(expert_shape)}; expected 2 dims")
     out_dim = 0 if layout is Layout.FUSED else 1
     total = expert_shape[out_dim]
     if total % n:
-        raise MappingError(f"fused tensor {key!r}: dim {out_dim + 1} ({total}) does not split into {n} equal parts; the checkpoint is not in the {layout} layout")
+        raise MappingError(
+            f"fused tensor {key!r}: dim {out_dim + 1} ({total}) does not split into {n} equal parts; the checkpoint is not in the {layout} layout"
+        )
     # Canonical parts are F.linear [out, in] (or any [out, ...] for the fused layout); the fused layouts are
     # cat(parts, 0) (+ a transpose).
     inner = tuple(expert_shape[1:]) if layout is Layout.FUSED else (expert_shape[1 - out_dim],)
     base = [(total // n, *inner)] * n
     chain = group.chain(layout, base)
     if chain.out_shapes(base)[0] != tuple(expert_shape):
-        raise MappingError(f"fused tensor {key!r}: shape {list(expert_shape)} does not fit the {layout} layout of its group")
+        raise MappingError(
+            f"fused tensor {key!r}: shape {list(expert_shape)} does not fit the {layout} layout of its group"
+        )
     return base
 
 
 def plan_conversion(
-    ckpt: Checkpoint, mapping: MoEMapping, target: Layout, *, naming: str = "model", model_type: str | None = None
+    ckpt: Checkpoint,
+    mapping: MoEMapping,
+    target: Layout,
+    *,
+    naming: str = "model",
+    model_type: str | None = None,
+    source_layout: Layout | None = None,
 ) -> Plan:
     """Plan converting `ckpt` (any supported layout) into `target` layout.
 
     `naming="model"` names outputs as transformers v5 holds them (merge); `naming="disk"` restores the hub's key
-    names (split). A `per_expert` target always uses hub naming.
+    names (split). A `per_expert` target always uses hub naming. `source_layout` is the user's word on how an
+    already-fused checkpoint is oriented (`--source-layout`); it must fit the shapes.
     """
+    user_layout = source_layout
     if naming not in ("model", "disk"):
         raise ValueError(f"naming must be 'model' or 'disk', not {naming!r}")
     disk_names = naming == "disk" or target is Layout.PER_EXPERT
@@ -157,7 +185,9 @@ def plan_conversion(
         mk = mapping.to_model_key(key)
         back = mapping.to_disk_key(mk)
         if back != key and mapping.to_model_key(back) != mk:
-            raise MappingError(f"key {key!r} renames to {mk!r}, which does not rename back; the {model_type} mapping cannot convert this checkpoint")
+            raise MappingError(
+                f"key {key!r} renames to {mk!r}, which does not rename back; the {model_type} mapping cannot convert this checkpoint"
+            )
         if mk in seen:
             raise MappingError(f"keys {seen[mk]!r} and {key!r} both map to {mk!r}; the checkpoint mixes naming schemes")
         seen[mk] = key
@@ -204,13 +234,20 @@ def plan_conversion(
         )
     recorded = _layout_from_records(ckpt)
     if stacked_pe:
+        if user_layout not in (None, Layout.PER_EXPERT):
+            raise MappingError(
+                f"--source-layout {user_layout}, but the checkpoint's expert keys are per-expert; drop --source-layout"
+            )
         source_layout = Layout.PER_EXPERT
     elif stacked_fk:
-        source_layout = recorded or (mapping.disk_layout if mapping.disk_layout is not Layout.PER_EXPERT else Layout.FUSED)
-        if source_layout is Layout.PER_EXPERT:
-            source_layout = Layout.FUSED
+        fused_shapes = [
+            (groups[i[0]], ckpt.tensors[fused_keys[i]]) for i in stacked_fk if groups[i[0]] in mapping.groups
+        ]
+        source_layout = fused_orientation(ckpt, mapping, fused_shapes, recorded, user_layout)
     else:
-        source_layout = recorded or (Layout.PER_EXPERT if mapping.groups and mapping.disk_layout is Layout.PER_EXPERT else mapping.disk_layout)
+        source_layout = recorded or (
+            Layout.PER_EXPERT if mapping.groups and mapping.disk_layout is Layout.PER_EXPERT else mapping.disk_layout
+        )
         if any(g.stacked for g in mapping.groups):
             raise MappingError(
                 f"no expert tensors of model_type {model_type!r} found (expected keys like {mapping.groups[0].parts[0]!r} or {mapping.groups[0].fused!r}); check --model-type"
@@ -229,18 +266,26 @@ def plan_conversion(
             fused_name = g.fused_template.format(**caps)
             present = sorted(experts)
             n_exp = 1 if not g.stacked else cfg_experts if cfg_experts is not None else present[-1] + 1
-            missing = [e for e in range(n_exp) if e not in experts]
+            missing = _first_missing(experts, n_exp)
             extra = [e for e in present if e >= n_exp]
             if missing or extra:
-                what = f"missing expert(s) {missing[:5]}" if missing else f"expert index(es) {extra[:5]} beyond num_experts={n_exp}"
-                raise MappingError(f"{fused_name!r}: {what} (found {len(present)} of {n_exp}); the checkpoint is incomplete or its config is wrong")
+                what = (
+                    f"missing expert(s) {missing}"
+                    if missing
+                    else f"expert index(es) {extra[:5]} beyond num_experts={n_exp}"
+                )
+                raise MappingError(
+                    f"{fused_name!r}: {what} (found {len(present)} of num_experts={n_exp}); the checkpoint is incomplete or its config is wrong"
+                )
             shapes: list[Shape] | None = None
             dtype = None
             for e in range(n_exp):
                 slot = experts[e]
                 if len(slot) != len(g.parts):
                     miss = [g.part_templates[p].format(**caps, expert=e) for p in range(len(g.parts)) if p not in slot]
-                    raise MappingError(f"{fused_name!r}: expert {e} lacks {_fmt_keys(miss)}; the checkpoint is incomplete")
+                    raise MappingError(
+                        f"{fused_name!r}: expert {e} lacks {_fmt_keys(miss)}; the checkpoint is incomplete"
+                    )
                 infos = [ckpt.tensors[slot[p]] for p in range(len(g.parts))]
                 s = [t.shape for t in infos]
                 if shapes is None:
@@ -255,7 +300,14 @@ def plan_conversion(
                 g.chain(Layout.FUSED, shapes)
             except ValueError as e:
                 raise MappingError(f"{fused_name!r}: parts cannot be fused ({e})") from e
-            gi = GroupInstance(g, caps, n_exp, shapes, dtype, parts={e: [experts[e][p] for p in range(len(g.parts))] for e in range(n_exp)})
+            gi = GroupInstance(
+                g,
+                caps,
+                n_exp,
+                shapes,
+                dtype,
+                parts={e: [experts[e][p] for p in range(len(g.parts))] for e in range(n_exp)},
+            )
             instances.append(gi)
             first_key_of_inst[inst] = min((k for e in experts.values() for k in e.values()), key=_order_index(ckpt))
     if fused_keys:
@@ -273,7 +325,9 @@ def plan_conversion(
                 raise MappingError(f"fused tensor {key!r} has shape {list(info.shape)}; expected [experts, ...]")
             n_exp = info.shape[0]
             if cfg_experts is not None and n_exp != cfg_experts:
-                raise MappingError(f"fused tensor {key!r} holds {n_exp} experts but the config says {cfg_experts}; the checkpoint and config disagree")
+                raise MappingError(
+                    f"fused tensor {key!r} holds {n_exp} experts but the config says {cfg_experts}; the checkpoint and config disagree"
+                )
             shapes = _chunk_shapes(g, source_layout, info.shape[1:], recorded_parts.get(fused_model_name), key)
             instances.append(GroupInstance(g, caps, n_exp, shapes, info.dtype, fused_key=key))
             first_key_of_inst[inst] = key
@@ -305,12 +359,80 @@ def plan_conversion(
     return plan
 
 
+def fused_orientation(
+    ckpt: Checkpoint,
+    mapping: MoEMapping,
+    fused: list[tuple[ExpertGroup, TensorInfo]],
+    recorded: Layout | None,
+    user: Layout | None,
+) -> Layout:
+    """How an already-fused checkpoint is oriented: the user's `--source-layout` (checked against the shapes), else
+    what we recorded, else the type's declared hub layout; for types whose fused checkpoints exist in both
+    orientations (a transposed hub layout, while transformers saves the untransposed one) the one orientation that
+    every fused tensor's shape fits, refusing when a tensor fits both (2I == H or I == H) or neither."""
+    if user is Layout.PER_EXPERT:
+        raise MappingError(
+            "--source-layout per_expert, but the checkpoint's expert tensors are fused; use fused or transposed"
+        )
+    if user is None and recorded is not None:
+        return Layout.FUSED if recorded is Layout.PER_EXPERT else recorded
+    if user is None and mapping.disk_layout is not Layout.TRANSPOSED:
+        return mapping.disk_layout if mapping.disk_layout is not Layout.PER_EXPERT else Layout.FUSED
+    hidden = mapping.config_value(ckpt.config, ("hidden_size",))
+    inter = mapping.config_value(ckpt.config, mapping.intermediate_fields)
+    candidates = (user,) if user is not None else (Layout.FUSED, Layout.TRANSPOSED)
+    if hidden is None or inter is None:
+        if user is not None:
+            return user
+        raise MappingError(
+            "cannot tell whether the fused experts are stored [E, 2I, H] (fused) or [E, H, 2I] (transposed): config.json lacks the hidden or expert intermediate size; pass --source-layout fused or --source-layout transposed"
+        )
+    chosen = set(candidates)
+    for group, info in fused:
+        fits = {c for c in candidates if _orientation_fits(group, info.shape[1:], c, hidden, inter)}
+        if len(fits) > 1:
+            raise MappingError(
+                f"{info.name!r} {list(info.shape)} fits both the fused [E, 2I, H] and the transposed [E, H, 2I] orientation (H={hidden}, I={inter}); pass --source-layout fused or --source-layout transposed"
+            )
+        chosen &= fits
+    if not fused and user is None:
+        raise MappingError(
+            "cannot tell the orientation of the fused experts from their shapes; pass --source-layout fused or --source-layout transposed"
+        )
+    if not chosen:
+        which = f"the {user} orientation" if user is not None else "either orientation"
+        raise MappingError(
+            f"the fused expert shapes (e.g. {fused[0][1].name!r} {list(fused[0][1].shape)}) do not fit {which} for H={hidden}, I={inter}; check config.json and --source-layout"
+        )
+    return chosen.pop()
+
+
+def _orientation_fits(group: ExpertGroup, expert_shape: Shape, layout: Layout, hidden: int, inter: int) -> bool:
+    """Whether one expert's slice `expert_shape` reads, in `layout`, as parts of the expected F.linear shape:
+    `[H, I]` for a down projection, `[I, H]` for the others (gate, up)."""
+    if len(expert_shape) != 2:
+        return False
+    out_total, in_dim = expert_shape if layout is Layout.FUSED else expert_shape[::-1]
+    n = len(group.parts)
+    if out_total % n:
+        return False
+    is_down = group.fused.rsplit(".", 1)[-1].startswith("down")
+    return (out_total // n, in_dim) == ((hidden, inter) if is_down else (inter, hidden))
+
+
+def _first_missing(present: Container[int], n: int, limit: int = 5) -> list[int]:
+    """The first `limit` indices below `n` not in `present`, without building a list of `n` (a config may say 10^9)."""
+    return list(itertools.islice((e for e in range(n) if e not in present), limit))
+
+
 def _order_index(ckpt: Checkpoint):
     files = {f: i for i, f in enumerate(ckpt.files)}
     return lambda k: (files[ckpt.tensors[k].file], ckpt.tensors[k].start)
 
 
-def _emit_instance(mapping: MoEMapping, gi: GroupInstance, src: Layout, dst: Layout, disk_names: bool) -> list[OutTensor]:
+def _emit_instance(
+    mapping: MoEMapping, gi: GroupInstance, src: Layout, dst: Layout, disk_names: bool
+) -> list[OutTensor]:
     g, caps, E = gi.group, gi.captures, gi.num_experts
     if not g.stacked:  # a non-stacked fusion: parts or the fused tensor, never transposed, no expert dim
         src = Layout.PER_EXPERT if gi.fused_key is None else Layout.FUSED
@@ -345,7 +467,11 @@ def _emit_instance(mapping: MoEMapping, gi: GroupInstance, src: Layout, dst: Lay
                     piece: Piece = Copy(rng[0], rng[1], rng[2], 0, ex)
                 else:
                     piece = Transform((expert_slice_input(e),), decode, p, itemsize, 0, part_nbytes[p], ex)
-                outs.append(OutTensor(name, gi.dtype, gi.part_shapes[p], [piece], g.fused if g.stacked else None, False, sources))
+                outs.append(
+                    OutTensor(
+                        name, gi.dtype, gi.part_shapes[p], [piece], g.fused if g.stacked else None, False, sources
+                    )
+                )
         return outs
 
     encode = g.chain(dst, gi.part_shapes)
@@ -365,7 +491,9 @@ def _emit_instance(mapping: MoEMapping, gi: GroupInstance, src: Layout, dst: Lay
             pieces.append(Transform(inputs, encode, 0, itemsize, base, expert_nbytes, ex))
         else:
             decode = g.chain(src, gi.part_shapes).inverse()
-            pieces.append(Transform((expert_slice_input(e),), decode.then(encode), 0, itemsize, base, expert_nbytes, ex))
+            pieces.append(
+                Transform((expert_slice_input(e),), decode.then(encode), 0, itemsize, base, expert_nbytes, ex)
+            )
     name = g.fused_template.format(**caps)
     if disk_names:
         name = mapping.to_disk_key(name)
@@ -461,22 +589,38 @@ def key_coverage(keys: list[str], mapping: MoEMapping, config: dict, *, model_ty
     elif stacked_fk:
         cov.layout = mapping.disk_layout if mapping.disk_layout is not Layout.PER_EXPERT else Layout.FUSED
     elif any(g.stacked for g in mapping.groups):
-        cov.problems.append(f"no expert tensors of model_type {model_type!r} found (expected keys like {mapping.groups[0].parts[0]!r})")
+        cov.problems.append(
+            f"no expert tensors of model_type {model_type!r} found (expected keys like {mapping.groups[0].parts[0]!r})"
+        )
     cfg_experts = mapping.num_experts(config)
     for inst, experts in per_expert.items():
         g = groups[inst[0]]
         name = g.fused_template.format(**dict(inst[1]))
         n = 1 if not g.stacked else cfg_experts if cfg_experts is not None else max(experts) + 1
-        missing = [e for e in range(n) if len(experts.get(e, ())) != len(g.parts)]
+        missing = list(itertools.islice((e for e in range(n) if len(experts.get(e, ())) != len(g.parts)), 5))
         extra = [e for e in experts if e >= n]
         if missing or extra:
-            cov.problems.append(f"{name!r}: " + (f"experts {missing[:5]} incomplete" if missing else f"experts {extra[:5]} beyond num_experts={n}"))
-        row = cov.groups.setdefault(g.fused, {"fused": g.fused, "parts": list(g.parts), "instances": 0, "experts": n, "keys": 0})
+            cov.problems.append(
+                f"{name!r}: "
+                + (f"experts {missing[:5]} incomplete" if missing else f"experts {extra[:5]} beyond num_experts={n}")
+            )
+        row = cov.groups.setdefault(
+            g.fused, {"fused": g.fused, "parts": list(g.parts), "instances": 0, "experts": n, "keys": 0}
+        )
         row["instances"] += 1
         row["keys"] += sum(len(p) for p in experts.values())
     for inst in fused:
         g = groups[inst[0]]
-        row = cov.groups.setdefault(g.fused, {"fused": g.fused, "parts": list(g.parts), "instances": 0, "experts": cfg_experts if g.stacked else 1, "keys": 0})
+        row = cov.groups.setdefault(
+            g.fused,
+            {
+                "fused": g.fused,
+                "parts": list(g.parts),
+                "instances": 0,
+                "experts": cfg_experts if g.stacked else 1,
+                "keys": 0,
+            },
+        )
         row["instances"] += 1
         row["keys"] += 1
     return cov

@@ -299,9 +299,11 @@ def _square_qwen3_vl_moe(tmp: Path, hidden: int, inter: int) -> tuple[Path, dict
 
 @pytest.mark.parametrize("hidden,inter", [(48, 24), (32, 32)], ids=["2I==H", "I==H"])
 def test_qwen3_vl_moe_square_dims(tmp_path, hidden, inter):
-    """The transposed layout is declared, never guessed from shapes: square dims convert exactly."""
+    """Square dims make the orientation ambiguous: refused unless --source-layout says which; then exact."""
     src, truth = _square_qwen3_vl_moe(tmp_path, hidden, inter)
-    merge(src, tmp_path / "fused")
+    with pytest.raises(ConvertError, match="--source-layout"):
+        merge(src, tmp_path / "refused")
+    merge(src, tmp_path / "fused", source_layout="transposed")
     ours = _all_tensors(tmp_path / "fused")
     assert set(ours) == set(truth)
     for k, v in ours.items():
