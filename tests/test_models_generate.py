@@ -9,13 +9,19 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+import transformers
 from transformers import DynamicCache
 
-from automodel_convert.models import BackendConfig, get_model_class
+from automodel_convert.models import AutoModelForCausalLM, BackendConfig, get_model_class
 from automodel_convert.models.registry import VERIFIED
 from automodel_convert.models.testing import VOCAB, max_abs, tiny_hf_model
+
+from conftest import fixture_path
 
 NEW_TOKENS = 8
 
@@ -92,3 +98,39 @@ def test_cached_forward_continues_a_prompt_like_a_full_forward() -> None:
     full = ref(input_ids=ids, use_cache=False).logits
     assert out.cache is cache and cache.get_seq_length() == 9
     assert max_abs(out.logits, full[:, 7:]) < 1e-5
+
+
+# ---------------------------------------------------------------- save_pretrained
+
+
+def _saved(folder: Path, name: str) -> dict:
+    return json.loads((folder / name).read_text())
+
+
+@pytest.mark.parametrize(
+    ("model_type", "dtype"), [(mt, torch.float32) for mt in VERIFIED] + [("deepseek_v3", None), ("olmoe", None)]
+)
+def test_save_pretrained_writes_what_transformers_writes(tmp_path: Path, model_type: str, dtype: torch.dtype | None) -> None:
+    """A bundled checkpoint (bf16, fp16 or fp32 on disk) loaded by both in `dtype` (None: as on disk) and saved."""
+    src = fixture_path(model_type)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=dtype or "auto")
+    ours = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device="cpu")
+    ref.save_pretrained(tmp_path / "ref")
+    ours.save_pretrained(tmp_path / "ours")
+    assert _saved(tmp_path / "ours", "config.json")["dtype"] == _saved(tmp_path / "ref", "config.json")["dtype"]
+    assert _saved(tmp_path / "ours", "generation_config.json") == _saved(tmp_path / "ref", "generation_config.json")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype="auto")
+    assert back.dtype == ref.dtype
+    ids = torch.randint(3, ref.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(5))
+    assert max_abs(back(input_ids=ids).logits, ref(input_ids=ids).logits) == 0.0
+
+
+def test_save_pretrained_of_a_new_model_writes_its_dtype_and_generation_config(tmp_path: Path) -> None:
+    """A model built by `from_config` (no checkpoint): config and generation config as transformers derives them."""
+    ref, ours = _pair("qwen3_moe")
+    ours.cast(torch.bfloat16)
+    ref.to(torch.bfloat16)
+    ref.save_pretrained(tmp_path / "ref")
+    ours.save_pretrained(tmp_path / "ours")
+    assert _saved(tmp_path / "ours", "config.json")["dtype"] == "bfloat16"
+    assert _saved(tmp_path / "ours", "generation_config.json") == _saved(tmp_path / "ref", "generation_config.json")

@@ -357,14 +357,16 @@ class MoECausalLM(nn.Module, ZooGenerationMixin):
         return AutoModelForCausalLM.from_pretrained(src, model_class=cls, **kwargs)
 
     def save_pretrained(self, dst: str, *, layout: str = "original", **kwargs: Any) -> None:
-        """Write a checkpoint folder; tensors that loading widened on its own (fp32 routers of a bf16 checkpoint)
-        go back to their checkpoint dtype, so an untouched model round-trips bit for bit."""
+        """Write a checkpoint folder: weights, config.json (its `dtype` the model's, `self.dtype`) and
+        generation_config.json (`self.generation_config`). Tensors that loading widened on its own (fp32 routers of a
+        bf16 checkpoint) go back to their checkpoint dtype, so an untouched model round-trips bit for bit."""
         from .io import save_state_dict
 
         sd = self.state_dict()
         for name, dtype in getattr(self, "_source_dtypes", {}).items():
             if name in sd:
                 sd[name] = sd[name].to(dtype)
+        kwargs.setdefault("generation_config", self.generation_config)
         save_state_dict(sd, dst, config=self.config, layout=layout, **kwargs)
 
     def tie_weights(self) -> None:
