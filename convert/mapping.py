@@ -26,7 +26,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from functools import cached_property
+from functools import cache, cached_property
+from typing import Protocol
 
 from .ops import Chain, Concat, Op, Shape, Transpose
 
@@ -78,6 +79,11 @@ class Template:
         return _FIELD.sub(lambda m: str(captures[m.group(1)]), self.text)
 
 
+@cache
+def _template(text: str) -> Template:
+    return Template(text)
+
+
 @dataclass(frozen=True)
 class Rename:
     """`disk` <-> `model` key templates with the same captures; each applies, in order, to every key it matches."""
@@ -89,13 +95,21 @@ class Rename:
         if Template(self.disk).fields != Template(self.model).fields:
             raise ValueError(f"rename {self.disk!r} -> {self.model!r}: both sides need the same captures")
 
+    def to_model(self, key: str) -> str:
+        caps = _template(self.disk).match(key)
+        return key if caps is None else _template(self.model).format(**caps)
 
-def _apply_renames(key: str, pairs: Sequence[tuple[Template, Template]]) -> str:
-    for src, dst in pairs:
-        caps = src.match(key)
-        if caps is not None:
-            key = dst.format(**caps)
-    return key
+    def to_disk(self, key: str) -> str:
+        caps = _template(self.model).match(key)
+        return key if caps is None else _template(self.disk).format(**caps)
+
+
+class KeyRenaming(Protocol):
+    """Anything with `to_model(key)` and its inverse `to_disk(key)` (a `Rename`, or a translated transformers one)."""
+
+    def to_model(self, key: str) -> str: ...
+
+    def to_disk(self, key: str) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -179,7 +193,7 @@ class MoEMapping:
     model_type: str
     family: str
     groups: tuple[ExpertGroup, ...] = ()
-    renames: tuple[Rename, ...] = ()
+    renames: tuple[KeyRenaming, ...] = ()
     disk_layout: Layout = Layout.PER_EXPERT
     expert_tensors: tuple[str, ...] = ()
     num_experts_fields: tuple[str, ...] = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -189,15 +203,15 @@ class MoEMapping:
     notes: str = ""
     extra: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
 
-    @cached_property
-    def _rename_pairs(self) -> tuple[tuple[Template, Template], ...]:
-        return tuple((Template(r.disk), Template(r.model)) for r in self.renames)
-
     def to_model_key(self, disk_key: str) -> str:
-        return _apply_renames(disk_key, self._rename_pairs)
+        for r in self.renames:
+            disk_key = r.to_model(disk_key)
+        return disk_key
 
     def to_disk_key(self, model_key: str) -> str:
-        return _apply_renames(model_key, tuple((b, a) for a, b in reversed(self._rename_pairs)))
+        for r in reversed(self.renames):
+            model_key = r.to_disk(model_key)
+        return model_key
 
     @cached_property
     def all_groups(self) -> tuple[ExpertGroup, ...]:

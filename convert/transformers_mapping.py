@@ -1,0 +1,252 @@
+"""The generic path: a `MoEMapping` translated from the installed transformers' own declared conversions.
+
+Contract:
+- `fused_expert_types()` walks transformers' config registry and returns every model type whose modeling file
+  declares fused experts (`@use_experts_implementation`), with the class used to build it (conditional generation,
+  then causal LM, then base model).
+- `generic_mapping(model_type)` builds that class on the meta device from its default config (no weights, no
+  download), asks transformers for the transforms it applies on load (`get_model_conversion_mapping`, scopes
+  included), and translates them into our data:
+  - `WeightRenaming` -> `TransformersRename` (keyword-argument data; `to_model` is transformers' own renaming,
+    `to_disk` its own `reverse_transform`, and a key that does not come back exactly is refused);
+  - `WeightConverter(MergeModulelist(0), Concatenate(1))` -> `ExpertGroup` parts `[gate, up]` with `Concat(0)`
+    (every op after `MergeModulelist(0)` acts on dim d of the stack, i.e. dim d-1 of one expert: `Concatenate`,
+    `Transpose`, `Concatenate` + `Interleave` become `Concat`, `Transpose`, `Interleave`); the split direction is
+    the group's derived inverse, never declared;
+  - `WeightConverter(Concatenate(d))` without `MergeModulelist` -> a non-stacked group (e.g. q/k/v conv1d);
+  - `PrefixChange` is dropped, as transformers drops it when it saves a model it did not load (not a bijection);
+  - parameters of a fused-experts module that no converter produces are `expert_tensors` (disk equals model).
+  Anything else (custom ops, one-to-many splits, regex patterns that are not plain key paths) raises
+  `Untranslatable` with the reason; `get_mapping` then refuses the type with that one line.
+- Every group's fused key must name a parameter of the built model: a translation that does not fit the model it
+  came from is refused rather than guessed.
+Hand-written families (`convert/families/`) take precedence: they exist where transformers is wrong or where our
+layout needs more (declared hub layouts, quantized companions, multi-stack E).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from .mapping import ExpertGroup, Layout, MoEMapping
+from .ops import Concat, Interleave, Op, Transpose
+
+FAMILY = "transformers"
+_PLAIN = re.compile(r"^[A-Za-z0-9_.*]+$")
+
+
+class Untranslatable(Exception):
+    """transformers declares something this translation has no exact inverse for."""
+
+
+def _transformers() -> Any:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import transformers
+
+    return transformers
+
+
+@cache
+def fused_expert_types() -> dict[str, str | None]:
+    """Model type -> class name (None: transformers maps no model class to it), for types with fused experts."""
+    tf = _transformers()
+    from transformers.models.auto import configuration_auto as ca
+    from transformers.models.auto import modeling_auto as ma
+
+    root = Path(tf.__file__).parent / "models"
+    tables = (ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, ma.MODEL_MAPPING_NAMES)
+    out: dict[str, str | None] = {}
+    for mt in sorted(ca.CONFIG_MAPPING_NAMES):
+        mod = ca.model_type_to_module_name(mt)
+        path = root / mod / f"modeling_{mod}.py"
+        if path.exists() and "use_experts_implementation" in path.read_text():
+            out[mt] = next((t[mt] for t in tables if mt in t), None)
+    return out
+
+
+@dataclass(frozen=True)
+class TransformersRename:
+    """One transformers `WeightRenaming`, as the keyword arguments that rebuild it plus its scope."""
+
+    source_patterns: tuple[str, ...]
+    target_patterns: tuple[str, ...]
+    scope_prefix: str | None = None
+    base_model_prefix: str | None = None
+    _objs: list = field(default_factory=list, compare=False, hash=False, repr=False)
+
+    def _pair(self) -> tuple[Any, Any]:
+        if not self._objs:
+            from transformers.core_model_loading import WeightRenaming
+
+            fwd = WeightRenaming(list(self.source_patterns), list(self.target_patterns))
+            fwd.scope_prefix, fwd.base_model_prefix = self.scope_prefix, self.base_model_prefix
+            self._objs.extend((fwd, fwd.reverse_transform()))
+        return self._objs[0], self._objs[1]
+
+    def to_model(self, key: str) -> str:
+        return self._pair()[0].rename_source_key(key)[0]
+
+    def to_disk(self, key: str) -> str:
+        return self._pair()[1].rename_source_key(key)[0]
+
+
+def _template(pattern: str) -> str:
+    """transformers' source/target pattern (a key path, `*` = expert index) -> our template with `{prefix}`."""
+    text = pattern.replace("\\.", ".").lstrip("^").lstrip(".")
+    if not _PLAIN.match(text) or "**" in text:
+        raise Untranslatable(f"pattern {pattern!r} is not a plain key path")
+    return "{prefix}" + text.replace("*", "{expert}")
+
+
+def _expert_ops(ops: list) -> tuple[Op, ...]:
+    """Ops after `MergeModulelist(0)` (on the stack) -> ops on one expert's list of parts."""
+    out: list[Op] = []
+    for op in ops:
+        name = type(op).__name__
+        if name == "Concatenate" and op.dim >= 1 and op.num_shards_attribute is None:
+            out.append(Concat(op.dim - 1))
+        elif name == "Transpose" and min(op.dim0, op.dim1) >= 1 and not op.check_dims:
+            out.append(Transpose(op.dim0 - 1, op.dim1 - 1))
+        elif name == "Interleave" and not op.inverse and out and out[-1] == Concat(op.dim - 1):
+            out[-1] = Interleave(op.dim - 1)
+        else:
+            raise Untranslatable(f"operation {op!r} after MergeModulelist has no exact translation")
+    return tuple(out)
+
+
+def _group(conv: Any) -> ExpertGroup:
+    """One `WeightConverter` -> one `ExpertGroup` (stacked with MergeModulelist(0), else a non-stacked concat)."""
+    ops = list(conv.operations)
+    targets = conv._original_target_patterns
+    if len(targets) != 1:
+        raise Untranslatable(f"one-to-many converter {conv._original_source_patterns} -> {targets}")
+    parts = tuple(_template(p) for p in conv._original_source_patterns)
+    fused = _template(targets[0])
+    if ops and type(ops[0]).__name__ == "MergeModulelist" and ops[0].dim == 0:
+        if not all("{expert}" in p for p in parts) or "{expert}" in fused:
+            raise Untranslatable(f"converter {conv._original_source_patterns} merges modules without an expert index")
+        fused_ops = _expert_ops(ops[1:])
+        default = (Concat(0),) if len(parts) > 1 else ()
+        return ExpertGroup(fused, parts, None if fused_ops == default else fused_ops)
+    if len(ops) == 1 and type(ops[0]).__name__ == "Concatenate" and ops[0].num_shards_attribute is None:
+        if any("{expert}" in p for p in parts + (fused,)):
+            raise Untranslatable(f"converter {conv._original_source_patterns} concatenates per-expert keys")
+        return ExpertGroup(fused, parts, (Concat(ops[0].dim),), companions=(), stacked=False)
+    raise Untranslatable(f"converter {conv._original_source_patterns} -> {targets} with {ops!r}")
+
+
+def _build_meta_model(model_type: str) -> Any:
+    tf = _transformers()
+    import torch
+
+    cls_name = fused_expert_types().get(model_type)
+    if cls_name is None:
+        raise Untranslatable("transformers maps no model class to it")
+    cfg = tf.AutoConfig.for_model(model_type)
+    try:
+        with torch.device("meta"):
+            return getattr(tf, cls_name)._from_config(cfg)
+    except Exception as e:  # transformers cannot build its own default config: nothing to translate from
+        raise Untranslatable(f"transformers cannot build {cls_name} from its default config ({type(e).__name__})") from e
+
+
+def _expert_param_templates(model: Any) -> list[str]:
+    """Templates of the parameters of fused-experts modules (layer index -> `{layer}`)."""
+    out: list[str] = []
+    for mod_name, mod in model.named_modules():
+        if not hasattr(mod, "is_concatenated"):  # set by transformers' @use_experts_implementation
+            continue
+        for p_name, _ in mod.named_parameters(recurse=False):
+            t = re.sub(r"^(.*?)\blayers\.\d+\.", r"{prefix}layers.{layer}.", f"{mod_name}.{p_name}")
+            if t not in out and "{layer}" in t:
+                out.append(t)
+    return out
+
+
+def _check_groups(groups: list[ExpertGroup], model: Any) -> None:
+    params = [n for n, _ in model.named_parameters()]
+    for g in groups:
+        if not any(g.fused_template.match(n) for n in params):
+            raise Untranslatable(f"converter target {g.fused!r} names no parameter of the model")
+
+
+def _translate(model: Any, model_type: str) -> tuple[list, list[ExpertGroup]]:
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    renames: list = []
+    groups: list[ExpertGroup] = []
+    for t in get_model_conversion_mapping(model, add_legacy=False):
+        kind = type(t).__name__
+        if kind == "PrefixChange":
+            continue
+        if kind == "WeightRenaming":
+            renames.append(
+                TransformersRename(tuple(t._original_source_patterns), tuple(t._original_target_patterns), t.scope_prefix, t.base_model_prefix)
+            )
+        elif kind == "WeightConverter":
+            groups.append(_group(t))
+        else:
+            raise Untranslatable(f"{kind} has no exact inverse here")
+    return renames, groups
+
+
+@cache
+def generic_mapping(model_type: str) -> MoEMapping:
+    """The translated mapping of `model_type`; raises `Untranslatable` with the reason."""
+    if model_type not in fused_expert_types():
+        raise Untranslatable("transformers declares no fused experts for it")
+    model = _build_meta_model(model_type)
+    renames, groups = _translate(model, model_type)
+    _check_groups(groups, model)
+    stacked = [g for g in groups if g.stacked]
+    expert_tensors = tuple(t for t in _expert_param_templates(model) if not any(g.fused_template.text == t for g in stacked))
+    if not stacked and not expert_tensors:
+        raise Untranslatable("no fused expert parameter found in the built model")
+    text_field = "text_config" if getattr(model.config, "text_config", None) is not None else None
+    first = stacked[0].fused if stacked else expert_tensors[0]
+    prefix = _prefix_of(model, first)
+    return MoEMapping(
+        model_type,
+        FAMILY,
+        tuple(groups),
+        tuple(renames),
+        disk_layout=Layout.PER_EXPERT if stacked else Layout.FUSED,
+        expert_tensors=expert_tensors,
+        num_experts_fields=(),
+        intermediate_fields=(),
+        text_config_field=text_field,
+        notes=f"translated from transformers {_transformers().__version__} conversion_mapping ({type(model).__name__})",
+        extra={"prefix": prefix, "config": "-", "fused": _fused_text(model, expert_tensors)},
+    )
+
+
+def _prefix_of(model: Any, template: str) -> str:
+    from .mapping import Template
+
+    for n, _ in model.named_parameters():
+        caps = Template(template).match(n)
+        if caps is not None:
+            return caps.get("prefix", "model.").split("layers.")[0]
+    return "model."
+
+
+def _fused_text(model: Any, expert_tensors: tuple[str, ...]) -> str:
+    shapes = {}
+    for n, p in model.named_parameters():
+        for t in expert_tensors:
+            if re.sub(r"\blayers\.\d+\.", "layers.{layer}.", n).endswith(t.split("{layer}.")[-1]):
+                shapes.setdefault(t.split("{layer}.")[-1], list(p.shape))
+    return ", ".join(f"{k} {v}" for k, v in shapes.items()) or "unchanged"
+
+
+def try_generic_mapping(model_type: str) -> tuple[MoEMapping | None, str]:
+    """`(mapping, "")`, or `(None, reason)` when the type cannot be translated."""
+    try:
+        return generic_mapping(model_type), ""
+    except Untranslatable as e:
+        return None, str(e)
