@@ -95,6 +95,42 @@ class TransformersRename:
         return self._pair()[1].rename_source_key(key)[0]
 
 
+_INDEX = re.compile(r"\.\d+(?=\.|$)")
+
+
+def _shape_of_key(key: str) -> str:
+    """`model.layers.3.mlp.gate.weight` -> `model.layers.#.mlp.gate.weight` (any index)."""
+    return _INDEX.sub(".#", key)
+
+
+@dataclass(frozen=True)
+class TransformersRenames:
+    """transformers' renamings of one model, applied in order to disk keys; a key that already is one of the model's
+    own names is left alone (the planner renames model-named checkpoints too, and transformers' patterns are not
+    idempotent: `mlp.shared_expert.` also matches `mlp.shared_experts.`). A disk key whose renaming does not come
+    back to it exactly is refused."""
+
+    renames: tuple[TransformersRename, ...]
+    model_keys: frozenset[str]  # `_shape_of_key` of every state-dict key of the model
+
+    def to_model(self, key: str) -> str:
+        if _shape_of_key(key) in self.model_keys:
+            return key
+        out = key
+        for r in self.renames:
+            out = r.to_model(out)
+        if out != key and self.to_disk(out) != key:
+            from .errors import MappingError
+
+            raise MappingError(f"key {key!r} renames to {out!r}, which transformers' reverse renaming does not take back to {key!r}")
+        return out
+
+    def to_disk(self, key: str) -> str:
+        for r in reversed(self.renames):
+            key = r.to_disk(key)
+        return key
+
+
 def _template(pattern: str) -> str:
     """transformers' source/target pattern (a key path, `*` = expert index) -> our template with `{prefix}`."""
     text = pattern.replace("\\.", ".").lstrip("^").lstrip(".")
@@ -203,6 +239,7 @@ def generic_mapping(model_type: str) -> MoEMapping:
     model = _build_meta_model(model_type)
     renames, groups = _translate(model, model_type)
     _check_groups(groups, model)
+    model_keys = frozenset(_shape_of_key(k) for k in model.state_dict())
     stacked = [g for g in groups if g.stacked]
     expert_tensors = tuple(t for t in _expert_param_templates(model) if not any(g.fused_template.text == t for g in stacked))
     if not stacked and not expert_tensors:
@@ -214,7 +251,7 @@ def generic_mapping(model_type: str) -> MoEMapping:
         model_type,
         FAMILY,
         tuple(groups),
-        tuple(renames),
+        (TransformersRenames(tuple(renames), model_keys),) if renames else (),
         disk_layout=Layout.PER_EXPERT if stacked else Layout.FUSED,
         expert_tensors=expert_tensors,
         num_experts_fields=(),
