@@ -7,7 +7,11 @@ overrides in `OVERRIDES` where a config validates its own shape rules), checks t
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +41,8 @@ def _shrink(cfg: Any) -> dict[str, Any]:
             kw[k] = SMALL[k]
         elif isinstance(v, list) and n_old and len(v) == n_old:
             kw[k] = v[-2:]
+    if d.get("qk_rope_head_dim") is not None:  # MLA: rotary on qk_rope_head_dim, as many KV heads as heads
+        kw.update(head_dim=SMALL["qk_rope_head_dim"], num_key_value_heads=SMALL["num_attention_heads"])
     for name in getattr(cfg, "sub_configs", None) or {}:
         sub = getattr(cfg, name, None)
         if sub is not None and hasattr(sub, "to_dict"):
@@ -53,9 +59,21 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+@functools.cache
+def _fixture_specs() -> dict[str, dict]:
+    """The bundled fixtures' tiny configs (fixtures/make_fixtures.py), for the types that have one."""
+    path = Path(__file__).resolve().parent.parent / "fixtures" / "make_fixtures.py"
+    spec = importlib.util.spec_from_file_location("_make_fixtures", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return {k: v for k, v in mod.FIXTURES.items() if k == v["model_type"]}
+
+
 def tiny_config(model_type: str) -> Any:
     import transformers
 
+    if model_type in _fixture_specs():
+        return transformers.CONFIG_MAPPING[model_type](**json.loads(json.dumps(_fixture_specs()[model_type]["config"])))
     kw = _merge(_shrink(transformers.AutoConfig.for_model(model_type)), OVERRIDES.get(model_type, {}))
     return transformers.AutoConfig.for_model(model_type, **kw)
 
