@@ -168,10 +168,17 @@ class ExpertGroup:
         return out
 
 
-def swiglu_groups(experts: str = "{prefix}layers.{layer}.mlp.experts", gate: str = "gate_proj", up: str = "up_proj", down: str = "down_proj") -> tuple[ExpertGroup, ...]:
+def swiglu_groups(
+    experts: str = "{prefix}layers.{layer}.mlp.experts",
+    gate: str = "gate_proj",
+    up: str = "up_proj",
+    down: str = "down_proj",
+) -> tuple[ExpertGroup, ...]:
     """The common pair: `gate|up -> gate_up_proj [E, 2I, H]`, `down -> down_proj [E, H, I]`."""
     return (
-        ExpertGroup(f"{experts}.gate_up_proj", (f"{experts}.{{expert}}.{gate}.weight", f"{experts}.{{expert}}.{up}.weight")),
+        ExpertGroup(
+            f"{experts}.gate_up_proj", (f"{experts}.{{expert}}.{gate}.weight", f"{experts}.{{expert}}.{up}.weight")
+        ),
         ExpertGroup(f"{experts}.down_proj", (f"{experts}.{{expert}}.{down}.weight",)),
     )
 
@@ -231,3 +238,52 @@ class MoEMapping:
 
     def num_experts(self, config: dict) -> int | None:
         return self.config_value(config, self.num_experts_fields)
+
+    def orient_fused(
+        self, recorded: Layout | None, config: dict, shapes: Sequence[tuple[ExpertGroup, Shape, str]]
+    ) -> Layout:
+        """The layout of a checkpoint whose stacked groups are stored fused (`shapes`: group, one expert's shape, key).
+
+        The recorded layout (our sidecar or safetensors metadata) decides. Otherwise the shapes decide, checked the way
+        transformers does (`Transpose(check_dims=True)`) but refusing what it guesses: with H (`hidden_size`) and I
+        from the config, a tensor fits `fused` when one expert is `[n*X, Y]` and `transposed` when it is `[Y, n*X]`,
+        `{X, Y} = {I, H}`, n parts. One fitting orientation over all tensors wins; none is an error; both (square dims:
+        2I == H or I == H) is an error for a type whose hub layout is transposed (both orientations exist in the wild:
+        the hub's and transformers' own save), and the declared layout otherwise. Without H or I: declared layout,
+        except for a transposed one, which needs the dims (or a record) to be trusted.
+        """
+        from .errors import MappingError
+
+        if recorded is not None:
+            return recorded
+        declared = self.disk_layout if self.disk_layout is not Layout.PER_EXPERT else Layout.FUSED
+        h = self.config_value(config, ("hidden_size",))
+        i = self.config_value(config, self.intermediate_fields)
+        if h is None or i is None:
+            if declared is Layout.TRANSPOSED:
+                raise MappingError(
+                    f"{self.model_type} hub tensors can be stored transposed or not, and the config gives no hidden_size/intermediate size to tell which; record the layout (automodel_convert.layout metadata) first"
+                )
+            return declared
+        fits = {Layout.FUSED, Layout.TRANSPOSED}
+        for g, shape, key in shapes:
+            fits &= _orientations(shape, len(g.parts), h, i)
+            if not fits:
+                raise MappingError(
+                    f"fused tensor {key!r} has expert shape {list(shape)}, which fits neither [n*I, H] nor [H, n*I] (H={h}, I={i}); the checkpoint and its config disagree"
+                )
+        if len(fits) == 1:
+            return fits.pop()
+        if declared is Layout.TRANSPOSED:
+            raise MappingError(
+                f"{self.model_type}: the fused expert shapes fit both the transposed hub layout and transformers' own (H={h}, I={i}: 2I == H or I == H), so the orientation is ambiguous; record the layout (automodel_convert.layout metadata) first"
+            )
+        return declared
+
+
+def _orientations(shape: Shape, n: int, h: int, i: int) -> set[Layout]:
+    """Which orientations one expert's fused shape fits, given H and I (n parts concatenated on the out dim)."""
+    if len(shape) != 2:
+        return {Layout.FUSED}  # not a matrix: never transposed
+    ok = {(n * i, h), (n * h, i)}
+    return {lay for lay, s in ((Layout.FUSED, shape), (Layout.TRANSPOSED, shape[::-1])) if tuple(s) in ok}

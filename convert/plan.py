@@ -206,9 +206,8 @@ def plan_conversion(
     if stacked_pe:
         source_layout = Layout.PER_EXPERT
     elif stacked_fk:
-        source_layout = recorded or (mapping.disk_layout if mapping.disk_layout is not Layout.PER_EXPERT else Layout.FUSED)
-        if source_layout is Layout.PER_EXPERT:
-            source_layout = Layout.FUSED
+        shapes = [(groups[i[0]], ckpt.tensors[fused_keys[i]].shape[1:], fused_keys[i]) for i in stacked_fk]
+        source_layout = mapping.orient_fused(recorded if recorded is not Layout.PER_EXPERT else Layout.FUSED, ckpt.config, shapes)
     else:
         source_layout = recorded or (Layout.PER_EXPERT if mapping.groups and mapping.disk_layout is Layout.PER_EXPERT else mapping.disk_layout)
         if any(g.stacked for g in mapping.groups):
