@@ -68,7 +68,9 @@ def get_mapping(model_type: str) -> MoEMapping:
         m, why = try_generic_mapping(model_type)
         if m is not None:
             return m
-        raise ConvertError(f"model_type {model_type!r}: transformers' conversion for it cannot be translated exactly ({why}); pass --model-type with a supported type if the checkpoint wraps one")
+        raise ConvertError(
+            f"model_type {model_type!r}: transformers' conversion for it cannot be translated exactly ({why}); pass --model-type with a supported type if the checkpoint wraps one"
+        )
     raise ConvertError(
         f"unknown model_type {model_type!r}; supported: {', '.join(reg)} and the types `automodel-convert list` shows. Pass --model-type with one of these if the checkpoint wraps a supported language model"
     )

@@ -37,6 +37,7 @@ from .mapping import ExpertGroup, Layout, MoEMapping
 from .ops import Concat, Interleave, Op, Transpose
 
 FAMILY = "transformers"
+NO_EXPERTS = "no fused expert parameter in the built model"
 _PLAIN = re.compile(r"^[A-Za-z0-9_.*]+$")
 
 
@@ -59,7 +60,11 @@ def fused_expert_types() -> dict[str, str | None]:
     from transformers.models.auto import modeling_auto as ma
 
     root = Path(tf.__file__).parent / "models"
-    tables = (ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, ma.MODEL_MAPPING_NAMES)
+    tables = (
+        ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+        ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        ma.MODEL_MAPPING_NAMES,
+    )
     out: dict[str, str | None] = {}
     for mt in sorted(ca.CONFIG_MAPPING_NAMES):
         mod = ca.model_type_to_module_name(mt)
@@ -122,7 +127,9 @@ class TransformersRenames:
         if out != key and self.to_disk(out) != key:
             from .errors import MappingError
 
-            raise MappingError(f"key {key!r} renames to {out!r}, which transformers' reverse renaming does not take back to {key!r}")
+            raise MappingError(
+                f"key {key!r} renames to {out!r}, which transformers' reverse renaming does not take back to {key!r}"
+            )
         return out
 
     def to_disk(self, key: str) -> str:
@@ -188,7 +195,9 @@ def _build_meta_model(model_type: str) -> Any:
         with torch.device("meta"):
             return getattr(tf, cls_name)._from_config(cfg)
     except Exception as e:  # transformers cannot build its own default config: nothing to translate from
-        raise Untranslatable(f"transformers cannot build {cls_name} from its default config ({type(e).__name__})") from e
+        raise Untranslatable(
+            f"transformers cannot build {cls_name} from its default config ({type(e).__name__})"
+        ) from e
 
 
 def _expert_param_templates(model: Any) -> list[str]:
@@ -221,11 +230,20 @@ def _translate(model: Any, model_type: str) -> tuple[list, list[ExpertGroup]]:
         if kind == "PrefixChange":
             continue
         if kind == "WeightRenaming":
-            renames.append(
-                TransformersRename(tuple(t._original_source_patterns), tuple(t._original_target_patterns), t.scope_prefix, t.base_model_prefix)
+            r = TransformersRename(
+                tuple(t._original_source_patterns),
+                tuple(t._original_target_patterns),
+                t.scope_prefix,
+                t.base_model_prefix,
             )
+            renames.append(r)
         elif kind == "WeightConverter":
-            groups.append(_group(t))
+            g = _group(t)
+            clash = [h for h in groups if h.fused == g.fused and h != g]
+            if clash:
+                raise Untranslatable(f"two scoped converters produce {g.fused!r} from {clash[0].parts} and {g.parts}")
+            if g not in groups:  # the same converter declared by two scoped sub-models
+                groups.append(g)
         else:
             raise Untranslatable(f"{kind} has no exact inverse here")
     return renames, groups
@@ -241,9 +259,11 @@ def generic_mapping(model_type: str) -> MoEMapping:
     _check_groups(groups, model)
     model_keys = frozenset(_shape_of_key(k) for k in model.state_dict())
     stacked = [g for g in groups if g.stacked]
-    expert_tensors = tuple(t for t in _expert_param_templates(model) if not any(g.fused_template.text == t for g in stacked))
+    expert_tensors = tuple(
+        t for t in _expert_param_templates(model) if not any(g.fused_template.text == t for g in stacked)
+    )
     if not stacked and not expert_tensors:
-        raise Untranslatable("no fused expert parameter found in the built model")
+        raise Untranslatable(NO_EXPERTS)
     text_field = "text_config" if getattr(model.config, "text_config", None) is not None else None
     first = stacked[0].fused if stacked else expert_tensors[0]
     prefix = _prefix_of(model, first)
@@ -258,17 +278,23 @@ def generic_mapping(model_type: str) -> MoEMapping:
         intermediate_fields=(),
         text_config_field=text_field,
         notes=f"translated from transformers {_transformers().__version__} conversion_mapping ({type(model).__name__})",
-        extra={"prefix": prefix, "config": "-", "fused": _fused_text(model, expert_tensors)},
+        extra={
+            "prefix": prefix,
+            "config": "-",
+            "fused": _fused_text(model, expert_tensors),
+            "transformers": _transformers().__version__,
+        },
     )
 
 
 def _prefix_of(model: Any, template: str) -> str:
+    """The `{prefix}` of the model's first key matching `template`, with layer index 7 (the catalog's example)."""
     from .mapping import Template
 
     for n, _ in model.named_parameters():
         caps = Template(template).match(n)
         if caps is not None:
-            return caps.get("prefix", "model.").split("layers.")[0]
+            return _INDEX.sub(".7", caps.get("prefix", ""))
     return "model."
 
 

@@ -20,26 +20,30 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_transformers import tiny_config, tiny_model
 
 from automodel_convert.convert import merge, split, verify
 from automodel_convert.convert.transformers_mapping import fused_expert_types
 
 from conftest import folder_bytes
-from tiny_transformers import tiny_config, tiny_model
 
 
 @functools.cache
 def _has_fused_experts(model_type: str, class_name: str) -> bool | str:
-    """True/False, or the reason transformers cannot build the type at all."""
+    """Whether transformers' model of the type holds fused experts (default config, else the tiny one, on the meta
+    device), or the reason transformers cannot build it at all."""
     import transformers
 
     cls = getattr(transformers, class_name)
-    try:
-        with torch.device("meta"):
-            model = cls._from_config(tiny_config(model_type))
-    except Exception as e:
-        return f"transformers cannot build {class_name} from a shrunk default config: {type(e).__name__}: {str(e).splitlines()[-1][:120] if str(e) else ''}"
-    return any(hasattr(m, "is_concatenated") for m in model.modules())
+    errors = []
+    for make in (lambda: transformers.AutoConfig.for_model(model_type), lambda: tiny_config(model_type)):
+        try:
+            with torch.device("meta"):
+                model = cls._from_config(make())
+            return any(hasattr(m, "is_concatenated") for m in model.modules())
+        except Exception as e:
+            errors.append(f"{type(e).__name__}: {str(e).splitlines()[-1][:100] if str(e) else ''}")
+    return f"transformers cannot build {class_name} from its default config nor a shrunk one ({'; '.join(errors)})"
 
 
 def _types() -> list:
@@ -82,6 +86,7 @@ def test_round_trip_against_transformers(model_type: str, class_name: str, tmp_p
     import transformers
 
     model = _save(model_type, class_name, tmp_path)
+    assert any(hasattr(m, "is_concatenated") for m in model.modules()), "the tiny config has no MoE layer"
     src, fused, back = tmp_path / "src", tmp_path / "fused", tmp_path / "back"
     merge(src, fused)
 
@@ -114,4 +119,3 @@ def test_round_trip_against_transformers(model_type: str, class_name: str, tmp_p
         pytest.xfail(f"transformers' tiny {class_name} has no text-only forward: {type(e).__name__}: {e}"[:300])
     # same weights; the kernels may round differently on differently laid-out (but equal) inputs
     torch.testing.assert_close(_logits(loaded.eval(), ids), ref, rtol=0, atol=1e-5)
-

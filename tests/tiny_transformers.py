@@ -41,6 +41,8 @@ def _shrink(cfg: Any) -> dict[str, Any]:
             kw[k] = SMALL[k]
         elif isinstance(v, list) and n_old and len(v) == n_old:
             kw[k] = v[-2:]
+        elif k.endswith("_layers") and isinstance(v, list) and all(isinstance(x, int) for x in v):
+            kw[k] = [x for x in v if x < 1]  # layer indices (e.g. mlp_only_layers): at most layer 0 stays dense
     if d.get("qk_rope_head_dim") is not None:  # MLA: rotary on qk_rope_head_dim, as many KV heads as heads
         kw.update(head_dim=SMALL["qk_rope_head_dim"], num_key_value_heads=SMALL["num_attention_heads"])
     for name in getattr(cfg, "sub_configs", None) or {}:
