@@ -52,6 +52,23 @@ def _transformers() -> Any:
     return transformers
 
 
+_EXPERTS_CLASS = re.compile(r"class \w+Experts\(nn\.Module\):")
+_STACKED_PARAM = re.compile(r"nn\.Parameter\(\s*torch\.\w+\(\s*[\w.]*experts\b")
+
+
+def _declares_fused_experts(source: str) -> bool:
+    """A modeling file with transformers' experts decorator, or an `...Experts` module with stacked parameters."""
+    return "use_experts_implementation" in source or bool(_EXPERTS_CLASS.search(source) and _STACKED_PARAM.search(source))
+
+
+def is_fused_experts(module: Any) -> bool:
+    """A module holding fused experts: decorated by transformers, or an `...Experts` class with 3-D parameters."""
+    if hasattr(module, "is_concatenated"):
+        return True
+    own = [p for _, p in module.named_parameters(recurse=False)]
+    return type(module).__name__.endswith("Experts") and any(p.dim() == 3 for p in own)
+
+
 @cache
 def fused_expert_types() -> dict[str, str | None]:
     """Model type -> class name (None: transformers maps no model class to it), for types with fused experts."""
@@ -69,7 +86,7 @@ def fused_expert_types() -> dict[str, str | None]:
     for mt in sorted(ca.CONFIG_MAPPING_NAMES):
         mod = ca.model_type_to_module_name(mt)
         path = root / mod / f"modeling_{mod}.py"
-        if path.exists() and "use_experts_implementation" in path.read_text():
+        if path.exists() and _declares_fused_experts(path.read_text()):
             out[mt] = next((t[mt] for t in tables if mt in t), None)
     return out
 
@@ -204,7 +221,7 @@ def _expert_param_templates(model: Any) -> list[str]:
     """Templates of the parameters of fused-experts modules (layer index -> `{layer}`)."""
     out: list[str] = []
     for mod_name, mod in model.named_modules():
-        if not hasattr(mod, "is_concatenated"):  # set by transformers' @use_experts_implementation
+        if not is_fused_experts(mod):
             continue
         for p_name, _ in mod.named_parameters(recurse=False):
             t = re.sub(r"^(.*?)\blayers\.\d+\.", r"{prefix}layers.{layer}.", f"{mod_name}.{p_name}")

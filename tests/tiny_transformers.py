@@ -18,7 +18,7 @@ import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-MAX_PARAMS = 3_000_000
+MAX_PARAMS = 8_000_000
 SMALL: dict[str, Any] = dict(
     num_hidden_layers=2, hidden_size=64, intermediate_size=96, moe_intermediate_size=24, expert_ffn_hidden_size=24,
     shared_expert_intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256,
@@ -29,29 +29,69 @@ SMALL: dict[str, Any] = dict(
     linear_num_key_heads=2, linear_num_value_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )  # fmt: skip
 # model type -> config kwargs (top level, or {"text_config": {...}}) that its own validators need on top of SMALL
-OVERRIDES: dict[str, dict[str, Any]] = {}
+_GEMMA4_MOE = dict(
+    enable_moe_block=True,
+    num_experts=4,
+    top_k_experts=2,
+    moe_intermediate_size=24,
+    vocab_size_per_layer_input=256,
+    hidden_size_per_layer_input=16,
+)
+_QWEN4_INDEXER = dict(
+    indexer_n_heads=2,
+    indexer_kv_heads=1,
+    indexer_head_dim=16,
+    indexer_budget=64,
+    indexer_compress_ratio=4,
+    ngram_vocab_size_base=256,
+    split_ngram_parts=2,
+    heads_per_ngram=2,
+)
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "longcat_flash": {"head_dim": 8},  # the fixture's MLA dims; the rotary size follows head_dim
+    "zaya": {"num_experts_per_tok": 1},  # ZAYA supports top-1 only
+    "gemma4_text": _GEMMA4_MOE,  # the default config has no MoE block
+    "gemma4": {"text_config": _GEMMA4_MOE},
+    "qwen4_exp_text": _QWEN4_INDEXER,  # the default leaves the indexer unset
+    "qwen4_exp": {"text_config": _QWEN4_INDEXER},
+    "dots3_note": {"vision_config": {"adapter_in_dim": 64}},  # the vision adapter feeds the text hidden size
+    "hy_v4_vl_text": {"rope_parameters": {"mrope_section": [2, 1, 1]}},  # sums to qk_rope_head_dim // 2
+    "hy_v4_vl": {"text_config": {"rope_parameters": {"mrope_section": [2, 1, 1]}}},
+    "inkling2_text": {"unpadded_vocab_size": 250},
+}
+
+
+def _shrink_value(k: str, v: Any, n_old: int | None) -> Any:
+    """The tiny value of config field `k` (default `v`), or `v` itself."""
+    if k in SMALL and v and not isinstance(v, (dict, list)):  # zeros (e.g. NoPE qk_rope_head_dim=0) stay
+        return SMALL[k]
+    if not n_old or not isinstance(v, (list, dict)) or not v:
+        return v
+    if isinstance(v, dict) and all(str(x).isdigit() for x in v):  # per-layer overrides keyed by layer index
+        return {x: y for x, y in v.items() if int(x) < SMALL["num_hidden_layers"]}
+    if isinstance(v, list) and len(v) == n_old:  # one entry per layer: the first, and the first other kind
+        return [v[0], next((x for x in v if x != v[0]), v[1])]
+    if k.endswith("_layers") and all(type(x) is int and x < n_old for x in v):
+        # layer indices: MoE layers among the kept ones, at most layer 0 dense (e.g. mlp_only_layers)
+        return [x for x in v if x < (SMALL["num_hidden_layers"] if "moe" in k or "sparse" in k else 1)]
+    return v
 
 
 def _shrink(cfg: Any) -> dict[str, Any]:
     d = cfg.to_dict()
     n_old = d.get("num_hidden_layers")
-    kw: dict[str, Any] = {}
-    for k, v in d.items():
-        if k in SMALL and v is not None and not isinstance(v, (dict, list)):
-            kw[k] = SMALL[k]
-        elif isinstance(v, list) and n_old and len(v) == n_old:
-            kw[k] = v[-2:]
-        elif k.endswith("_layers") and isinstance(v, list) and all(isinstance(x, int) for x in v):
-            kw[k] = [x for x in v if x < 1]  # layer indices (e.g. mlp_only_layers): at most layer 0 stays dense
-    if d.get("qk_rope_head_dim") is not None:  # MLA: rotary on qk_rope_head_dim, as many KV heads as heads
-        kw.update(head_dim=SMALL["qk_rope_head_dim"], num_key_value_heads=SMALL["num_attention_heads"])
+    kw = {k: _shrink_value(k, v, n_old) for k, v in d.items()}
+    if d.get("qk_rope_head_dim"):  # MLA: rotary on qk_rope_head_dim (of a head of nope + rope), KV heads = heads
+        whole = d.get("head_dim") == (d.get("qk_nope_head_dim") or 0) + d["qk_rope_head_dim"]
+        kw["head_dim"] = SMALL["qk_rope_head_dim"] + (SMALL["qk_nope_head_dim"] if whole else 0)
+    if d.get("kv_lora_rank"):
+        kw["num_key_value_heads"] = SMALL["num_attention_heads"]
     for name in getattr(cfg, "sub_configs", None) or {}:
         sub = getattr(cfg, name, None)
         if sub is not None and hasattr(sub, "to_dict"):
             kw[name] = _shrink(sub)
-    out = {**d, **kw}
-    out.pop("model_type", None)
-    return out
+    kw.pop("model_type", None)
+    return kw
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -75,7 +115,8 @@ def tiny_config(model_type: str) -> Any:
     import transformers
 
     if model_type in _fixture_specs():
-        return transformers.CONFIG_MAPPING[model_type](**json.loads(json.dumps(_fixture_specs()[model_type]["config"])))
+        kw = json.loads(json.dumps(_fixture_specs()[model_type]["config"]))
+        return transformers.CONFIG_MAPPING[model_type](**_merge(kw, OVERRIDES.get(model_type, {})))
     kw = _merge(_shrink(transformers.AutoConfig.for_model(model_type)), OVERRIDES.get(model_type, {}))
     return transformers.AutoConfig.for_model(model_type, **kw)
 
