@@ -54,10 +54,14 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "gemma4": {"text_config": _GEMMA4_MOE},
     "qwen4_exp_text": _QWEN4_INDEXER,  # the default leaves the indexer unset
     "qwen4_exp": {"text_config": _QWEN4_INDEXER},
-    "dots3_note": {"vision_config": {"adapter_in_dim": 64}},  # the vision adapter feeds the text hidden size
     "hy_v4_vl_text": {"rope_parameters": {"mrope_section": [2, 1, 1]}},  # sums to qk_rope_head_dim // 2
     "hy_v4_vl": {"text_config": {"rope_parameters": {"mrope_section": [2, 1, 1]}}},
     "inkling2_text": {"unpadded_vocab_size": 250},
+    "dots3_note_text": {"head_dim": 16},  # the sliding-window head is qk_nope + qk_rope
+    "dots3_note": {"text_config": {"head_dim": 16}, "vision_config": {"adapter_in_dim": 64}},
+    "glm4v_moe_text": {"rope_parameters": {"mrope_section": [2, 1, 1]}},  # sums to the rotary half
+    "muse_spark_text": {"moe_hidden_size": 24},
+    "muse_spark": {"text_config": {"moe_hidden_size": 24}, "projector_hidden_size": 64},
 }
 
 
@@ -114,6 +118,9 @@ def _fixture_specs() -> dict[str, dict]:
 def tiny_config(model_type: str) -> Any:
     import transformers
 
+    if model_type == "qwen3_omni_moe_thinker":  # the thinker of the bundled qwen3_omni_moe fixture
+        thinker = json.loads(json.dumps(_fixture_specs()["qwen3_omni_moe"]["config"]["thinker_config"]))
+        return transformers.CONFIG_MAPPING[model_type](**thinker)
     if model_type in _fixture_specs():
         kw = json.loads(json.dumps(_fixture_specs()[model_type]["config"]))
         return transformers.CONFIG_MAPPING[model_type](**_merge(kw, OVERRIDES.get(model_type, {})))
