@@ -324,6 +324,7 @@ def _fused_text(model: Any, expert_tensors: tuple[str, ...]) -> str:
     return ", ".join(f"{k} {v}" for k, v in shapes.items()) or "unchanged"
 
 
+@cache  # refusals too: `generic_mapping`'s cache keeps results only
 def try_generic_mapping(model_type: str) -> tuple[MoEMapping | None, str]:
     """`(mapping, "")`, or `(None, reason)` when the type cannot be translated."""
     try:

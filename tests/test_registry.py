@@ -41,7 +41,9 @@ def test_every_entry_has_a_fixture_that_the_checks_run_on(model_type):
     """An entry without its own fixture (or whose fixture the family tests do not run) fails CI."""
     from test_families import TYPES
 
-    assert (FIXTURES / model_type / "config.json").exists(), f"no fixture for {model_type}: fixtures/make_fixtures.py {model_type}"
+    assert (FIXTURES / model_type / "config.json").exists(), (
+        f"no fixture for {model_type}: fixtures/make_fixtures.py {model_type}"
+    )
     assert manifest()[model_type]["model_type"] == model_type
     assert model_type in TYPES, "tests/test_families.py does not check this type"
     assert model_type in verified_types()
@@ -70,9 +72,13 @@ def test_status_is_earned():
 
 def test_docs_table_matches_catalog():
     expected = markdown_table(catalog_rows())
-    assert docs_table(DOCS.read_text()) == expected, "docs/MODELS.md is stale: python -m automodel_convert.convert.catalog --write docs/MODELS.md"
+    assert docs_table(DOCS.read_text()) == expected, (
+        "docs/MODELS.md is stale: python -m automodel_convert.convert.catalog --write docs/MODELS.md"
+    )
     unsupported = markdown_unsupported(unsupported_rows())
-    assert docs_unsupported(DOCS.read_text()) == unsupported, "docs/MODELS.md is stale: python -m automodel_convert.convert.catalog --write docs/MODELS.md"
+    assert docs_unsupported(DOCS.read_text()) == unsupported, (
+        "docs/MODELS.md is stale: python -m automodel_convert.convert.catalog --write docs/MODELS.md"
+    )
 
 
 def test_list_command(run_cli):
@@ -105,9 +111,13 @@ def test_config_fields_give_the_fixture_sizes(model_type):
         assert m.num_experts(config) == info["num_experts"]
     if m.intermediate_fields:
         assert m.config_value(config, m.intermediate_fields) == info["moe_intermediate_size"]
-    if not m.num_experts_fields:  # qwen3_omni_moe: two expert stacks, E per stack from the keys
-        assert model_type == "qwen3_omni_moe"
-        assert _config_value(config, "thinker_config.text_config.num_experts") == info["num_experts"]
+    if not m.num_experts_fields:  # E per tensor from the keys
+        # qwen3_omni_moe: two expert stacks; longcat_flash: gate/up may hold E or E + zero experts
+        assert model_type in ("qwen3_omni_moe", "longcat_flash")
+        field = {"qwen3_omni_moe": "thinker_config.text_config.num_experts", "longcat_flash": "n_routed_experts"}[
+            model_type
+        ]
+        assert _config_value(config, field) == info["num_experts"]
 
 
 def _tf_mapping(model_type: str):
@@ -132,7 +142,11 @@ def test_entry_agrees_with_transformers_conversion_mapping(model_type):
         tf = _tf_mapping("qwen3_omni_moe_thinker")
     if model_type == "qwen3_5_moe":
         tf = _tf_mapping("qwen3_5_moe_text")
-    converters = [t for t in tf or [] if isinstance(t, WeightConverter) and any(isinstance(o, MergeModulelist) for o in t.operations)]
+    converters = [
+        t
+        for t in tf or []
+        if isinstance(t, WeightConverter) and any(isinstance(o, MergeModulelist) for o in t.operations)
+    ]
     stacked = [g for g in m.groups if g.stacked]
     if not tf or model_type == "qwen3_vl_moe":
         # no transformers conversion (or only a transpose of the fused hub tensors)
@@ -149,10 +163,15 @@ def test_entry_agrees_with_transformers_conversion_mapping(model_type):
     ours = [[m.to_disk_key(p.format(prefix="model.", layer=3, expert=0)) for p in g.parts] for g in stacked]
     for conv in converters:
         pats = [_plain(s).replace("*", "0") for s in conv._original_source_patterns]
-        assert any(len(parts) == len(pats) and all(pat in key for pat, key in zip(pats, parts)) for parts in ours), (pats, ours)
+        assert any(len(parts) == len(pats) and all(pat in key for pat, key in zip(pats, parts)) for parts in ours), (
+            pats,
+            ours,
+        )
         # the fused target: transformers' target pattern is our group's fused key (model naming)
         target = _plain(conv._original_target_patterns[0])
-        assert any(g.fused.endswith(target) or Template(g.fused).match("model.layers.3." + target.lstrip(".")) for g in stacked), target
+        assert any(
+            g.fused.endswith(target) or Template(g.fused).match("model.layers.3." + target.lstrip(".")) for g in stacked
+        ), target
     assert len(converters) == len(stacked)
 
 

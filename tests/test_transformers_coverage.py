@@ -37,20 +37,26 @@ from conftest import folder_bytes
 
 @functools.cache
 def _has_fused_experts(model_type: str, class_name: str) -> bool | str:
-    """Whether transformers' model of the type holds fused experts (default config, else the tiny one, on the meta
-    device), or the reason transformers cannot build it at all."""
+    """Whether transformers' model of the type holds fused experts, or the reason transformers cannot build it.
+
+    The tiny config is tried first (fast, on the meta device); when it builds without experts the default config is
+    asked too, so a tiny config that lost the MoE layers is collected (and fails), never skipped."""
     import transformers
 
     cls = getattr(transformers, class_name)
     errors = []
-    for make in (lambda: transformers.AutoConfig.for_model(model_type), lambda: tiny_config(model_type)):
+    for make in (lambda: tiny_config(model_type), lambda: transformers.AutoConfig.for_model(model_type)):
         try:
             with torch.device("meta"):
                 model = cls._from_config(make())
-            return any(is_fused_experts(m) for m in model.modules())
         except Exception as e:
             errors.append(f"{type(e).__name__}: {str(e).splitlines()[-1][:100] if str(e) else ''}")
-    return f"transformers cannot build {class_name} from its default config nor a shrunk one ({'; '.join(errors)})"
+            continue
+        if any(is_fused_experts(m) for m in model.modules()):
+            return True
+    if len(errors) == 2:
+        return f"transformers cannot build {class_name} from its default config nor a shrunk one ({'; '.join(errors)})"
+    return False
 
 
 def _supported(model_type: str) -> bool:
