@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ from automodel_convert.convert.transformers_mapping import (
     try_generic_mapping,
 )
 
-from conftest import folder_bytes
+from conftest import fixture_path, folder_bytes
 
 
 @functools.cache
@@ -164,3 +165,16 @@ def test_untranslatable_type_is_refused_in_one_line(model_type: str, tmp_path: P
     assert len(err.strip().splitlines()) == 1, err
     assert try_generic_mapping(model_type)[1][:40] in " ".join(err.split())
     assert not (tmp_path / "dst").exists()
+
+
+def test_split_uses_the_model_type_merge_recorded(tmp_path: Path) -> None:
+    """`merge --model-type deepseek_v2` on a checkpoint whose config names another type: split needs no override."""
+    src = tmp_path / "src"
+    shutil.copytree(fixture_path("deepseek_v2"), src)
+    config = json.loads((src / "config.json").read_text())
+    config["model_type"] = "deepseek_ocr_unknown"
+    (src / "config.json").write_text(json.dumps(config))
+    merge(src, tmp_path / "fused", model_type="deepseek_v2")
+    split(tmp_path / "fused", tmp_path / "back")
+    assert folder_bytes(tmp_path / "back") == folder_bytes(src)
+    assert verify(tmp_path / "fused").ok
