@@ -176,14 +176,15 @@ def catalog_rows() -> list[dict]:
 
 def unsupported_rows() -> list[dict]:
     """transformers types with fused experts that no mapping covers, with the reason (one line each)."""
-    from .transformers_mapping import NO_EXPERTS, fused_expert_types, try_generic_mapping
+    from .transformers_mapping import NO_EXPERTS, fused_expert_types, language_model_types, try_generic_mapping
 
     supported = all_mappings()
     rows = []
     for mt, cls in fused_expert_types().items():
         reason = try_generic_mapping(mt)[1]
-        # sub-configs without a model class and towers without experts are not MoE models of their own
-        if mt not in supported and cls is not None and reason != NO_EXPERTS:
+        # sub-configs without a model class and towers without experts are not MoE models of their own; a language
+        # model whose default config has no MoE block (gemma4) is listed: the translation is built from that config
+        if mt not in supported and cls is not None and (reason != NO_EXPERTS or mt in language_model_types()):
             rows.append({"model_type": mt, "reason": reason})
     return rows
 

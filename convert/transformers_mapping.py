@@ -58,7 +58,9 @@ _STACKED_PARAM = re.compile(r"nn\.Parameter\(\s*torch\.\w+\(\s*[\w.]*experts\b")
 
 def _declares_fused_experts(source: str) -> bool:
     """A modeling file with transformers' experts decorator, or an `...Experts` module with stacked parameters."""
-    return "use_experts_implementation" in source or bool(_EXPERTS_CLASS.search(source) and _STACKED_PARAM.search(source))
+    return "use_experts_implementation" in source or bool(
+        _EXPERTS_CLASS.search(source) and _STACKED_PARAM.search(source)
+    )
 
 
 def is_fused_experts(module: Any) -> bool:
@@ -67,6 +69,15 @@ def is_fused_experts(module: Any) -> bool:
         return True
     own = [p for _, p in module.named_parameters(recurse=False)]
     return type(module).__name__.endswith("Experts") and any(p.dim() == 3 for p in own)
+
+
+@cache
+def language_model_types() -> frozenset[str]:
+    """Model types transformers builds a causal or image-text-to-text language model for (not towers)."""
+    _transformers()
+    from transformers.models.auto import modeling_auto as ma
+
+    return frozenset(ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) | frozenset(ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
 
 @cache
@@ -200,21 +211,49 @@ def _group(conv: Any) -> ExpertGroup:
     raise Untranslatable(f"converter {conv._original_source_patterns} -> {targets} with {ops!r}")
 
 
+def _fewer_layers(cfg_dict: dict, k: int) -> dict:
+    """The same configuration with its first `k` layers (every per-layer list cut to `k` entries)."""
+    n = cfg_dict.get("num_hidden_layers")
+    out = {key: (v[:k] if isinstance(v, list) and len(v) == n else v) for key, v in cfg_dict.items()}
+    out["num_hidden_layers"] = k
+    for key, v in cfg_dict.items():
+        if isinstance(v, dict) and isinstance(v.get("num_hidden_layers"), int):  # sub-configs (text_config)
+            out[key] = _fewer_layers(v, k)
+    return out
+
+
 def _build_meta_model(model_type: str) -> Any:
+    """transformers' own class on the meta device, from its default config; when that config cannot be built (some
+    defaults leave fields of later layer kinds unset), from its first 1, 2 or 4 layers. The transforms are key
+    patterns: they do not depend on sizes or depth."""
     tf = _transformers()
     import torch
 
     cls_name = fused_expert_types().get(model_type)
     if cls_name is None:
         raise Untranslatable("transformers maps no model class to it")
-    cfg = tf.AutoConfig.for_model(model_type)
-    try:
-        with torch.device("meta"):
-            return getattr(tf, cls_name)._from_config(cfg)
-    except Exception as e:  # transformers cannot build its own default config: nothing to translate from
-        raise Untranslatable(
-            f"transformers cannot build {cls_name} from its default config ({type(e).__name__})"
-        ) from e
+    cls = getattr(tf, cls_name)
+    default = tf.AutoConfig.for_model(model_type)
+    configs = [lambda: default] + [
+        lambda k=k: tf.AutoConfig.for_model(model_type, **_fewer_layers(_kwargs(default), k)) for k in (1, 2, 4)
+    ]
+    error: Exception | None = None
+    for make in configs:
+        try:
+            with torch.device("meta"):
+                model = cls._from_config(make())
+        except Exception as e:
+            error = error or e
+            continue
+        if any(is_fused_experts(m) for m in model.modules()) or error is None:
+            return model
+    raise Untranslatable(f"transformers cannot build {cls_name} from its default config ({type(error).__name__})")
+
+
+def _kwargs(cfg: Any) -> dict:
+    d = cfg.to_dict()
+    d.pop("model_type", None)
+    return d
 
 
 def _expert_param_templates(model: Any) -> list[str]:
@@ -292,7 +331,7 @@ def generic_mapping(model_type: str) -> MoEMapping:
         disk_layout=Layout.PER_EXPERT if stacked else Layout.FUSED,
         expert_tensors=expert_tensors,
         num_experts_fields=(),
-        intermediate_fields=(),
+        intermediate_fields=_intermediate_fields(model),
         text_config_field=text_field,
         notes=f"translated from transformers {_transformers().__version__} conversion_mapping ({type(model).__name__})",
         extra={
@@ -302,6 +341,27 @@ def generic_mapping(model_type: str) -> MoEMapping:
             "transformers": _transformers().__version__,
         },
     )
+
+
+def _intermediate_fields(model: Any) -> tuple[str, ...]:
+    """The config field(s) giving the experts' I: those equal to a non-transposed `down_proj [E, H, I]`'s last dim in
+    the built model, MoE-named first. Used only to check a fused checkpoint's orientation against its shapes."""
+    dims = {
+        p.shape[-1]
+        for m in model.modules()
+        if hasattr(m, "is_transposed") and not m.is_transposed  # declared orientation only
+        for n, p in m.named_parameters(recurse=False)
+        if n == "down_proj" and p.dim() == 3
+    }
+    if len(dims) != 1:
+        return ()
+    (i,) = dims
+    cfg = model.config
+    sources = [cfg.to_dict()] + [sub.to_dict() for sub in (getattr(cfg, "text_config", None),) if sub is not None]
+    names = {
+        k for src in sources for k, v in src.items() if v == i and type(v) is int and "size" in k and k != "hidden_size"
+    }
+    return tuple(sorted(names, key=lambda k: ("moe" not in k and "expert" not in k, k)))
 
 
 def _prefix_of(model: Any, template: str) -> str:
