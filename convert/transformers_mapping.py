@@ -10,9 +10,9 @@ Contract:
   - `WeightRenaming` -> `TransformersRename` (keyword-argument data; `to_model` is transformers' own renaming,
     `to_disk` its own `reverse_transform`, and a key that does not come back exactly is refused);
   - `WeightConverter(MergeModulelist(0), Concatenate(1))` -> `ExpertGroup` parts `[gate, up]` with `Concat(0)`
-    (every op after `MergeModulelist(0)` acts on dim d of the stack, i.e. dim d-1 of one expert: `Concatenate`,
-    `Transpose`, `Concatenate` + `Interleave` become `Concat`, `Transpose`, `Interleave`); the split direction is
-    the group's derived inverse, never declared;
+    (every op after `MergeModulelist(0)` acts on dim d of the stack, i.e. dim d-1 of one expert: `Concatenate` and
+    `Transpose` become `Concat` and `Transpose`; transformers' `Interleave` is not translated, no supported type
+    needs it and nothing here tests it); the split direction is the group's derived inverse, never declared;
   - `WeightConverter(Concatenate(d))` without `MergeModulelist` -> a non-stacked group (e.g. q/k/v conv1d);
   - `PrefixChange` is dropped, as transformers drops it when it saves a model it did not load (not a bijection);
   - parameters of a fused-experts module that no converter produces are `expert_tensors` (disk equals model).
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .mapping import ExpertGroup, Layout, MoEMapping
-from .ops import Concat, Interleave, Op, Transpose
+from .ops import Concat, Op, Transpose
 
 FAMILY = "transformers"
 NO_EXPERTS = "no fused expert parameter in the built model"
@@ -183,8 +183,6 @@ def _expert_ops(ops: list) -> tuple[Op, ...]:
             out.append(Concat(op.dim - 1))
         elif name == "Transpose" and min(op.dim0, op.dim1) >= 1 and not op.check_dims:
             out.append(Transpose(op.dim0 - 1, op.dim1 - 1))
-        elif name == "Interleave" and not op.inverse and out and out[-1] == Concat(op.dim - 1):
-            out[-1] = Interleave(op.dim - 1)
         else:
             raise Untranslatable(f"operation {op!r} after MergeModulelist has no exact translation")
     return tuple(out)
