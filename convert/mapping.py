@@ -244,27 +244,46 @@ class MoEMapping:
     ) -> Layout:
         """The layout of a checkpoint whose stacked groups are stored fused (`shapes`: group, one expert's shape, key).
 
-        The recorded layout (our sidecar or safetensors metadata) decides. Otherwise the shapes decide, checked the way
-        transformers does (`Transpose(check_dims=True)`) but refusing what it guesses: with H (`hidden_size`) and I
-        from the config, a tensor fits `fused` when one expert is `[n*X, Y]` and `transposed` when it is `[Y, n*X]`,
-        `{X, Y} = {I, H}`, n parts. One fitting orientation over all tensors wins; none is an error; both (square dims:
-        2I == H or I == H) is an error for a type whose hub layout is transposed (both orientations exist in the wild:
-        the hub's and transformers' own save), and the declared layout otherwise. Without H or I: declared layout,
-        except for a transposed one, which needs the dims (or a record) to be trusted.
+        Shapes are checked the way transformers does (`Transpose(check_dims=True)`) but nothing is guessed: with H
+        (`hidden_size`) and I from the config, a tensor fits `fused` when one expert is `[n*X, Y]` and `transposed`
+        when it is `[Y, n*X]`, `{X, Y} = {I, H}`, n parts. The recorded layout (our sidecar or safetensors metadata)
+        decides when the shapes confirm it; otherwise the one orientation that fits every tensor. Refused: a record
+        or shapes that fit nothing; both orientations fitting (2I == H) for a type whose hub layout is transposed
+        (the hub's and transformers' own save both exist); a transposed type whose config lacks H or I. Otherwise
+        the declared layout.
         """
         from .errors import MappingError
 
-        if recorded is not None:
-            return recorded
         declared = self.disk_layout if self.disk_layout is not Layout.PER_EXPERT else Layout.FUSED
+        fits = self._fitting_orientations(config, shapes)
+        if recorded is not None:
+            if fits is not None and recorded not in fits:
+                raise MappingError(
+                    f"the recorded layout {recorded} does not fit the expert shapes (they fit {sorted(map(str, fits))})"
+                )
+            return recorded
+        if fits is None and declared is Layout.TRANSPOSED:
+            raise MappingError(
+                f"{self.model_type} hub tensors can be stored transposed or not, and the config gives no hidden_size/intermediate size to tell which; record the layout (automodel_convert.layout metadata) first"
+            )
+        if fits is not None and len(fits) == 1:
+            return next(iter(fits))
+        if fits is not None and declared is Layout.TRANSPOSED:
+            raise MappingError(
+                f"{self.model_type}: the fused expert shapes fit both the transposed hub layout and transformers' own (2I == H), so the orientation is ambiguous; record the layout (automodel_convert.layout metadata) first"
+            )
+        return declared
+
+    def _fitting_orientations(
+        self, config: dict, shapes: Sequence[tuple[ExpertGroup, Shape, str]]
+    ) -> set[Layout] | None:
+        """The orientations every fused tensor fits given the config's H and I (None: the config lacks them)."""
+        from .errors import MappingError
+
         h = self.config_value(config, ("hidden_size",))
         i = self.config_value(config, self.intermediate_fields)
         if h is None or i is None:
-            if declared is Layout.TRANSPOSED:
-                raise MappingError(
-                    f"{self.model_type} hub tensors can be stored transposed or not, and the config gives no hidden_size/intermediate size to tell which; record the layout (automodel_convert.layout metadata) first"
-                )
-            return declared
+            return None
         fits = {Layout.FUSED, Layout.TRANSPOSED}
         for g, shape, key in shapes:
             fits &= _orientations(shape, len(g.parts), h, i)
@@ -272,13 +291,7 @@ class MoEMapping:
                 raise MappingError(
                     f"fused tensor {key!r} has expert shape {list(shape)}, which fits neither [n*I, H] nor [H, n*I] (H={h}, I={i}); the checkpoint and its config disagree"
                 )
-        if len(fits) == 1:
-            return fits.pop()
-        if declared is Layout.TRANSPOSED:
-            raise MappingError(
-                f"{self.model_type}: the fused expert shapes fit both the transposed hub layout and transformers' own (H={h}, I={i}: 2I == H or I == H), so the orientation is ambiguous; record the layout (automodel_convert.layout metadata) first"
-            )
-        return declared
+        return fits
 
 
 def _orientations(shape: Shape, n: int, h: int, i: int) -> set[Layout]:
