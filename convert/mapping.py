@@ -286,6 +286,8 @@ class MoEMapping:
             return None
         fits = {Layout.FUSED, Layout.TRANSPOSED}
         for g, shape, key in shapes:
+            if not all(p.endswith(".weight") for p in g.parts):
+                continue  # a companion (block-FP8 scale grid): its shape is not in I and H
             fits &= _orientations(shape, len(g.parts), h, i)
             if not fits:
                 raise MappingError(
