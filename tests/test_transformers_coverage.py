@@ -25,9 +25,9 @@ from safetensors.torch import load_file, save_file
 from tiny_transformers import tiny_config, tiny_model
 
 from automodel_convert.convert import merge, split, verify
+from automodel_convert.convert.catalog import unsupported_rows
 from automodel_convert.convert.registry import registry
 from automodel_convert.convert.transformers_mapping import (
-    NO_EXPERTS,
     fused_expert_types,
     is_fused_experts,
     try_generic_mapping,
@@ -80,11 +80,7 @@ def _types() -> list:
 
 def _refused_types() -> list[str]:
     """transformers types with fused experts whose declared conversions have no exact translation here."""
-    return [
-        mt
-        for mt, cls in fused_expert_types().items()
-        if cls is not None and not _supported(mt) and try_generic_mapping(mt)[1] != NO_EXPERTS
-    ]
+    return [row["model_type"] for row in unsupported_rows()]  # the same list as docs/MODELS.md
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
