@@ -93,7 +93,7 @@ class ConvertResult:
 def _open(src: str | Path, revision: str | None, model_type: str | None) -> tuple[Checkpoint, MoEMapping, str]:
     folder = resolve_source(str(src), revision)
     ckpt = open_checkpoint(folder, require_config=model_type is None)
-    mt = model_type or ckpt.config.get("model_type")
+    mt = model_type or (ckpt.sidecar or {}).get("model_type") or ckpt.config.get("model_type")  # merge's --model-type
     if not isinstance(mt, str) or not mt:
         raise ConvertError(f"{folder / 'config.json'} has no model_type; pass --model-type")
     return ckpt, get_mapping(mt), mt

@@ -26,7 +26,7 @@ from .checkpoint import Checkpoint
 from .errors import MappingError
 from .mapping import ExpertGroup, Layout, MoEMapping, Template
 from .ops import Chain, Shape
-from .safetensors_io import DTYPE_SIZES, TensorInfo
+from .safetensors_io import DTYPE_SIZES
 
 LAYOUT_METADATA_KEY = "automodel_convert.layout"
 
@@ -240,10 +240,9 @@ def plan_conversion(
             )
         source_layout = Layout.PER_EXPERT
     elif stacked_fk:
-        fused_shapes = [
-            (groups[i[0]], ckpt.tensors[fused_keys[i]]) for i in stacked_fk if groups[i[0]] in mapping.groups
-        ]
-        source_layout = fused_orientation(ckpt, mapping, fused_shapes, recorded, user_layout)
+        shapes = [(groups[i[0]], ckpt.tensors[fused_keys[i]].shape[1:], fused_keys[i]) for i in stacked_fk]
+        record = None if recorded is None else recorded if recorded is not Layout.PER_EXPERT else Layout.FUSED
+        source_layout = mapping.orient_fused(record, ckpt.config, shapes, user=user_layout)
     else:
         source_layout = recorded or (
             Layout.PER_EXPERT if mapping.groups and mapping.disk_layout is Layout.PER_EXPERT else mapping.disk_layout
@@ -357,67 +356,6 @@ def plan_conversion(
     if source_layout is target:
         plan.notes.append(f"the checkpoint is already in the {target} layout: tensors are copied through unchanged")
     return plan
-
-
-def fused_orientation(
-    ckpt: Checkpoint,
-    mapping: MoEMapping,
-    fused: list[tuple[ExpertGroup, TensorInfo]],
-    recorded: Layout | None,
-    user: Layout | None,
-) -> Layout:
-    """How an already-fused checkpoint is oriented: the user's `--source-layout` (checked against the shapes), else
-    what we recorded, else the type's declared hub layout; for types whose fused checkpoints exist in both
-    orientations (a transposed hub layout, while transformers saves the untransposed one) the one orientation that
-    every fused tensor's shape fits, refusing when a tensor fits both (2I == H or I == H) or neither."""
-    if user is Layout.PER_EXPERT:
-        raise MappingError(
-            "--source-layout per_expert, but the checkpoint's expert tensors are fused; use fused or transposed"
-        )
-    if user is None and recorded is not None:
-        return Layout.FUSED if recorded is Layout.PER_EXPERT else recorded
-    if user is None and mapping.disk_layout is not Layout.TRANSPOSED:
-        return mapping.disk_layout if mapping.disk_layout is not Layout.PER_EXPERT else Layout.FUSED
-    hidden = mapping.config_value(ckpt.config, ("hidden_size",))
-    inter = mapping.config_value(ckpt.config, mapping.intermediate_fields)
-    candidates = (user,) if user is not None else (Layout.FUSED, Layout.TRANSPOSED)
-    if hidden is None or inter is None:
-        if user is not None:
-            return user
-        raise MappingError(
-            "cannot tell whether the fused experts are stored [E, 2I, H] (fused) or [E, H, 2I] (transposed): config.json lacks the hidden or expert intermediate size; pass --source-layout fused or --source-layout transposed"
-        )
-    chosen = set(candidates)
-    for group, info in fused:
-        fits = {c for c in candidates if _orientation_fits(group, info.shape[1:], c, hidden, inter)}
-        if len(fits) > 1:
-            raise MappingError(
-                f"{info.name!r} {list(info.shape)} fits both the fused [E, 2I, H] and the transposed [E, H, 2I] orientation (H={hidden}, I={inter}); pass --source-layout fused or --source-layout transposed"
-            )
-        chosen &= fits
-    if not fused and user is None:
-        raise MappingError(
-            "cannot tell the orientation of the fused experts from their shapes; pass --source-layout fused or --source-layout transposed"
-        )
-    if not chosen:
-        which = f"the {user} orientation" if user is not None else "either orientation"
-        raise MappingError(
-            f"the fused expert shapes (e.g. {fused[0][1].name!r} {list(fused[0][1].shape)}) do not fit {which} for H={hidden}, I={inter}; check config.json and --source-layout"
-        )
-    return chosen.pop()
-
-
-def _orientation_fits(group: ExpertGroup, expert_shape: Shape, layout: Layout, hidden: int, inter: int) -> bool:
-    """Whether one expert's slice `expert_shape` reads, in `layout`, as parts of the expected F.linear shape:
-    `[H, I]` for a down projection, `[I, H]` for the others (gate, up)."""
-    if len(expert_shape) != 2:
-        return False
-    out_total, in_dim = expert_shape if layout is Layout.FUSED else expert_shape[::-1]
-    n = len(group.parts)
-    if out_total % n:
-        return False
-    is_down = group.fused.rsplit(".", 1)[-1].startswith("down")
-    return (out_total // n, in_dim) == ((hidden, inter) if is_down else (inter, hidden))
 
 
 def _first_missing(present: Container[int], n: int, limit: int = 5) -> list[int]:

@@ -538,14 +538,29 @@ def test_fused_orientation_detected_from_shapes(run_cli, tmp_path, transposed):
     }
 
 
-@pytest.mark.parametrize("hidden,inter", [(24, 12), (16, 16)], ids=["2I==H", "I==H"])
-def test_ambiguous_orientation_refused_unless_told(run_cli, tmp_path, hidden, inter):
-    model = _vl_checkpoint(tmp_path / "src", hidden=hidden, inter=inter, transposed=True)
-    code, _, err = run_cli("merge", tmp_path / "src", tmp_path / "out", "-q")
+@pytest.mark.parametrize("transposed", [True, False], ids=["hub", "transformers"])
+def test_square_gate_up_is_decided_by_down(run_cli, tmp_path, transposed):
+    """2I == H: gate_up [2I, H] is square, but down [H, I] vs [I, H] is not, so the checkpoint as a whole fits one
+    orientation (a tensor alone that fits both is refused: tests/test_orientation.py). --source-layout naming the
+    other orientation is refused in one line."""
+    model = _vl_checkpoint(tmp_path / "src", hidden=24, inter=12, transposed=transposed)
+    wrong = "fused" if transposed else "transposed"
+    code, _, err = run_cli("merge", tmp_path / "src", tmp_path / "out", "-q", "--source-layout", wrong)
     assert code == 2
-    one_line_error(err, "--source-layout")
+    one_line_error(err, "does not fit")
     assert leftovers(tmp_path, "out") == []
-    code, _, err = run_cli("merge", tmp_path / "src", tmp_path / "out", "-q", "--source-layout", "transposed")
+    code, _, err = run_cli("merge", tmp_path / "src", tmp_path / "out", "-q")
+    assert code == 0, err
+    got = all_tensors(tmp_path / "out")
+    for k, v in model.items():
+        assert torch.equal(got[k].view(torch.int16), v.view(torch.int16)), k
+
+
+@pytest.mark.parametrize("transposed", [True, False], ids=["hub", "transformers"])
+def test_square_down_projection_is_decided_by_gate_up(run_cli, tmp_path, transposed):
+    """I == H: the down projection [H, I] is square, but gate_up [2I, H] vs [H, 2I] is not: no flag needed."""
+    model = _vl_checkpoint(tmp_path / "src", hidden=16, inter=16, transposed=transposed)
+    code, _, err = run_cli("merge", tmp_path / "src", tmp_path / "out", "-q")
     assert code == 0, err
     got = all_tensors(tmp_path / "out")
     for k, v in model.items():
