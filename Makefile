@@ -22,14 +22,17 @@ demo: $(VENV)/.installed
 
 # No -x: a newcomer sees every failure, not the first one. Multi-process tests start their ranks through
 # tests/spawn_ranks.py (own rendezvous port per call, results as files, a deadline that fails loudly), and
-# pytest-timeout (pyproject) fails any single test that hangs instead of stalling CI.
+# pytest-timeout (pyproject) fails any single test that hangs instead of stalling CI. lint-imports: the layers
+# (pyproject [tool.importlinter]) point down only.
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q --durations=15
 
 # `ruff check` is the lint gate (it fails CI). `ruff format` is not used: the code base keeps its own line layout.
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 # The multi-process tests N times in a row (issue 13's determinism check): make repeat-dist N=20
 N ?= 20

@@ -39,36 +39,12 @@ from .errors import ConvertError
 from .mapping import Layout, MoEMapping, Template
 from .plan import LAYOUT_METADATA_KEY, Copy, OutTensor, Plan, Transform, key_coverage, plan_conversion
 from .registry import get_mapping
-from .safetensors_io import DTYPE_SIZES, FileHeader, TensorInfo
+from .safetensors_io import DTYPE_SIZES, FileHeader, TensorInfo, torch_dtype
+from .sharding import ep_ranges
 from .source import resolve_source
 
 if TYPE_CHECKING:
     import torch
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a safetensors dtype name."""
-    import torch
-
-    table = {
-        "BOOL": torch.bool,
-        "U8": torch.uint8,
-        "I8": torch.int8,
-        "I16": torch.int16,
-        "U16": torch.uint16,
-        "I32": torch.int32,
-        "U32": torch.uint32,
-        "I64": torch.int64,
-        "U64": torch.uint64,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "F32": torch.float32,
-        "F64": torch.float64,
-        "F8_E4M3": torch.float8_e4m3fn,
-        "F8_E5M2": torch.float8_e5m2,
-        "F8_E8M0": getattr(torch, "float8_e8m0fnu", torch.uint8),
-    }
-    return table[name]
 
 
 @dataclass
@@ -90,7 +66,7 @@ class ConvertResult:
     file_layout: FileLayout | None = None
 
 
-def _open(src: str | Path, revision: str | None, model_type: str | None) -> tuple[Checkpoint, MoEMapping, str]:
+def open_source(src: str | Path, revision: str | None, model_type: str | None) -> tuple[Checkpoint, MoEMapping, str]:
     folder = resolve_source(str(src), revision)
     ckpt = open_checkpoint(folder, require_config=model_type is None)
     mt = model_type or (ckpt.sidecar or {}).get("model_type") or ckpt.config.get("model_type")  # merge's --model-type
@@ -114,14 +90,14 @@ def _layout_arg(layout: str | Layout | None, allowed: tuple[Layout, ...], option
     return names[layout]
 
 
-def _file_metadata(layout: Layout) -> dict[str, str]:
+def file_metadata(layout: Layout) -> dict[str, str]:
     meta = {"format": "pt"}
     if layout is Layout.TRANSPOSED:
         meta[LAYOUT_METADATA_KEY] = str(layout)
     return meta
 
 
-def _sidecar(ckpt: Checkpoint, plan: Plan, mt: str) -> dict:
+def read_sidecar(ckpt: Checkpoint, plan: Plan, mt: str) -> dict:
     original = (ckpt.sidecar or {}).get("original") or record_original(ckpt)
     source_layout = (ckpt.sidecar or {}).get("original_layout") or str(plan.source_layout)
     return {
@@ -163,9 +139,9 @@ def merge(
     given = _layout_arg(source_layout, (Layout.PER_EXPERT, Layout.FUSED, Layout.TRANSPOSED), "--source-layout")
     max_bytes = parse_size(max_shard_size)
     t0 = time.perf_counter()
-    ckpt, mapping, mt = _open(src, revision, model_type)
+    ckpt, mapping, mt = open_source(src, revision, model_type)
     plan = plan_conversion(ckpt, mapping, target, naming="model", model_type=mt, source_layout=given)
-    sidecar = _sidecar(ckpt, plan, mt)
+    sidecar = read_sidecar(ckpt, plan, mt)
     extra_files = None
     record = True
     if (ckpt.sidecar or {}).get("checksums"):
@@ -187,7 +163,7 @@ def merge(
         cfg = dequantized_config(ckpt.config)
         if cfg != ckpt.config and (ckpt.root / "config.json").exists():
             extra_files = {"config.json": (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()}
-    file_layout = shard_by_size(plan.outputs, max_bytes, _file_metadata(target))
+    file_layout = shard_by_size(plan.outputs, max_bytes, file_metadata(target))
     write = WriteOptions(overwrite, force, workers, sidecar, extra_files, record_checksums=record)
     return _finish("merge", ckpt, plan, file_layout, dst, mt, dry_run, progress, t0, write)
 
@@ -217,13 +193,9 @@ def split(
     given = _layout_arg(source_layout, (Layout.PER_EXPERT, Layout.FUSED, Layout.TRANSPOSED), "--source-layout")
     max_bytes = parse_size(max_shard_size)
     t0 = time.perf_counter()
-    ckpt, mapping, mt = _open(src, revision, model_type)
+    ckpt, mapping, mt = open_source(src, revision, model_type)
     recorded = (ckpt.sidecar or {}).get("original_layout")
-    target = chosen or (
-        Layout(recorded)
-        if recorded
-        else (Layout.PER_EXPERT if mapping.groups and mapping.disk_layout is Layout.PER_EXPERT else mapping.disk_layout)
-    )
+    target = chosen or (Layout(recorded) if recorded else mapping.hub_layout)
     plan = plan_conversion(ckpt, mapping, target, naming="disk", model_type=mt, source_layout=given)
     original = (ckpt.sidecar or {}).get("original")
     notes = []
@@ -235,7 +207,7 @@ def split(
         if expected:
             notes.append(f"every tensor matches the {expected['algorithm']} checksum recorded at merge time")
     else:
-        file_layout = shard_by_size(plan.outputs, max_bytes, _file_metadata(target))
+        file_layout = shard_by_size(plan.outputs, max_bytes, file_metadata(target))
         if original and restore:
             notes.append(
                 f"the recorded original layout is {recorded}, not {target}: sharded afresh by --max-shard-size"
@@ -369,7 +341,7 @@ def _virtual_checkpoint(ckpt: Checkpoint, plan: Plan, sidecar: dict) -> Checkpoi
         tensors[t.name] = info
         infos.append(info)
         pos += t.nbytes
-    header = FileHeader("<planned>", tuple(infos), _file_metadata(plan.target_layout), 0, pos)
+    header = FileHeader("<planned>", tuple(infos), file_metadata(plan.target_layout), 0, pos)
     return Checkpoint(ckpt.root, {"<planned>": header}, tensors, ckpt.config, {}, sidecar)
 
 
@@ -386,7 +358,7 @@ def verify(
     checkpoint whose sidecar holds checksums, also rebuild every original tensor and compare its checksum."""
     t0 = time.perf_counter()
     given = _layout_arg(source_layout, (Layout.PER_EXPERT, Layout.FUSED, Layout.TRANSPOSED), "--source-layout")
-    ckpt, mapping, mt = _open(src, revision, model_type)
+    ckpt, mapping, mt = open_source(src, revision, model_type)
     probe = plan_conversion(ckpt, mapping, Layout.FUSED, naming="model", model_type=mt, source_layout=given)
     src_layout = probe.source_layout
     if src_layout is Layout.FUSED and mapping.groups:
@@ -395,7 +367,7 @@ def verify(
         via = Layout.FUSED
     forward = probe if via is Layout.FUSED else plan_conversion(ckpt, mapping, via, naming="disk", model_type=mt)
     disk_naming = src_layout is Layout.PER_EXPERT or any(mapping.to_model_key(k) != k for k in ckpt.tensors)
-    sidecar = _sidecar(ckpt, forward, mt)
+    sidecar = read_sidecar(ckpt, forward, mt)
     sidecar["original_layout"] = str(src_layout)
     sidecar["original"] = record_original(ckpt)
     virtual = _virtual_checkpoint(ckpt, forward, sidecar)
@@ -505,12 +477,6 @@ def _transform_via(reader: PlannedReader, p: Transform) -> bytes:
 # ---------------------------------------------------------------- inspect
 
 
-def ep_ranges(num_experts: int, ep: int) -> list[range]:
-    """Experts of each EP rank under DTensor's `Shard(0)` (torch.chunk) rule: the first ranks get ceil(E/ep)."""
-    size = math.ceil(num_experts / ep)
-    return [range(min(r * size, num_experts), min((r + 1) * size, num_experts)) for r in range(ep)]
-
-
 def inspect(
     src: str | Path,
     *,
@@ -524,7 +490,7 @@ def inspect(
     if dry_run:
         return inspect_dry_run(src, model_type=model_type, revision=revision)
     given = _layout_arg(source_layout, (Layout.PER_EXPERT, Layout.FUSED, Layout.TRANSPOSED), "--source-layout")
-    ckpt, mapping, mt = _open(src, revision, model_type)
+    ckpt, mapping, mt = open_source(src, revision, model_type)
     plan = plan_conversion(ckpt, mapping, Layout.FUSED, naming="model", model_type=mt, source_layout=given)
     groups: dict[str, dict] = {}
     for gi in plan.instances:
@@ -707,7 +673,7 @@ def load_fused_state_dict(
     src: str | Path, *, revision: str | None = None, model_type: str | None = None, dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint (any supported layout) in transformers v5's naming and fused layout."""
-    ckpt, mapping, mt = _open(src, revision, model_type)
+    ckpt, mapping, mt = open_source(src, revision, model_type)
     plan = plan_conversion(ckpt, mapping, Layout.FUSED, naming="model", model_type=mt)
     files = SourceFiles(ckpt)
     out: dict[str, torch.Tensor] = {}
@@ -720,16 +686,6 @@ def load_fused_state_dict(
     finally:
         files.close()
     return out
-
-
-def plan_summary(plan: Plan) -> dict:
-    return {
-        "source_layout": str(plan.source_layout),
-        "target_layout": str(plan.target_layout),
-        "outputs": len(plan.outputs),
-        "fused": sum(1 for t in plan.outputs if t.fused),
-        "passthrough": len(plan.passthrough),
-    }
 
 
 __all__ = [

@@ -264,10 +264,3 @@ def validate_sidecar(sidecar: dict, path: Path) -> None:
         ) from e
 
 
-def model_type_of(ckpt: Checkpoint, override: str | None) -> str:
-    if override:
-        return override
-    mt = ckpt.config.get("model_type")
-    if not isinstance(mt, str) or not mt:
-        raise ConvertError(f"{ckpt.root / 'config.json'} has no model_type; pass --model-type")
-    return mt

@@ -567,7 +567,7 @@ def _file_tasks(fd: int, of: OutFile, header_len: int, offsets: list[int]) -> li
     batch: list = []
     batch_bytes = 0
     for t, off in zip(of.tensors, offsets):
-        for p in _coalesce(t.pieces):
+        for p in coalesce_reads(t.pieces):
             batch.append((t, p, header_len + off))
             batch_bytes += p.n
             if batch_bytes >= 64 << 20:
@@ -798,7 +798,7 @@ def _check_names(layout: FileLayout, extra_files: dict[str, bytes] | None) -> No
         )
 
 
-def _coalesce(pieces: list) -> list:
+def coalesce_reads(pieces: list) -> list:
     """Merge Copy pieces that are contiguous in both source and destination (fewer syscalls)."""
     out: list = []
     for p in sorted(pieces, key=lambda p: p.dst):

@@ -225,8 +225,15 @@ class MoEMapping:
         return tuple(v for g in self.groups for v in g.variants())
 
     @property
-    def fused_on_disk(self) -> bool:
-        return self.disk_layout is not Layout.PER_EXPERT or not self.groups
+    def hub_layout(self) -> Layout:
+        """How hub checkpoints of this type store their expert groups (the declared `disk_layout`)."""
+        return self.disk_layout
+
+    @property
+    def default_fused_layout(self) -> Layout:
+        """The orientation of this type's fused checkpoints when nothing says otherwise: the hub's when the hub
+        stores them fused or transposed, else transformers' `fused`."""
+        return self.disk_layout if self.disk_layout is not Layout.PER_EXPERT else Layout.FUSED
 
     def config_value(self, config: dict, fields: Sequence[str]) -> int | None:
         for src in (config, config.get(self.text_config_field or "", None) or {}):
@@ -261,7 +268,7 @@ class MoEMapping:
 
         if user is Layout.PER_EXPERT:
             raise MappingError("--source-layout per_expert, but the checkpoint's expert tensors are fused; use fused or transposed")
-        declared = self.disk_layout if self.disk_layout is not Layout.PER_EXPERT else Layout.FUSED
+        declared = self.default_fused_layout
         given, source = (user, "--source-layout") if user is not None else (recorded, "recorded layout")
         fits = self._fitting_orientations(config, shapes)
         if given is not None:

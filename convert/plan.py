@@ -244,9 +244,7 @@ def plan_conversion(
         record = None if recorded is None else recorded if recorded is not Layout.PER_EXPERT else Layout.FUSED
         source_layout = mapping.orient_fused(record, ckpt.config, shapes, user=user_layout)
     else:
-        source_layout = recorded or (
-            Layout.PER_EXPERT if mapping.groups and mapping.disk_layout is Layout.PER_EXPERT else mapping.disk_layout
-        )
+        source_layout = recorded or mapping.hub_layout
         if any(g.stacked for g in mapping.groups):
             raise MappingError(
                 f"no expert tensors of model_type {model_type!r} found (expected keys like {mapping.groups[0].parts[0]!r} or {mapping.groups[0].fused!r}); check --model-type"
@@ -525,7 +523,7 @@ def key_coverage(keys: list[str], mapping: MoEMapping, config: dict, *, model_ty
     if stacked_pe:
         cov.layout = Layout.PER_EXPERT
     elif stacked_fk:
-        cov.layout = mapping.disk_layout if mapping.disk_layout is not Layout.PER_EXPERT else Layout.FUSED
+        cov.layout = mapping.default_fused_layout
     elif any(g.stacked for g in mapping.groups):
         cov.problems.append(
             f"no expert tensors of model_type {model_type!r} found (expected keys like {mapping.groups[0].parts[0]!r})"

@@ -32,7 +32,7 @@ from .errors import ConvertError
 from .mapping import Layout
 from .ops import Chain, Shape
 from .plan import Copy, GroupInstance, OutTensor, Plan, Transform
-from .safetensors_io import DTYPE_SIZES
+from .safetensors_io import DTYPE_SIZES, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -47,12 +47,6 @@ def target_dtype(name: str) -> str:
     if name.lower() not in TARGET_DTYPES:
         raise ConvertError(f"--dequantize {name!r} is not supported; use bf16 (or fp16, fp32)")
     return TARGET_DTYPES[name.lower()]
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    from .api import torch_dtype
-
-    return torch_dtype(name)
 
 
 def _as_int(x: torch.Tensor, dtype: str, shape: Shape) -> torch.Tensor:
@@ -114,10 +108,10 @@ class FP8Dequant:
             w = self.w_decode.apply(w)
         if self.s_decode is not None:
             sc = self.s_decode.apply(sc)
-        out_dtype = _torch_dtype(self.out_dtype)
+        out_dtype = torch_dtype(self.out_dtype)
         parts = [
             dequantize_fp8_block(
-                q.view(_torch_dtype(self.weight_dtype)), s.view(_torch_dtype(self.scale_dtype)), self.block
+                q.view(torch_dtype(self.weight_dtype)), s.view(torch_dtype(self.scale_dtype)), self.block
             ).to(out_dtype)
             for q, s in zip(w, sc)
         ]
@@ -136,7 +130,7 @@ class MXFP4Dequant:
         blocks = xs[0].reshape(self.blocks_shape)
         scales = xs[1].reshape(self.scales_shape)
         w = dequantize_mxfp4(blocks, scales)  # [out, in]
-        return [w.transpose(-1, -2).contiguous().to(_torch_dtype(self.out_dtype))]
+        return [w.transpose(-1, -2).contiguous().to(torch_dtype(self.out_dtype))]
 
 
 def _nbytes(shape: Shape, dtype: str) -> int:

@@ -23,25 +23,40 @@ from pathlib import Path
 
 from .errors import ConvertError
 
-# safetensors dtype name -> item size in bytes
-DTYPE_SIZES: dict[str, int] = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E5M2": 1,
-    "F8_E4M3": 1,
-    "F8_E8M0": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "F64": 8,
-    "I64": 8,
-    "U64": 8,
+# The one dtype table: safetensors dtype name -> (item size in bytes, torch dtype attribute name)
+DTYPES: dict[str, tuple[int, str]] = {
+    "BOOL": (1, "bool"),
+    "U8": (1, "uint8"),
+    "I8": (1, "int8"),
+    "F8_E5M2": (1, "float8_e5m2"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E8M0": (1, "float8_e8m0fnu"),
+    "I16": (2, "int16"),
+    "U16": (2, "uint16"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "I32": (4, "int32"),
+    "U32": (4, "uint32"),
+    "F32": (4, "float32"),
+    "F64": (8, "float64"),
+    "I64": (8, "int64"),
+    "U64": (8, "uint64"),
 }
+DTYPE_SIZES: dict[str, int] = {name: size for name, (size, _) in DTYPES.items()}
+
+
+def torch_dtype(name: str):  # noqa: ANN201 - torch.dtype; torch is imported only here (header code needs none)
+    """The torch dtype of a safetensors dtype name (F8_E8M0 as uint8 where torch lacks float8_e8m0fnu)."""
+    import torch
+
+    return getattr(torch, DTYPES[name][1], torch.uint8)
+
+
+def safetensors_dtype(dtype) -> str | None:  # noqa: ANN001 - a torch.dtype
+    """The safetensors dtype name of a torch dtype, or None if safetensors cannot store it."""
+    attr = str(dtype).removeprefix("torch.")
+    return next((name for name, (_, a) in DTYPES.items() if a == attr), None)
+
 
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
 

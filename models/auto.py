@@ -9,7 +9,8 @@ Contract:
   fp32. Other MoE types: transformers' own class with `experts_implementation="automodel_grouped"` (our grouped
   GEMM path, models/common/hf_experts.py). The zoo model's `generation_config` is the checkpoint's
   generation_config.json, else derived from config.json (transformers' rule).
-- `from_pretrained(..., device_mesh=mesh)` (a `parallel.ParallelMesh`): `parallel.load_sharded` reads each rank's
+- `from_pretrained(..., device_mesh=mesh)` (a `parallel.ParallelMesh`, whose `load_sharded_state` hook runs
+  `parallel.load_sharded`; models never imports parallel): each rank reads its own
   bytes only; every experts module keeps this rank's `Shard(0)` slice of its experts along the mesh's "ep" dim
   (torch.chunk rule) as plain local parameters and records `_ep_num_experts = E`, the form
   `parallel.expert_parallel.parallelize` takes; other tensors are loaded whole (replicated).
@@ -142,10 +143,9 @@ def _from_pretrained_sharded(
     """`from_pretrained(device_mesh=...)`: expert shards straight from disk (see the module docstring)."""
     from transformers import AutoConfig
 
-    from ..parallel.load import load_sharded
-    from ..parallel.mesh import ParallelMesh
-
-    if not isinstance(mesh, ParallelMesh):
+    # the hook: the mesh loads its own shards (parallel.ParallelMesh.load_sharded_state); models never imports parallel
+    load_state = getattr(mesh, "load_sharded_state", None)
+    if load_state is None:
         raise TypeError("device_mesh must be a parallel.ParallelMesh (automodel_convert.parallel.build_mesh(ep=...))")
     from ..convert.source import resolve_source
 
@@ -162,7 +162,7 @@ def _from_pretrained_sharded(
     if getattr(config, "tie_word_embeddings", False):
         wanted.pop("lm_head.weight", None)
     # dtype=None here: `cast` below applies the same rules as the unsharded path (fp32 routers stay fp32)
-    state = load_sharded(src, mesh, revision=revision)
+    state = load_state(src, revision=revision)
     sd = _clean_state_dict(model, dict(state), config.num_hidden_layers)
     missing = [n for n in wanted if n not in sd]
     unexpected = [n for n in sd if n not in model.state_dict()]

@@ -20,11 +20,10 @@ dispatch waits on the host for the received-token count (its notify step) for th
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
+from ..convert.sharding import chunk_range
 from ..models.backend import triton_ok
 from ..models.common.dispatch import RoutedRows, SlotRows, TokenDispatcher, expand_received, gather_slots, sum_slots
 
@@ -34,9 +33,8 @@ class DispatcherError(ValueError):
 
 
 def expert_bounds(num_experts: int, ep: int) -> list[int]:
-    """Start index of each rank's experts plus the end: rank r owns `[b[r], b[r+1])` (torch.chunk rule)."""
-    size = math.ceil(num_experts / ep)
-    return [min(r * size, num_experts) for r in range(ep)] + [num_experts]
+    """Start index of each rank's experts plus the end: rank r owns `[b[r], b[r+1])` (`convert.sharding`'s rule)."""
+    return [chunk_range(num_experts, ep, r)[0] for r in range(ep)] + [num_experts]
 
 
 class _AllToAll(torch.autograd.Function):

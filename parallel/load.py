@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..convert.api import _open, _sidecar, torch_dtype
+from ..convert.api import open_source, read_sidecar, torch_dtype
 from ..convert.checkpoint import Checkpoint
-from ..convert.engine import SourceFiles, _coalesce, transform_bytes
+from ..convert.engine import SourceFiles, coalesce_reads, transform_bytes
 from ..convert.errors import ConvertError
 from ..convert.mapping import Layout, MoEMapping, Template
 from ..convert.plan import Copy, OutTensor, Plan, plan_conversion
@@ -85,11 +85,11 @@ def tensor_kind(t: OutTensor, templates: list[Template]) -> str:
 
 def describe(src: str | Path, *, model_type: str | None = None, revision: str | None = None) -> tuple[Checkpoint, Plan, SourceInfo]:
     """Open `src` and plan its fused state (model naming): the checkpoint, the plan and the `SourceInfo`."""
-    ckpt, mapping, mt = _open(src, revision, model_type)
+    ckpt, mapping, mt = open_source(src, revision, model_type)
     plan = plan_conversion(ckpt, mapping, Layout.FUSED, naming="model", model_type=mt)
     templates = expert_templates(mapping)
     specs = {t.name: TensorSpec(tensor_kind(t, templates), t.dtype, tuple(t.shape)) for t in plan.outputs}
-    info = SourceInfo(ckpt.root, mt, mapping, ckpt.config, _sidecar(ckpt, plan, mt), plan.source_layout, specs)
+    info = SourceInfo(ckpt.root, mt, mapping, ckpt.config, read_sidecar(ckpt, plan, mt), plan.source_layout, specs)
     return ckpt, plan, info
 
 
@@ -151,7 +151,7 @@ def read_runs(files: RangeReader, t: OutTensor, runs: list[Run], dest: memoryvie
     Copy pieces are read straight into `dest` (in `CHUNK`s, on `pool` when given); a computed piece (transposed
     source, interleave...) reads all of its inputs once and is copied in.
     """
-    pieces = _coalesce(t.pieces)
+    pieces = coalesce_reads(t.pieces)
     starts = [p.dst for p in pieces]
     cached: tuple[Any, bytes] | None = None
     reads: list[tuple[str, int, memoryview]] = []

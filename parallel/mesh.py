@@ -105,6 +105,13 @@ class ParallelMesh:
 
         return TrainMeshes(self.world, self.ep, self.dp_mesh, self.ep_mesh, self.ep_dp_mesh)
 
+    def load_sharded_state(self, src, *, revision: str | None = None):  # noqa: ANN001, ANN201
+        """`parallel.load_sharded(src, self)`: the hook `models.AutoModelForCausalLM.from_pretrained(device_mesh=)`
+        calls, so that models needs no import of parallel."""
+        from .load import load_sharded
+
+        return load_sharded(src, self, revision=revision)
+
     def __repr__(self) -> str:
         s = ", ".join(f"{k}={v}" for k, v in self.sizes.items())
         return f"ParallelMesh({s}, device_type={self.device_type!r}, rank={self.rank})"

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..convert.api import _file_metadata
+from ..convert.api import file_metadata
 from ..convert.checkpoint import INDEX_NAME, SIDECAR_NAME, Checkpoint
 from ..convert.engine import (
     FileLayout,
@@ -49,7 +49,7 @@ from ..convert.engine import (
 from ..convert.errors import ConvertError
 from ..convert.mapping import Layout
 from ..convert.plan import Copy, Plan, plan_conversion
-from ..convert.safetensors_io import DTYPE_SIZES, FileHeader, TensorInfo, encode_header
+from ..convert.safetensors_io import DTYPE_SIZES, FileHeader, TensorInfo, encode_header, safetensors_dtype
 from .load import ShardedState, SourceInfo, TensorSpec, describe, tensor_memory
 from .shards import Box, Run, box_runs, full_box, intersect, local_box, writer_runs
 
@@ -61,11 +61,6 @@ if TYPE_CHECKING:
 # Test hook: called as `_fault_hook(stage, rank)` at "written" (after this rank's first piece) and "gathered".
 _fault_hook: Callable[[str, int], None] | None = None
 
-_SAFETENSORS_DTYPE = {
-    "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16", "int32": "I32", "uint32": "U32",
-    "int64": "I64", "uint64": "U64", "float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64",
-    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "float8_e8m0fnu": "F8_E8M0",
-}
 
 
 @dataclass
@@ -99,10 +94,10 @@ class _Local:
 
 
 def _dtype_name(t: torch.Tensor) -> str:
-    name = str(t.dtype).removeprefix("torch.")
-    if name not in _SAFETENSORS_DTYPE:
+    name = safetensors_dtype(t.dtype)
+    if name is None:
         raise ConvertError(f"dtype {t.dtype} cannot be stored in safetensors")
-    return _SAFETENSORS_DTYPE[name]
+    return name
 
 
 def _local_view(name: str, value: torch.Tensor, rank: int, world: int, whole_rows: bool) -> _Local:
@@ -144,7 +139,7 @@ def _virtual(info: SourceInfo, specs: dict[str, TensorSpec]) -> Checkpoint:
         tensors[name] = t
         infos.append(t)
         pos += nbytes
-    header = FileHeader("<state>", tuple(infos), _file_metadata(Layout.FUSED), 0, pos)
+    header = FileHeader("<state>", tuple(infos), file_metadata(Layout.FUSED), 0, pos)
     return Checkpoint(info.root, {"<state>": header}, tensors, info.config, {}, info.sidecar)
 
 
@@ -153,7 +148,7 @@ def plan_output(info: SourceInfo, specs: dict[str, TensorSpec], layout: str, max
     virtual = _virtual(info, specs)
     if layout == "fused":
         plan = plan_conversion(virtual, info.mapping, Layout.FUSED, naming="model", model_type=info.model_type)
-        return plan, shard_by_size(plan.outputs, parse_size(max_shard_size), _file_metadata(Layout.FUSED)), info.sidecar
+        return plan, shard_by_size(plan.outputs, parse_size(max_shard_size), file_metadata(Layout.FUSED)), info.sidecar
     if layout == "original":
         target = Layout(info.sidecar["original_layout"])
         plan = plan_conversion(virtual, info.mapping, target, naming="disk", model_type=info.model_type)

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..convert.sharding import chunk_range  # noqa: F401 - the one split rule, re-exported for parallel's callers
+
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor import Placement
@@ -50,12 +52,6 @@ class Run:
     g: int
     l: int
     n: int
-
-
-def chunk_range(size: int, parts: int, index: int) -> tuple[int, int]:
-    """`[lo, hi)` of part `index` when `size` is split into `parts` by torch.chunk's rule (DTensor's Shard)."""
-    step = math.ceil(size / parts) if parts else 0
-    return min(index * step, size), min((index + 1) * step, size)
 
 
 def full_box(shape: Sequence[int]) -> Box:

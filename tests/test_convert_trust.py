@@ -107,7 +107,7 @@ def merged(merged_base, tmp_path) -> Path:
     return dst
 
 
-def _sidecar(folder: Path) -> dict:
+def read_sidecar(folder: Path) -> dict:
     return json.loads((folder / "automodel_convert.json").read_text())
 
 
@@ -126,7 +126,7 @@ def test_split_refuses_sidecar_shard_names_outside_destination(run_cli, merged, 
     victim.parent.mkdir()
     victim.write_text("precious")
     name = name.replace("/ABS/", str(victim.parent) + "/")
-    sidecar = _sidecar(merged)
+    sidecar = read_sidecar(merged)
     sidecar["original"]["files"][0]["name"] = name
     _write_sidecar(merged, sidecar)
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -139,7 +139,7 @@ def test_split_refuses_sidecar_shard_names_outside_destination(run_cli, merged, 
 
 
 def test_split_refuses_duplicate_sidecar_shard_names(run_cli, merged, tmp_path):
-    sidecar = _sidecar(merged)
+    sidecar = read_sidecar(merged)
     files = sidecar["original"]["files"]
     files[1]["name"] = files[0]["name"]
     _write_sidecar(merged, sidecar)
@@ -150,7 +150,7 @@ def test_split_refuses_duplicate_sidecar_shard_names(run_cli, merged, tmp_path):
 
 
 def test_split_refuses_hand_edited_parts(run_cli, merged, tmp_path):
-    sidecar = _sidecar(merged)
+    sidecar = read_sidecar(merged)
     key = "model.layers.0.mlp.experts.gate_up_proj"
     assert sidecar["parts"][key] == [[I, H], [I, H]]
     sidecar["parts"][key] = [[I // 2, H * 2], [I, H]]  # same byte count, wrong shapes
@@ -165,7 +165,7 @@ def test_split_refuses_hand_edited_parts(run_cli, merged, tmp_path):
     "field,value", [("layout", "sideways"), ("original_layout", 7), ("original", [1]), ("parts", {"x": "y"})]
 )
 def test_split_refuses_malformed_sidecar_fields(run_cli, merged, tmp_path, field, value):
-    sidecar = _sidecar(merged)
+    sidecar = read_sidecar(merged)
     sidecar[field] = value
     _write_sidecar(merged, sidecar)
     code, _, err = run_cli("split", merged, tmp_path / "out", "-q")
@@ -304,7 +304,7 @@ def test_sigterm_during_overwrite_commit(merged, src, tmp_path, mode):
     assert len(proc.stderr.strip().splitlines()) == 1
     assert (merged / "generation_config.json").read_text() == '{"new": true}'
     assert {k: v.view(torch.int16) for k, v in all_tensors(merged).items()}.keys() == set(all_tensors(merged))
-    assert _sidecar(merged)["checksums"]["tensors"].keys() == {
+    assert read_sidecar(merged)["checksums"]["tensors"].keys() == {
         k for p in src.glob("*.safetensors") for k in load_file(p)
     }
     assert leftovers(tmp_path, "merged") == ["merged"]
@@ -429,7 +429,7 @@ def test_merge_records_checksums_of_every_source_tensor(src, merged_base):
 
     import xxhash
 
-    sums = _sidecar(merged_base)["checksums"]
+    sums = read_sidecar(merged_base)["checksums"]
     assert sums["algorithm"] in ("xxh3_128", "sha256")
     reference = {}
     for shard in sorted(src.glob("*.safetensors")):

@@ -27,20 +27,14 @@ from typing import Any
 
 import torch
 
+from ...convert.api import load_fused_state_dict, split
+from ...convert.registry import registry
+from ...convert.safetensors_io import torch_dtype
+
 FUSED_FILE = "model.safetensors"
 
 
-def _convert():  # noqa: ANN202
-    from ... import convert as _c  # noqa: PLC0415 - automodel_convert.convert
-
-    return _c
-
-
 def convert_supports(model_type: str) -> bool:
-    try:
-        from ...convert.registry import registry  # noqa: PLC0415
-    except ImportError:
-        return False
     return model_type in registry()
 
 
@@ -49,17 +43,16 @@ def load_state_dict(src: str | Path, *, revision: str | None = None, model_type:
         from transformers import AutoConfig
 
         model_type = AutoConfig.from_pretrained(str(src), revision=revision).model_type
-    conv = _convert()
-    if hasattr(conv, "load_fused_state_dict") and convert_supports(model_type):
-        return conv.load_fused_state_dict(src, revision=revision, model_type=model_type)
-    # TODO(convert): model types convert/ does not map yet load through transformers.
+    if convert_supports(model_type):
+        return load_fused_state_dict(src, revision=revision, model_type=model_type)
+    # model types convert/ does not map load through transformers
     import transformers
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(src), revision=revision, dtype="auto")
     return {k: v.detach() for k, v in hf.state_dict().items()}
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # the dtypes loading may widen (see disk_dtypes)
 
 
 def disk_dtypes(src: str | Path, revision: str | None = None) -> dict[str, torch.dtype]:
@@ -76,9 +69,9 @@ def disk_dtypes(src: str | Path, revision: str | None = None) -> dict[str, torch
     for f in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as h:
             for name in h.keys():  # noqa: SIM118 - safe_open has no __iter__
-                dt = _ST_DTYPES.get(h.get_slice(name).get_dtype())
-                if dt is not None:
-                    out[name] = dt
+                st = h.get_slice(name).get_dtype()
+                if st in _FLOAT_DTYPES:
+                    out[name] = torch_dtype(st)
     return out
 
 
@@ -108,23 +101,18 @@ def save_state_dict(
     from safetensors.torch import save_file
 
     dst = Path(dst)
-    conv = _convert()
     tensors = _unshare(state_dict, config)
     config = with_true_dtype(config, tensors)
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:
         _write_configs(tmp, config, generation_config)  # convert/ copies both into the destination
-        if hasattr(conv, "save_state_dict"):
-            conv.save_state_dict(tensors, dst, src_config_dir=tmp, layout=layout)
-            return dst
-        # TODO(convert): replace with convert.save_state_dict once it exists.
         save_file(tensors, str(Path(tmp) / FUSED_FILE), metadata={"format": "pt"})
         (Path(tmp) / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": dict.fromkeys(tensors, FUSED_FILE)})
         )
         if convert_supports(config.model_type):
             target = None if layout == "original" else "fused"
-            conv.split(tmp, dst, layout=target, max_shard_size=max_shard_size, overwrite=overwrite)
+            split(tmp, dst, layout=target, max_shard_size=max_shard_size, overwrite=overwrite)
             return dst
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise FileExistsError(f"{dst} exists and is not empty (pass overwrite=True)")
