@@ -237,7 +237,7 @@ class Trainer:
             self.model = AutoModelForCausalLM.from_pretrained(args.model, dtype=self.dtype, backend=backend, device=self.device, device_mesh=self.mesh)
         self.load_seconds = time.perf_counter() - t0
         self.source = getattr(self.model, "_sharded_source", None)
-        self.meshes = self.mesh.train_meshes()
+        self.meshes = self.mesh
         mp_dtype = None if self.dtype == torch.float32 else self.dtype
         parallelize(self.model, self.meshes, param_dtype=mp_dtype, reduce_dtype=torch.float32, activation_checkpointing=args.ac, dispatcher=self.dispatcher if args.ep > 1 else "auto", reshard_after_forward=args.reshard_after_forward)
         self.model.train()

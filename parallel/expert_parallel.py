@@ -1,7 +1,7 @@
 """Expert parallelism + FSDP2 on one mesh for MoE models whose experts use transformers v5's fused layout.
 
 Contract:
-- Meshes (`TrainMeshes`, from `parallel.build_mesh(ep=...).train_meshes()`): `dp` spans all W ranks (every rank trains on its own data); `ep` (size `ep`) and `ep_dp`
+- Meshes (`parallel.ParallelMesh`, from `parallel.build_mesh(ep=...)`): `dp` spans all W ranks (every rank trains on its own data); `ep` (size `ep`) and `ep_dp`
   (size W/ep) factor the same ranks: rank = ep_dp_index * ep + ep_index. Ranks of one `ep` group hold different
   experts; ranks of one `ep_dp` group hold the same experts.
 - `parallelize(model, meshes)` finds every experts module (3-D `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`
@@ -10,8 +10,7 @@ Contract:
   dispatcher (`parallel.ep_dispatch`: all-to-all or DeepEP). The module's forward is untouched: expert parallelism
   is "shard the weights and swap the dispatcher". Experts are then FSDP2-sharded
   over `ep_dp` when it has more than one rank (gradients reduced only among ranks holding the same experts; with
-  ep == world nothing to reduce), dense parameters over `dp` (world > 1; untied output head and embedding as units
-  of their own), with bf16 compute and fp32 gradient reduction. A single rank gets no FSDP wrapper.
+  ep == world nothing to reduce), dense parameters over `dp` (world > 1), with bf16 compute and fp32 gradient reduction. A single rank gets no FSDP wrapper.
 - Gradient scale: every rank's loss reaches the experts it routed to, so expert gradients sum W per-rank losses;
   FSDP averages over `ep_dp` (W/ep ranks), and `GroupedExperts.grad_scale = 1/ep` makes the result the
   gradient of the mean loss, like the dense parameters.
@@ -20,7 +19,6 @@ Contract:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,27 +28,11 @@ from ..models.common.dispatch import TokenDispatcher
 from ..models.common.experts import GroupedExperts
 from ..models.common.hf_experts import default_gate
 from .ep_dispatch import DispatcherError, choose_dispatcher, expert_bounds, make_dispatcher
+from .mesh import ParallelMesh
 
 
 class ExpertParallelError(ValueError):
     """A model or configuration expert parallelism cannot handle (one line, says what to change)."""
-
-
-@dataclass
-class TrainMeshes:
-    world: int
-    ep: int
-    dp: object  # DeviceMesh over all ranks, dim "dp"
-    ep_mesh: object  # DeviceMesh, dim "ep"
-    ep_dp_mesh: object  # DeviceMesh, dim "ep_dp"
-
-    @property
-    def ep_rank(self) -> int:
-        return self.ep_mesh.get_local_rank()
-
-    @property
-    def ep_group(self):  # noqa: ANN201
-        return self.ep_mesh.get_group()
 
 
 def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -153,7 +135,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def parallelize(
     model: nn.Module,
-    meshes: TrainMeshes,
+    meshes: ParallelMesh,
     *,
     param_dtype: torch.dtype | None = torch.bfloat16,
     reduce_dtype: torch.dtype = torch.float32,
@@ -170,7 +152,7 @@ def parallelize(
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     try:
-        name = choose_dispatcher(dispatcher, meshes.ep, meshes.dp.device_type)
+        name = choose_dispatcher(dispatcher, meshes.ep, meshes.device_type)
     except DispatcherError as e:
         raise ExpertParallelError(str(e)) from e
     group = meshes.ep_group if meshes.ep > 1 else None
@@ -198,18 +180,6 @@ def parallelize(
             fully_shard(mod, mesh=meshes.ep_dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     if meshes.world > 1:
         for layer in layers:
-            fully_shard(layer, mesh=meshes.dp, mp_policy=mp, ignored_params=skip or None, reshard_after_forward=reshard_after_forward)
-        for unit in _edge_units(model):
-            fully_shard(unit, mesh=meshes.dp, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-        fully_shard(model, mesh=meshes.dp, mp_policy=mp, ignored_params=skip or None)
+            fully_shard(layer, mesh=meshes.dp_mesh, mp_policy=mp, ignored_params=skip or None, reshard_after_forward=reshard_after_forward)
+        fully_shard(model, mesh=meshes.dp_mesh, mp_policy=mp, ignored_params=skip or None)
     return model
-
-
-def _edge_units(model: nn.Module) -> list[nn.Module]:
-    """The output head (and the input embedding) as FSDP units of their own when untied: the head's gradient is
-    reduce-scattered while the layers' backward runs instead of at the very end with the root's."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if head is None or emb is None or head.weight is emb.weight:
-        return []
-    return [head, emb]

@@ -13,7 +13,7 @@ Contract: `build_mesh(ep=..., dp_shard=..., dp_replicate=...)` returns a `Parall
   all-to-all stays inside a node).
 - Works on CPU (gloo) and CUDA (nccl); `device_type` defaults to "cuda" when CUDA is available. When no process
   group exists, one is created from torchrun's environment variables, or a single-process group when there are none.
-The layout matches `parallel.expert_parallel.TrainMeshes` (`train_meshes()` converts).
+`parallel.expert_parallel.parallelize` takes it as it is.
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ class ParallelMesh:
     def ep_dp_mesh(self) -> DeviceMesh:
         """1-D mesh of the ranks holding the same experts (size `W // ep`): expert gradient reduction."""
         return self.ep_root["ep_dp"]
+
+    @property
+    def ep_group(self):  # noqa: ANN201 - the ep process group (token dispatch)
+        return self.ep_mesh.get_group()
 
     @property
     def ep_dp(self) -> int:
@@ -98,12 +102,6 @@ class ParallelMesh:
         if name in ("ep", "ep_dp"):
             return self.ep_root[name]
         raise KeyError(f"no mesh dim {name!r}; use dp, dp_replicate, dp_shard, ep or ep_dp")
-
-    def train_meshes(self):  # noqa: ANN201
-        """The same meshes as `expert_parallel.TrainMeshes` (for `expert_parallel.parallelize`)."""
-        from .expert_parallel import TrainMeshes
-
-        return TrainMeshes(self.world, self.ep, self.dp_mesh, self.ep_mesh, self.ep_dp_mesh)
 
     def load_sharded_state(self, src, *, revision: str | None = None):  # noqa: ANN001, ANN201
         """`parallel.load_sharded(src, self)`: the hook `models.AutoModelForCausalLM.from_pretrained(device_mesh=)`

@@ -55,7 +55,7 @@ def worker(rank: int, world: int, ep: int, kind: str) -> dict:
 
     init_gloo()
     model = tiny_model(kind)
-    meshes = build_mesh(ep=ep, device_type="cpu").train_meshes()
+    meshes = build_mesh(ep=ep, device_type="cpu")
     parallelize(model, meshes, param_dtype=None, reduce_dtype=torch.float32)
     ids = batch(rank, model.config.vocab_size)
     loss = model(input_ids=ids, labels=ids).loss
