@@ -304,15 +304,21 @@ def _replace(staging: Path, dst: Path) -> Path | None:
 
 @contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Block SIGINT/SIGTERM in this thread for the block; a pending one is delivered when it ends."""
+    """SIGINT/SIGTERM arriving during the block (delivered to any thread, or already pending in Python when it
+    starts) are recorded instead of raising, and delivered again when the block ends. Main thread only (elsewhere a
+    no-op): Python runs signal handlers there."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _TERMINATING)
+    caught: list[int] = []
+    old = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in _TERMINATING}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 def commit(staging: Path, dst: Path, replace: bool, force: bool = False) -> None:

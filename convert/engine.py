@@ -707,7 +707,8 @@ def _run_pool(
         for _ in pool.map(lambda task: _run_task(task, files, digests, progress), tasks):
             pass
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        with signals_deferred():  # the workers stop before any clean-up starts, whatever signals keep arriving
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def source_modes(ckpt: Checkpoint) -> tuple[int, int]:
