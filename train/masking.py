@@ -1,0 +1,67 @@
+"""Block-causal attention for packed documents, without touching the model code.
+
+Contract: `DocumentMasking(model)` puts a forward pre-hook on every decoder layer that swaps the layer's `Masks`
+argument for a `DocMasks` while `with masking.documents(doc_ids):` is active (doc_ids `[B, S]`, one id per packed
+document). `DocMasks.bool_mask` is causal AND same-document (AND the layer's sliding window), so no token attends
+across a document boundary. Backends:
+- "sdpa" (the default on CPU and whenever a mask is needed) and "eager" take the explicit block-causal mask;
+- "flash" and "te" run plain causal attention only: they refuse (a one-line NotImplementedError from the model),
+  so use `--backend attn=sdpa` or `--packing-mask causal` with them;
+- CUDA-graphed layers (`--cuda-graphs`) fall back to the eager layer for such a call (the trainer refuses the combination).
+Outside the context (synthetic data, evaluation with `--packing-mask causal`) the layers see the model's own masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..models.common.attention import Masks
+
+
+class DocMasks(Masks):
+    """Causal + same-document (+ sliding window) masks; `padding` is an all-true tensor so kernels that cannot take
+    a mask (flash, te) refuse instead of silently attending across documents."""
+
+    def __init__(self, doc_ids: torch.Tensor, device: torch.device) -> None:
+        super().__init__(torch.ones_like(doc_ids, dtype=torch.bool), doc_ids.shape[1], device)
+        self.doc_ids = doc_ids.to(device)
+
+    def bool_mask(self, window: int | None) -> torch.Tensor:
+        key = window if window is not None and window < self.seq_len else None
+        if key not in self._cache:
+            i = torch.arange(self.seq_len, device=self.device)
+            allowed = i[None, :] <= i[:, None]
+            if key is not None:
+                allowed = allowed & (i[None, :] > i[:, None] - key)
+            same = self.doc_ids[:, :, None] == self.doc_ids[:, None, :]
+            self._cache[key] = (allowed[None] & same)[:, None]
+        return self._cache[key]
+
+
+class DocumentMasking:
+    def __init__(self, model: nn.Module) -> None:
+        from ..parallel.expert_parallel import decoder_layers
+
+        self._masks: DocMasks | None = None
+        self._hooks = [layer.register_forward_pre_hook(self._swap) for layer in decoder_layers(model)]
+
+    def _swap(self, module: nn.Module, args: tuple) -> tuple | None:
+        if self._masks is None:
+            return None
+        return tuple(self._masks if isinstance(a, Masks) else a for a in args)
+
+    @contextmanager
+    def documents(self, doc_ids: torch.Tensor | None) -> Iterator[None]:
+        self._masks = None if doc_ids is None else DocMasks(doc_ids, doc_ids.device)
+        try:
+            yield
+        finally:
+            self._masks = None
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
