@@ -156,7 +156,10 @@ def dash(name: str) -> str:
 
 
 def explicit(cfg: TrainConfig) -> set[str]:
-    """Fields set away from their default: what the user asked for."""
+    """What the user asked for: the options given on the command line (`extra["given"]`, set by `parse`), else the
+    fields set away from their default."""
+    if "given" in cfg.extra:
+        return set(cfg.extra["given"])
     return {f.name for f in fields(cfg) if f.metadata.get("cli", True) and getattr(cfg, f.name) != f.default}
 
 
@@ -180,7 +183,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="automodel-train", description="Expert-parallel MoE fine-tuning (run under torchrun for several "
+    p = _Parser(prog="automodel-train", allow_abbrev=False, description="Expert-parallel MoE fine-tuning (run under torchrun for several "
                 "GPUs). `automodel-train plot RUN` draws a run's charts.")
     for f in fields(TrainConfig):
         if not f.metadata.get("cli", True):
@@ -199,4 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
 def parse(argv: list[str]) -> tuple[TrainConfig, bool]:
     ns = vars(build_parser().parse_args(argv))
     debug = ns.pop("debug")
-    return TrainConfig(**ns), debug
+    names = {f.name for f in fields(TrainConfig)}
+    given = sorted({a[2:].split("=", 1)[0].replace("-", "_").removeprefix("no_") for a in argv if a.startswith("--")} & names)
+    return TrainConfig(**ns, extra={"given": given}), debug
