@@ -8,7 +8,8 @@ across a document boundary. Backends:
 - "flash" and "te" run plain causal attention only: they refuse (a one-line NotImplementedError from the model),
   so use `--backend attn=sdpa` or `--packing-mask causal` with them;
 - CUDA-graphed layers (`--cuda-graphs`) fall back to the eager layer for such a call (the trainer refuses the combination).
-Outside the context (synthetic data, evaluation with `--packing-mask causal`) the layers see the model's own masks.
+Outside the context (synthetic data, `--packing-mask causal`) the layers see the model's own masks, except that
+activation checkpointing's recomputation of a forward made inside it gets that forward's masks again.
 """
 
 from __future__ import annotations
@@ -47,15 +48,26 @@ class DocumentMasking:
         from ..parallel.expert_parallel import decoder_layers
 
         self._masks: DocMasks | None = None
+        self._seen: dict[int, tuple[Masks, DocMasks]] = {}
         self._hooks = [layer.register_forward_pre_hook(self._swap) for layer in decoder_layers(model)]
 
     def _swap(self, module: nn.Module, args: tuple) -> tuple | None:
-        if self._masks is None:
-            return None
-        return tuple(self._masks if isinstance(a, Masks) else a for a in args)
+        out = []
+        for a in args:
+            if isinstance(a, Masks) and not isinstance(a, DocMasks):
+                if self._masks is not None:
+                    self._seen[id(a)] = (a, self._masks)
+                    a = self._masks
+                elif id(a) in self._seen and self._seen[id(a)][0] is a:  # recomputed in backward (--ac)
+                    a = self._seen[id(a)][1]
+            out.append(a)
+        return tuple(out)
 
     @contextmanager
     def documents(self, doc_ids: torch.Tensor | None) -> Iterator[None]:
+        """Block-causal masks for the forwards inside; activation checkpointing's recomputation in the following
+        backward gets the same masks (looked up by the model's own `Masks` object), until the next `documents`."""
+        self._seen: dict[int, tuple[Masks, DocMasks]] = {}
         self._masks = None if doc_ids is None else DocMasks(doc_ids, doc_ids.device)
         try:
             yield

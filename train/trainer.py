@@ -32,7 +32,7 @@ from typing import Any
 from . import checkpoint as ckpt
 from .checks import check_memory, check_run, count_params, flops_per_token, load_config, load_tokenizer, meta_model
 from .config import DTYPES, TrainConfig, TrainError, merge_resumed
-from .control import clip_grads, global_grad_norm, lr_at
+from .control import clip_grads, lr_at
 from .sources import records, resolve
 
 
@@ -188,47 +188,43 @@ class Trainer:
         micro = [self.data.next_batch() for _ in range(cfg.grad_accum)]
         targets = sum(int((b["shift_labels"] != -100).sum()) for b in micro)
         num_items = torch.tensor(max(1, targets), device=self.device)
-        if cuda:
-            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-            ev[0].record()
-        t0 = time.perf_counter()
+        clock = _Clock(cuda)
         loss_sum = torch.zeros((), device=self.device)
         aux = None
         for b in micro:
+            clock.mark()
             out = self._forward(b, num_items)
+            clock.mark("forward")
             out.loss.backward()
+            clock.mark("backward")
             loss_sum += out.loss.detach().float()
             aux = out.aux_loss if out.aux_loss is not None else aux
-        t1 = time.perf_counter()
-        norm = clip_grads(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else (
-            None if cfg.overlap_optimizer else global_grad_norm(self.model.parameters()))
+        norm = clip_grads(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._update_router_bias()
-        ev[1].record() if cuda else None
+        clock.mark("optimizer")
         stats = torch.stack([loss_sum, torch.tensor(float(self.stop_requested), device=self.device)])
         load = expert_load(self.model)
         if dist.is_initialized() and self.world > 1:
             dist.all_reduce(stats)
             if load is not None:
                 dist.all_reduce(load)
-        if cuda:
-            torch.cuda.synchronize()
-        step_s = time.perf_counter() - t0
+        phases = clock.finish()
         self.stop_requested = bool(stats[1].item() > 0)
         self.step_index += 1
         tokens = cfg.batch * cfg.seq * cfg.grad_accum
         m: dict[str, Any] = {"step": self.step_index, "loss": stats[0].item() / self.world, "lr": lr, "targets": targets,
-                             "tokens_per_s": tokens * self.world / step_s, "step_ms": step_s * 1e3,
-                             "forward_backward_ms": (t1 - t0) * 1e3}
+                             "tokens_per_s": tokens * self.world / clock.total_s, "step_ms": clock.total_s * 1e3,
+                             **{f"{k}_ms": v * 1e3 for k, v in phases.items()}}
         if norm is not None:
             m["grad_norm"] = norm.item()
         if aux is not None:
             m["aux_loss"] = aux.detach().float().item()
-        if cuda:
-            tps = tokens / step_s
+        if cuda:  # FLOP figures only where they mean something
+            tps = tokens / clock.total_s
             tflops = self.flops_per_token * tps / 1e12
-            m.update(tokens_per_s_per_gpu=tps, tflops_per_gpu=tflops, mfu=tflops / cfg.peak_tflops, step_ms=ev[0].elapsed_time(ev[1]),
+            m.update(tokens_per_s_per_gpu=tps, tflops_per_gpu=tflops, mfu=tflops / cfg.peak_tflops,
                      peak_mem_gib=torch.cuda.max_memory_allocated(self.device) / 2**30)
         else:
             m["peak_rss_gib"] = _rss_gib()
@@ -372,6 +368,36 @@ class Trainer:
         self.stop_requested = True
         if self.rank == 0 and not self.cfg.quiet:
             print(f"{signal.Signals(signum).name}: stopping after step {self.step_index + 1}" + (" and saving" if self.cfg.save else ""), flush=True)
+
+
+class _Clock:
+    """Seconds per phase of a step (CUDA events on a GPU, wall clock on CPU), summed over micro-batches."""
+
+    def __init__(self, cuda: bool) -> None:
+        import torch
+
+        self.cuda, self.t0, self.marks = cuda, time.perf_counter(), []
+        self._event = (lambda: _recorded(torch.cuda.Event(enable_timing=True))) if cuda else time.perf_counter
+
+    def mark(self, phase: str | None = None) -> None:
+        self.marks.append((phase, self._event()))
+
+    def finish(self) -> dict[str, float]:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.total_s = time.perf_counter() - self.t0
+        out: dict[str, float] = {}
+        for (_, a), (phase, b) in zip(self.marks, self.marks[1:]):
+            if phase is not None:
+                out[phase] = out.get(phase, 0.0) + (a.elapsed_time(b) / 1e3 if self.cuda else b - a)
+        return out
+
+
+def _recorded(ev: Any) -> Any:
+    ev.record()
+    return ev
 
 
 def _main_thread() -> bool:
