@@ -116,14 +116,15 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 
 def test_logs_tensorboard_wandb_offline_plot_and_cpu_progress(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("tensorboard")
-    wandb = pytest.importorskip("wandb")
+    import importlib.util
+
+    has_wandb = importlib.util.find_spec("wandb") is not None  # optional extra, not in [test]: checked where installed
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = tmp_path / "run"
     argv = ["--model", COMMON["model"], "--tokenizer", str(CHAT), "--data", COMMON["data"], "--eval-data", str(CHAT / "eval.jsonl"),
             "--eval-every", "2", "--seq", "32", "--dtype", "float32", "--device", "cpu", "--steps", "4", "--log-every", "2",
-            "--save", str(run), "--tensorboard", "auto", "--wandb", "tests"]
+            "--save", str(run), "--tensorboard", "auto"] + (["--wandb", "tests"] if has_wandb else [])
     assert main(argv) == 0
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("step ")]
@@ -134,8 +135,11 @@ def test_logs_tensorboard_wandb_offline_plot_and_cpu_progress(tmp_path, capsys, 
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss")] == [2, 4] and [e.step for e in acc.Scalars("eval_loss")] == [2, 4]
-    assert list((run / "wandb").glob("offline-run-*")), "wandb wrote no offline run"
-    assert wandb.run is None
+    if has_wandb:
+        import wandb
+
+        assert list((run / "wandb").glob("offline-run-*")), "wandb wrote no offline run"
+        assert wandb.run is None
     assert main(["plot", str(run)]) == 0
     pngs = sorted(p.name for p in (run / "plots").glob("*.png"))
     assert {"loss.png", "lr.png", "grad_norm.png", "throughput.png"} <= set(pngs)

@@ -118,6 +118,11 @@ class TrainConfig:
         if self.num_layers is not None and self.init != "random":
             raise TrainError("--num-layers changes the architecture; use it with --init random")
         self.backend_config()  # a bad --backend is one line here, not a TypeError later
+        import importlib.util
+
+        for flag, module, extra in ((self.wandb, "wandb", "wandb"), (self.tensorboard, "tensorboard", "tensorboard")):
+            if flag and importlib.util.find_spec(module) is None:
+                raise TrainError(f"--{module} needs the {module} package: pip install 'automodel-convert[{extra}]'")
 
     def backend_config(self):  # noqa: ANN201 - models.BackendConfig
         from ..models import BackendConfig
