@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from .checkpoint import INDEX_NAME, Checkpoint, _load_json, open_checkpoint
+from .checksums import new_hasher
 from .engine import (
     FileLayout,
     SourceFiles,
@@ -92,7 +93,7 @@ class ConvertResult:
 def _open(src: str | Path, revision: str | None, model_type: str | None) -> tuple[Checkpoint, MoEMapping, str]:
     folder = resolve_source(str(src), revision)
     ckpt = open_checkpoint(folder, require_config=model_type is None)
-    mt = model_type or ckpt.config.get("model_type")
+    mt = model_type or (ckpt.sidecar or {}).get("model_type") or ckpt.config.get("model_type")  # merge's --model-type
     if not isinstance(mt, str) or not mt:
         raise ConvertError(f"{folder / 'config.json'} has no model_type; pass --model-type")
     return ckpt, get_mapping(mt), mt
@@ -149,32 +150,46 @@ def merge(
     dry_run: bool = False,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
     dequantize: str | None = None,
+    force: bool = False,
+    source_layout: str | Layout | None = None,
 ) -> ConvertResult:
     """Convert a checkpoint to the fused (or transposed) layout.
 
     `dequantize="bf16"` writes block-FP8 and MXFP4 weights dequantized (one expert at a time, see `quant.py`),
-    drops their scale tensors and config.json's `quantization_config`.
+    drops their scale tensors and config.json's `quantization_config`; an unquantized checkpoint is refused.
+    A checksum of every source tensor is recorded in the sidecar (kept from the source's sidecar when it has one).
     """
     target = _layout_arg(layout, (Layout.FUSED, Layout.TRANSPOSED), "--layout")
+    given = _layout_arg(source_layout, (Layout.PER_EXPERT, Layout.FUSED, Layout.TRANSPOSED), "--source-layout")
     max_bytes = parse_size(max_shard_size)
     t0 = time.perf_counter()
     ckpt, mapping, mt = _open(src, revision, model_type)
-    plan = plan_conversion(ckpt, mapping, target, naming="model", model_type=mt)
+    plan = plan_conversion(ckpt, mapping, target, naming="model", model_type=mt, source_layout=given)
     sidecar = _sidecar(ckpt, plan, mt)
     extra_files = None
+    record = True
+    if (ckpt.sidecar or {}).get("checksums"):
+        sidecar["checksums"] = ckpt.sidecar["checksums"]  # they describe the original, not this folder
+        record = False
     if dequantize:
-        from .quant import dequantize_plan, dequantized_config, target_dtype
+        from .quant import dequantize_plan, dequantized_config, is_quantized, target_dtype
 
+        target_dtype(dequantize)
+        if not is_quantized(ckpt):
+            raise ConvertError(
+                f"--dequantize {dequantize}: the checkpoint is not quantized (no quantization_config, no FP8 or MXFP4 tensors); drop --dequantize"
+            )
         plan = dequantize_plan(plan, ckpt, dequantize)
+        record = False
+        sidecar.pop("checksums", None)
         sidecar["dequantized"] = target_dtype(dequantize)
         sidecar["original"] = None  # the quantized shards cannot be restored from dequantized weights
         cfg = dequantized_config(ckpt.config)
         if cfg != ckpt.config and (ckpt.root / "config.json").exists():
             extra_files = {"config.json": (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()}
     file_layout = shard_by_size(plan.outputs, max_bytes, _file_metadata(target))
-    return _finish(
-        "merge", ckpt, plan, file_layout, dst, mt, overwrite, workers, dry_run, progress, t0, sidecar, extra_files
-    )
+    write = WriteOptions(overwrite, force, workers, sidecar, extra_files, record_checksums=record)
+    return _finish("merge", ckpt, plan, file_layout, dst, mt, dry_run, progress, t0, write)
 
 
 def split(
@@ -190,9 +205,16 @@ def split(
     dry_run: bool = False,
     restore: bool = True,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
+    force: bool = False,
+    source_layout: str | Layout | None = None,
 ) -> ConvertResult:
-    """Convert a checkpoint back to its original layout (recorded, or the hub layout of its model type)."""
+    """Convert a checkpoint back to its original layout (recorded, or the hub layout of its model type).
+
+    When the original layout is restored and merge recorded checksums, every output tensor is checked against them
+    before the destination appears; a mismatch is refused and nothing is written.
+    """
     chosen = _layout_arg(layout, (Layout.PER_EXPERT, Layout.FUSED, Layout.TRANSPOSED), "--layout")
+    given = _layout_arg(source_layout, (Layout.PER_EXPERT, Layout.FUSED, Layout.TRANSPOSED), "--source-layout")
     max_bytes = parse_size(max_shard_size)
     t0 = time.perf_counter()
     ckpt, mapping, mt = _open(src, revision, model_type)
@@ -202,24 +224,53 @@ def split(
         if recorded
         else (Layout.PER_EXPERT if mapping.groups and mapping.disk_layout is Layout.PER_EXPERT else mapping.disk_layout)
     )
-    plan = plan_conversion(ckpt, mapping, target, naming="disk", model_type=mt)
+    plan = plan_conversion(ckpt, mapping, target, naming="disk", model_type=mt, source_layout=given)
     original = (ckpt.sidecar or {}).get("original")
     notes = []
+    expected = None
     if restore and original and recorded and Layout(recorded) is target:
         file_layout = restore_layout(plan.outputs, original)
         notes.append("restored the original shard names, tensor order and metadata recorded at merge time")
+        expected = (ckpt.sidecar or {}).get("checksums")
+        if expected:
+            notes.append(f"every tensor matches the {expected['algorithm']} checksum recorded at merge time")
     else:
         file_layout = shard_by_size(plan.outputs, max_bytes, _file_metadata(target))
         if original and restore:
             notes.append(
                 f"the recorded original layout is {recorded}, not {target}: sharded afresh by --max-shard-size"
             )
-    res = _finish("split", ckpt, plan, file_layout, dst, mt, overwrite, workers, dry_run, progress, t0, None)
+    write = WriteOptions(overwrite, force, workers, None, None, expected_checksums=expected)
+    res = _finish("split", ckpt, plan, file_layout, dst, mt, dry_run, progress, t0, write)
     res.notes[:0] = notes
     return res
 
 
-def _finish(cmd, ckpt, plan, file_layout, dst, mt, overwrite, workers, dry_run, progress, t0, sidecar, extra_files=None) -> ConvertResult:
+@dataclass
+class WriteOptions:
+    """How `_finish` writes: destination handling, parallelism, sidecar, extra files and checksums."""
+
+    overwrite: bool = False
+    force: bool = False
+    workers: int = 4
+    sidecar: dict | None = None
+    extra_files: dict[str, bytes] | None = None
+    record_checksums: bool = False
+    expected_checksums: dict | None = None
+
+
+def _finish(
+    cmd: str,
+    ckpt: Checkpoint,
+    plan: Plan,
+    file_layout: FileLayout,
+    dst: str | Path,
+    mt: str,
+    dry_run: bool,
+    progress: Callable[[int, int], Callable[[int], None]] | None,
+    t0: float,
+    write: WriteOptions,
+) -> ConvertResult:
     res = ConvertResult(
         cmd,
         str(ckpt.root),
@@ -239,17 +290,21 @@ def _finish(cmd, ckpt, plan, file_layout, dst, mt, overwrite, workers, dry_run, 
     )
     if not dry_run:
         cb = progress(plan.total_bytes, len(plan.outputs)) if progress else None
-        write_checkpoint(
+        written = write_checkpoint(
             plan,
             ckpt,
             Path(dst),
             file_layout,
-            overwrite=overwrite,
-            workers=workers,
-            sidecar=sidecar,
-            extra_files=extra_files,
+            overwrite=write.overwrite,
+            force=write.force,
+            workers=write.workers,
+            sidecar=write.sidecar,
+            extra_files=write.extra_files,
             progress=cb,
+            record_checksums=write.record_checksums,
+            expected_checksums=write.expected_checksums,
         )
+        res.notes.extend(written.notes)
     res.seconds = time.perf_counter() - t0
     return res
 
@@ -298,6 +353,8 @@ class VerifyResult:
     bytes_compared: int
     mismatches: list[str]
     seconds: float
+    checksums_checked: int = 0  # tensors checked against the checksums merge recorded (a merged checkpoint)
+    checksum_algorithm: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -323,11 +380,14 @@ def verify(
     revision: str | None = None,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
     window: int = 32 << 20,
+    source_layout: str | Layout | None = None,
 ) -> VerifyResult:
-    """Convert there and back in a bounded-memory stream and compare bit for bit with the source."""
+    """Convert there and back in a bounded-memory stream and compare bit for bit with the source. On a merged
+    checkpoint whose sidecar holds checksums, also rebuild every original tensor and compare its checksum."""
     t0 = time.perf_counter()
+    given = _layout_arg(source_layout, (Layout.PER_EXPERT, Layout.FUSED, Layout.TRANSPOSED), "--source-layout")
     ckpt, mapping, mt = _open(src, revision, model_type)
-    probe = plan_conversion(ckpt, mapping, Layout.FUSED, naming="model", model_type=mt)
+    probe = plan_conversion(ckpt, mapping, Layout.FUSED, naming="model", model_type=mt, source_layout=given)
     src_layout = probe.source_layout
     if src_layout is Layout.FUSED and mapping.groups:
         via = Layout.PER_EXPERT
@@ -389,9 +449,51 @@ def verify(
                     cb(p.n)
     finally:
         files.close()
+    checked, algorithm = _check_recorded_checksums(ckpt, mapping, mt, given, mismatches, window)
     return VerifyResult(
-        str(ckpt.root), mt, src_layout, via, len(back.outputs), compared, mismatches, time.perf_counter() - t0
+        str(ckpt.root),
+        mt,
+        src_layout,
+        via,
+        len(back.outputs),
+        compared,
+        mismatches,
+        time.perf_counter() - t0,
+        checked,
+        algorithm,
     )
+
+
+def _check_recorded_checksums(
+    ckpt: Checkpoint, mapping: MoEMapping, mt: str, given: Layout | None, mismatches: list[str], window: int
+) -> tuple[int, str | None]:
+    """Rebuild every original tensor from a merged checkpoint (the split plan, streamed) and compare its checksum
+    with the one merge recorded; returns how many were checked and the algorithm."""
+    sums = (ckpt.sidecar or {}).get("checksums")
+    recorded = (ckpt.sidecar or {}).get("original_layout")
+    if not sums or not recorded:
+        return 0, None
+    plan = plan_conversion(ckpt, mapping, Layout(recorded), naming="disk", model_type=mt, source_layout=given)
+    produced = {t.name for t in plan.outputs}
+    for name in sorted(set(sums["tensors"]) - produced)[:5]:
+        mismatches.append(f"{name}: has a recorded checksum but the merged checkpoint does not rebuild it")
+    files = SourceFiles(ckpt)
+    reader = PlannedReader(plan, files)
+    try:
+        for t in plan.outputs:
+            want = sums["tensors"].get(t.name)
+            h = new_hasher(sums["algorithm"])
+            for off in range(0, t.nbytes, window):
+                h.update(reader.read(t.name, off, min(window, t.nbytes - off)))
+            if want is None:
+                mismatches.append(f"{t.name}: no checksum recorded at merge time")
+            elif h.hexdigest() != want:
+                mismatches.append(
+                    f"{t.name}: checksum differs from the one recorded at merge time (the merged files changed)"
+                )
+    finally:
+        files.close()
+    return len(plan.outputs), sums["algorithm"]
 
 
 def _transform_via(reader: PlannedReader, p: Transform) -> bytes:
@@ -416,12 +518,14 @@ def inspect(
     revision: str | None = None,
     ep: int | None = None,
     dry_run: bool = False,
+    source_layout: str | Layout | None = None,
 ) -> dict:
     """Model type, layout, plan summary (and bytes per EP rank). `dry_run`: from config.json and the index alone."""
     if dry_run:
         return inspect_dry_run(src, model_type=model_type, revision=revision)
+    given = _layout_arg(source_layout, (Layout.PER_EXPERT, Layout.FUSED, Layout.TRANSPOSED), "--source-layout")
     ckpt, mapping, mt = _open(src, revision, model_type)
-    plan = plan_conversion(ckpt, mapping, Layout.FUSED, naming="model", model_type=mt)
+    plan = plan_conversion(ckpt, mapping, Layout.FUSED, naming="model", model_type=mt, source_layout=given)
     groups: dict[str, dict] = {}
     for gi in plan.instances:
         g = groups.setdefault(
@@ -439,7 +543,9 @@ def inspect(
     # expert tensors: the fused groups, plus the mapping's `expert_tensors` (types stored as the model holds them:
     # gpt_oss, llama4, dbrx, jetmoe; MXFP4 blocks/scales), all sharded along dim 0 by expert parallelism
     templates = [Template(x) for x in mapping.expert_tensors]
-    expert_outs = [t for t in plan.outputs if t.group is not None or (t.shape and any(x.match(t.name) for x in templates))]
+    expert_outs = [
+        t for t in plan.outputs if t.group is not None or (t.shape and any(x.match(t.name) for x in templates))
+    ]
     expert_bytes = sum(t.nbytes for t in expert_outs)
     info = {
         "source": str(ckpt.root),
@@ -501,7 +607,9 @@ def _index_source(src: str | Path, revision: str | None) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(text, revision=revision, allow_patterns=["config.json", "*.safetensors.index.json"]))
+        return Path(
+            snapshot_download(text, revision=revision, allow_patterns=["config.json", "*.safetensors.index.json"])
+        )
     except Exception as e:  # noqa: BLE001 - hub errors vary; the message says what to do
         raise ConvertError(
             f"cannot fetch config.json and {INDEX_NAME} of {text!r} from the hub ({type(e).__name__}); check the name, log in, or download them"
@@ -514,7 +622,9 @@ def index_keys(folder: Path, *, require_config: bool = True) -> tuple[list[str],
     if (folder / "config.json").exists():
         config = _load_json(folder / "config.json", "config.json")
     elif require_config:
-        raise ConvertError(f"{folder} has no config.json; copy the model's config.json next to the index or pass --model-type")
+        raise ConvertError(
+            f"{folder} has no config.json; copy the model's config.json next to the index or pass --model-type"
+        )
     if (folder / INDEX_NAME).exists():
         wm = _load_json(folder / INDEX_NAME, "the safetensors index").get("weight_map")
         if not isinstance(wm, dict) or not wm:
@@ -582,7 +692,9 @@ def plan_from_index(
     missing = [k for k in keys if k not in shapes]
     extra = sorted(set(shapes) - set(keys))
     if missing or extra:
-        raise ConvertError(f"shapes do not match the index: {len(missing)} keys without a shape (e.g. {missing[:1]}), {len(extra)} unknown (e.g. {extra[:1]})")
+        raise ConvertError(
+            f"shapes do not match the index: {len(missing)} keys without a shape (e.g. {missing[:1]}), {len(extra)} unknown (e.g. {extra[:1]})"
+        )
     target = _layout_arg(layout, (Layout.PER_EXPERT, Layout.FUSED, Layout.TRANSPOSED), "--layout")
     ckpt = checkpoint_from_shapes(folder, config, {k: shapes[k] for k in keys})
     return plan_conversion(ckpt, get_mapping(mt), target, naming=naming, model_type=mt)

@@ -1,13 +1,16 @@
 """The table of registered model types (`automodel-convert list`, docs/MODELS.md).
 
-Contract: one row per registered model type (aliases included, marked): family, hub (on-disk) expert layout, fused
-layout (what transformers v5 holds), config fields used, and verification status. A type is `verified` only when
-its own fixture exists (`fixtures/<model_type>/` listed in `fixtures/manifest.json`): tests/test_families.py runs the
-bit-exact and transformers checks on exactly those fixtures, and tests/test_registry.py fails when a registered
-type has none. Quantized fixtures of a type (`deepseek_v3_fp8`, `gpt_oss_mxfp4`, tested by tests/test_quant.py)
-are named in its status. Everything here is derived from the mapping data; nothing is typed twice.
+Contract: one row per supported model type (`registry.all_mappings()`: hand-written families, aliases marked, plus
+every type translated from the installed transformers): family, hub (on-disk) expert layout, fused layout (what
+transformers v5 holds), config fields used, and status. A hand-written type is `verified` only when its own fixture
+exists (`fixtures/<model_type>/` listed in `fixtures/manifest.json`): tests/test_families.py runs the bit-exact and
+transformers checks on exactly those fixtures, and tests/test_registry.py fails when a registered type has none.
+Quantized fixtures of a type (`deepseek_v3_fp8`, `gpt_oss_mxfp4`, tested by tests/test_quant.py) are named in its
+status. A translated type says `translated from transformers X`; tests/test_transformers_coverage.py builds each
+from transformers' own class at test time. `unsupported_rows()` lists the transformers types with fused experts
+that nothing covers, with the reason. Everything here is derived from the mapping data; nothing is typed twice.
 
-`python -m automodel_convert.convert.catalog --write docs/MODELS.md` regenerates the table in the docs.
+`python -m automodel_convert.convert.catalog --write docs/MODELS.md` regenerates both tables in the docs.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from pathlib import Path
 
 from .mapping import ExpertGroup, Layout, MoEMapping
 from .ops import Chain
-from .registry import registry
+from .registry import all_mappings
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "MODELS.md"
 BEGIN, END = "<!-- catalog:begin -->", "<!-- catalog:end -->"
+UBEGIN, UEND = "<!-- unsupported:begin -->", "<!-- unsupported:end -->"
+GENERIC = "transformers"  # family of the mappings translated from transformers (`transformers_mapping.FAMILY`)
 COLUMNS = ("model type", "family", "on-disk experts", "fused (model)", "config fields", "status")
 
 # symbolic sizes: distinct small numbers that the shapes of a bound chain map back to names
@@ -90,7 +95,8 @@ def _model(m: MoEMapping, name: str) -> str:
 
 def _prefix(m: MoEMapping, naming: str) -> str:
     """Where the layers live when it is not plain `model.` (multimodal and wrapper types)."""
-    key = "{prefix}layers.{layer}.x".format(prefix=m.extra.get("prefix", "model."), layer=7)
+    prefix = str(m.extra.get("prefix", "model."))
+    key = f"{prefix}x" if "layers.7." in prefix else f"{prefix}layers.7.x"  # translated types: prefix has the layer
     if naming == "disk":
         key = m.to_disk_key(key)
     pre = key[: key.find("layers.7.")]
@@ -115,7 +121,9 @@ def _layout_text(m: MoEMapping, layout: Layout, naming: str) -> str:
         text = ", ".join(items)
     for g in m.groups:
         if not g.stacked:  # a non-expert fusion: parts on disk, one tensor in the model
-            text += f"; {_join([name(m, p) for p in g.parts])}" if naming == "disk" else f"; {name(m, g.fused)} (dim-0 cat)"
+            text += (
+                f"; {_join([name(m, p) for p in g.parts])}" if naming == "disk" else f"; {name(m, g.fused)} (dim-0 cat)"
+            )
     return text + _prefix(m, naming)
 
 
@@ -132,7 +140,7 @@ def catalog_rows() -> list[dict]:
     fx = fixtures()
     verified = verified_types()
     rows = []
-    for name, m in registry().items():
+    for name, m in all_mappings().items():
         if not m.groups:
             disk, fused = "as the model (disk equals model)", str(m.extra.get("fused", "unchanged"))
         else:
@@ -142,8 +150,14 @@ def catalog_rows() -> list[dict]:
             fused = _layout_text(m, Layout.FUSED, "model")
         if name != m.model_type:
             status = f"alias of {m.model_type}"
+        elif m.family == GENERIC:
+            status = f"translated from transformers {m.extra.get('transformers', '?')}"
         elif name in verified:
-            quant = sorted(v.get("quantization") for k, v in fx.items() if k != name and v.get("model_type") == name and v.get("quantization"))
+            quant = sorted(
+                v.get("quantization")
+                for k, v in fx.items()
+                if k != name and v.get("model_type") == name and v.get("quantization")
+            )
             status = "verified" + (f" (+{', +'.join(quant)})" if quant else "")
         else:
             status = "unverified (no fixture)"
@@ -160,11 +174,38 @@ def catalog_rows() -> list[dict]:
     return rows
 
 
+def unsupported_rows() -> list[dict]:
+    """transformers types with fused experts that no mapping covers, with the reason (one line each)."""
+    from .transformers_mapping import NO_EXPERTS, fused_expert_types, language_model_types, try_generic_mapping
+
+    supported = all_mappings()
+    rows = []
+    for mt, cls in fused_expert_types().items():
+        reason = try_generic_mapping(mt)[1]
+        # sub-configs without a model class and towers without experts are not MoE models of their own; a language
+        # model whose default config has no MoE block (gemma4) is listed: the translation is built from that config
+        if mt not in supported and cls is not None and (reason != NO_EXPERTS or mt in language_model_types()):
+            rows.append({"model_type": mt, "reason": reason})
+    return rows
+
+
+def title(rows: list[dict]) -> str:
+    n_ok = sum(r["verified"].startswith("verified") for r in rows)
+    n_gen = sum(r["verified"].startswith("translated") for r in rows)
+    return f"{len(rows)} supported model types ({n_ok} verified by fixture, {n_gen} translated from transformers)"
+
+
 def render_table(rows: list[dict]):
+    """The supported types, then the transformers types that are not supported (with the reason)."""
+    from rich.console import Group
+
+    return Group(_supported_table(rows), render_unsupported(unsupported_rows()))
+
+
+def _supported_table(rows: list[dict]):
     from rich.table import Table
 
-    n_ok = sum(r["verified"].startswith("verified") for r in rows)
-    t = Table(title=f"{len(rows)} registered model types ({n_ok} verified)")
+    t = Table(title=title(rows))
     for c in COLUMNS:
         t.add_column(c, overflow="fold", no_wrap=c in ("model type", "family", "status"))
     for r in rows:
@@ -172,8 +213,19 @@ def render_table(rows: list[dict]):
     return t
 
 
+def render_unsupported(rows: list[dict]):
+    from rich.table import Table
+
+    t = Table(title=f"{len(rows)} transformers types with fused experts not supported")
+    t.add_column("model type", no_wrap=True)
+    t.add_column("reason", overflow="fold")
+    for r in rows:
+        t.add_row(r["model_type"], r["reason"])
+    return t
+
+
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = [f"{title(rows)}:", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         cells = (r["model_type"], r["family"], r["disk_layout"], r["fused_layout"], r["config_fields"], r["verified"])
         lines.append("| " + " | ".join(f"`{c}`" if i in (2, 3) else c for i, c in enumerate(cells)) + " |")
@@ -187,11 +239,30 @@ def docs_table(text: str) -> str:
     return text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n") + "\n"
 
 
+def markdown_unsupported(rows: list[dict]) -> str:
+    lines = ["| model type | why not |", "|---|---|"]
+    lines += [f"| {r['model_type']} | {r['reason'].replace('|', '/')} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def docs_unsupported(text: str) -> str:
+    """The generated block of unsupported types in docs/MODELS.md."""
+    if UBEGIN not in text or UEND not in text:
+        raise ValueError(f"{DOCS} has no {UBEGIN} ... {UEND} block")
+    return text.split(UBEGIN, 1)[1].split(UEND, 1)[0].strip("\n") + "\n"
+
+
+def _replace_block(text: str, begin: str, end: str, body: str) -> str:
+    head, rest = text.split(begin, 1)
+    return f"{head}{begin}\n{body}{end}{rest.split(end, 1)[1]}"
+
+
 def write_docs(path: Path = DOCS) -> None:
-    text = path.read_text()
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    path.write_text(f"{head}{BEGIN}\n{markdown_table(catalog_rows())}{END}{tail}")
+    """Regenerate both generated blocks of docs/MODELS.md from the registry."""
+    text = _replace_block(path.read_text(), BEGIN, END, markdown_table(catalog_rows()))
+    if UBEGIN not in text:
+        text += f"\n## transformers types with fused experts that are not supported\n\n{UBEGIN}\n{UEND}\n"
+    path.write_text(_replace_block(text, UBEGIN, UEND, markdown_unsupported(unsupported_rows())))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from functools import cached_property
+from functools import cache, cached_property
+from typing import Protocol
 
 from .ops import Chain, Concat, Op, Shape, Transpose
 
@@ -78,6 +79,11 @@ class Template:
         return _FIELD.sub(lambda m: str(captures[m.group(1)]), self.text)
 
 
+@cache
+def _template(text: str) -> Template:
+    return Template(text)
+
+
 @dataclass(frozen=True)
 class Rename:
     """`disk` <-> `model` key templates with the same captures; each applies, in order, to every key it matches."""
@@ -89,13 +95,21 @@ class Rename:
         if Template(self.disk).fields != Template(self.model).fields:
             raise ValueError(f"rename {self.disk!r} -> {self.model!r}: both sides need the same captures")
 
+    def to_model(self, key: str) -> str:
+        caps = _template(self.disk).match(key)
+        return key if caps is None else _template(self.model).format(**caps)
 
-def _apply_renames(key: str, pairs: Sequence[tuple[Template, Template]]) -> str:
-    for src, dst in pairs:
-        caps = src.match(key)
-        if caps is not None:
-            key = dst.format(**caps)
-    return key
+    def to_disk(self, key: str) -> str:
+        caps = _template(self.model).match(key)
+        return key if caps is None else _template(self.disk).format(**caps)
+
+
+class KeyRenaming(Protocol):
+    """Anything with `to_model(key)` and its inverse `to_disk(key)` (a `Rename`, or a translated transformers one)."""
+
+    def to_model(self, key: str) -> str: ...
+
+    def to_disk(self, key: str) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -154,10 +168,17 @@ class ExpertGroup:
         return out
 
 
-def swiglu_groups(experts: str = "{prefix}layers.{layer}.mlp.experts", gate: str = "gate_proj", up: str = "up_proj", down: str = "down_proj") -> tuple[ExpertGroup, ...]:
+def swiglu_groups(
+    experts: str = "{prefix}layers.{layer}.mlp.experts",
+    gate: str = "gate_proj",
+    up: str = "up_proj",
+    down: str = "down_proj",
+) -> tuple[ExpertGroup, ...]:
     """The common pair: `gate|up -> gate_up_proj [E, 2I, H]`, `down -> down_proj [E, H, I]`."""
     return (
-        ExpertGroup(f"{experts}.gate_up_proj", (f"{experts}.{{expert}}.{gate}.weight", f"{experts}.{{expert}}.{up}.weight")),
+        ExpertGroup(
+            f"{experts}.gate_up_proj", (f"{experts}.{{expert}}.{gate}.weight", f"{experts}.{{expert}}.{up}.weight")
+        ),
         ExpertGroup(f"{experts}.down_proj", (f"{experts}.{{expert}}.{down}.weight",)),
     )
 
@@ -179,7 +200,7 @@ class MoEMapping:
     model_type: str
     family: str
     groups: tuple[ExpertGroup, ...] = ()
-    renames: tuple[Rename, ...] = ()
+    renames: tuple[KeyRenaming, ...] = ()
     disk_layout: Layout = Layout.PER_EXPERT
     expert_tensors: tuple[str, ...] = ()
     num_experts_fields: tuple[str, ...] = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -189,15 +210,15 @@ class MoEMapping:
     notes: str = ""
     extra: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
 
-    @cached_property
-    def _rename_pairs(self) -> tuple[tuple[Template, Template], ...]:
-        return tuple((Template(r.disk), Template(r.model)) for r in self.renames)
-
     def to_model_key(self, disk_key: str) -> str:
-        return _apply_renames(disk_key, self._rename_pairs)
+        for r in self.renames:
+            disk_key = r.to_model(disk_key)
+        return disk_key
 
     def to_disk_key(self, model_key: str) -> str:
-        return _apply_renames(model_key, tuple((b, a) for a, b in reversed(self._rename_pairs)))
+        for r in reversed(self.renames):
+            model_key = r.to_disk(model_key)
+        return model_key
 
     @cached_property
     def all_groups(self) -> tuple[ExpertGroup, ...]:
@@ -217,3 +238,80 @@ class MoEMapping:
 
     def num_experts(self, config: dict) -> int | None:
         return self.config_value(config, self.num_experts_fields)
+
+    def orient_fused(
+        self,
+        recorded: Layout | None,
+        config: dict,
+        shapes: Sequence[tuple[ExpertGroup, Shape, str]],
+        user: Layout | None = None,
+    ) -> Layout:
+        """The layout of a checkpoint whose stacked groups are stored fused (`shapes`: group, one expert's shape, key).
+
+        Shapes are checked the way transformers does (`Transpose(check_dims=True)`), against H (`hidden_size`) and I
+        from the config: one expert's down projection reads `[H, I]` and the others `[n*I, H]` in the fused
+        orientation, the reverse when transposed; the checkpoint's orientation is one that every tensor fits. The
+        user's `--source-layout`, else the recorded layout (our sidecar or safetensors metadata), decides when the
+        shapes confirm it. Without either: the one orientation that fits; refused when none fits, or when both fit
+        (2I == H; a square down projection alone, I == H, is decided by gate_up) for a type whose fused checkpoints
+        exist in both orientations (a transposed hub layout beside transformers' own save); otherwise the declared
+        layout. A config without H or I: the user's or recorded layout, else the declared one unless transposed.
+        """
+        from .errors import MappingError
+
+        if user is Layout.PER_EXPERT:
+            raise MappingError("--source-layout per_expert, but the checkpoint's expert tensors are fused; use fused or transposed")
+        declared = self.disk_layout if self.disk_layout is not Layout.PER_EXPERT else Layout.FUSED
+        given, source = (user, "--source-layout") if user is not None else (recorded, "recorded layout")
+        fits = self._fitting_orientations(config, shapes)
+        if given is not None:
+            if fits is not None and given not in fits:
+                raise MappingError(
+                    f"the {source} {given} does not fit the expert shapes (they fit {sorted(map(str, fits))}); check --source-layout and config.json"
+                )
+            return given
+        if fits is None and declared is Layout.TRANSPOSED:
+            raise MappingError(
+                f"cannot tell whether the {self.model_type} fused experts are stored [E, 2I, H] (fused) or [E, H, 2I] (transposed): config.json lacks the hidden or expert intermediate size; pass --source-layout fused or --source-layout transposed"
+            )
+        if fits is not None and len(fits) == 1:
+            return next(iter(fits))
+        if fits is not None and declared is Layout.TRANSPOSED:
+            raise MappingError(
+                f"{self.model_type}: the fused expert shapes fit both the transposed hub layout and transformers' own (2I == H), so the orientation is ambiguous; pass --source-layout fused or --source-layout transposed"
+            )
+        return declared
+
+    def _fitting_orientations(
+        self, config: dict, shapes: Sequence[tuple[ExpertGroup, Shape, str]]
+    ) -> set[Layout] | None:
+        """The orientations every fused tensor fits given the config's H and I (None: the config lacks them)."""
+        from .errors import MappingError
+
+        h = self.config_value(config, ("hidden_size",))
+        i = self.config_value(config, self.intermediate_fields)
+        if h is None or i is None:
+            return None
+        fits = {Layout.FUSED, Layout.TRANSPOSED}
+        for g, shape, key in shapes:
+            if not all(p.endswith(".weight") for p in g.parts):
+                continue  # a companion (block-FP8 scale grid): its shape is not in I and H
+            fits &= {lay for lay in (Layout.FUSED, Layout.TRANSPOSED) if _orientation_fits(g, shape, lay, h, i)}
+            if not fits:
+                raise MappingError(
+                    f"fused tensor {key!r} has expert shape {list(shape)}, which fits neither the fused nor the transposed orientation for H={h}, I={i}; the checkpoint and its config disagree"
+                )
+        return fits
+
+
+def _orientation_fits(group: ExpertGroup, expert_shape: Shape, layout: Layout, hidden: int, inter: int) -> bool:
+    """Whether one expert's slice `expert_shape` reads, in `layout`, as parts of the expected F.linear shape:
+    `[H, I]` for a down projection, `[I, H]` for the others (gate, up). A non-matrix is never transposed."""
+    if len(expert_shape) != 2:
+        return layout is Layout.FUSED
+    out_total, in_dim = expert_shape if layout is Layout.FUSED else expert_shape[::-1]
+    n = len(group.parts)
+    if out_total % n:
+        return False
+    is_down = group.fused.rsplit(".", 1)[-1].startswith("down")
+    return (out_total // n, in_dim) == ((hidden, inter) if is_down else (inter, hidden))

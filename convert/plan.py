@@ -15,9 +15,11 @@ the type's declared disk layout; never from shapes). Mixed or partial layouts ar
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections import defaultdict
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 from .checkpoint import Checkpoint
@@ -112,35 +114,61 @@ def _fmt_keys(keys: list[str], n: int = 2) -> str:
     return ", ".join(repr(k) for k in keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
-def _chunk_shapes(group: ExpertGroup, layout: Layout, expert_shape: Shape, recorded: list | None, key: str) -> list[Shape]:
-    """Part shapes of one expert of a fused tensor: recorded by us, or equal chunks of the fused output dim."""
+def _chunk_shapes(
+    group: ExpertGroup, layout: Layout, expert_shape: Shape, recorded: list | None, key: str
+) -> list[Shape]:
+    """Part shapes of one expert of a fused tensor: recorded by us (checked against the tensor), or equal chunks of
+    the fused output dim."""
     if recorded is not None:
-        return [tuple(s) for s in recorded]
+        shapes = [tuple(s) for s in recorded]
+        try:
+            fits = len(shapes) == len(group.parts) and group.chain(layout, shapes).out_shapes(shapes)[0] == tuple(
+                expert_shape
+            )
+        except (ValueError, IndexError):
+            fits = False
+        if not fits:
+            raise MappingError(
+                f"automodel_convert.json records parts {[list(x) for x in shapes]} for {key!r}, which do not make its expert shape {list(expert_shape)} in the {layout} layout; the sidecar was edited: restore it"
+            )
+        return shapes
     n = len(group.parts)
     if len(expert_shape) != 2 and (layout is not Layout.FUSED or not expert_shape):
         raise MappingError(f"fused tensor {key!r} has expert shape {list(expert_shape)}; expected 2 dims")
     out_dim = 0 if layout is Layout.FUSED else 1
     total = expert_shape[out_dim]
     if total % n:
-        raise MappingError(f"fused tensor {key!r}: dim {out_dim + 1} ({total}) does not split into {n} equal parts; the checkpoint is not in the {layout} layout")
+        raise MappingError(
+            f"fused tensor {key!r}: dim {out_dim + 1} ({total}) does not split into {n} equal parts; the checkpoint is not in the {layout} layout"
+        )
     # Canonical parts are F.linear [out, in] (or any [out, ...] for the fused layout); the fused layouts are
     # cat(parts, 0) (+ a transpose).
     inner = tuple(expert_shape[1:]) if layout is Layout.FUSED else (expert_shape[1 - out_dim],)
     base = [(total // n, *inner)] * n
     chain = group.chain(layout, base)
     if chain.out_shapes(base)[0] != tuple(expert_shape):
-        raise MappingError(f"fused tensor {key!r}: shape {list(expert_shape)} does not fit the {layout} layout of its group")
+        raise MappingError(
+            f"fused tensor {key!r}: shape {list(expert_shape)} does not fit the {layout} layout of its group"
+        )
     return base
 
 
 def plan_conversion(
-    ckpt: Checkpoint, mapping: MoEMapping, target: Layout, *, naming: str = "model", model_type: str | None = None
+    ckpt: Checkpoint,
+    mapping: MoEMapping,
+    target: Layout,
+    *,
+    naming: str = "model",
+    model_type: str | None = None,
+    source_layout: Layout | None = None,
 ) -> Plan:
     """Plan converting `ckpt` (any supported layout) into `target` layout.
 
     `naming="model"` names outputs as transformers v5 holds them (merge); `naming="disk"` restores the hub's key
-    names (split). A `per_expert` target always uses hub naming.
+    names (split). A `per_expert` target always uses hub naming. `source_layout` is the user's word on how an
+    already-fused checkpoint is oriented (`--source-layout`); it must fit the shapes.
     """
+    user_layout = source_layout
     if naming not in ("model", "disk"):
         raise ValueError(f"naming must be 'model' or 'disk', not {naming!r}")
     disk_names = naming == "disk" or target is Layout.PER_EXPERT
@@ -157,7 +185,9 @@ def plan_conversion(
         mk = mapping.to_model_key(key)
         back = mapping.to_disk_key(mk)
         if back != key and mapping.to_model_key(back) != mk:
-            raise MappingError(f"key {key!r} renames to {mk!r}, which does not rename back; the {model_type} mapping cannot convert this checkpoint")
+            raise MappingError(
+                f"key {key!r} renames to {mk!r}, which does not rename back; the {model_type} mapping cannot convert this checkpoint"
+            )
         if mk in seen:
             raise MappingError(f"keys {seen[mk]!r} and {key!r} both map to {mk!r}; the checkpoint mixes naming schemes")
         seen[mk] = key
@@ -204,13 +234,19 @@ def plan_conversion(
         )
     recorded = _layout_from_records(ckpt)
     if stacked_pe:
+        if user_layout not in (None, Layout.PER_EXPERT):
+            raise MappingError(
+                f"--source-layout {user_layout}, but the checkpoint's expert keys are per-expert; drop --source-layout"
+            )
         source_layout = Layout.PER_EXPERT
     elif stacked_fk:
-        source_layout = recorded or (mapping.disk_layout if mapping.disk_layout is not Layout.PER_EXPERT else Layout.FUSED)
-        if source_layout is Layout.PER_EXPERT:
-            source_layout = Layout.FUSED
+        shapes = [(groups[i[0]], ckpt.tensors[fused_keys[i]].shape[1:], fused_keys[i]) for i in stacked_fk]
+        record = None if recorded is None else recorded if recorded is not Layout.PER_EXPERT else Layout.FUSED
+        source_layout = mapping.orient_fused(record, ckpt.config, shapes, user=user_layout)
     else:
-        source_layout = recorded or (Layout.PER_EXPERT if mapping.groups and mapping.disk_layout is Layout.PER_EXPERT else mapping.disk_layout)
+        source_layout = recorded or (
+            Layout.PER_EXPERT if mapping.groups and mapping.disk_layout is Layout.PER_EXPERT else mapping.disk_layout
+        )
         if any(g.stacked for g in mapping.groups):
             raise MappingError(
                 f"no expert tensors of model_type {model_type!r} found (expected keys like {mapping.groups[0].parts[0]!r} or {mapping.groups[0].fused!r}); check --model-type"
@@ -229,18 +265,26 @@ def plan_conversion(
             fused_name = g.fused_template.format(**caps)
             present = sorted(experts)
             n_exp = 1 if not g.stacked else cfg_experts if cfg_experts is not None else present[-1] + 1
-            missing = [e for e in range(n_exp) if e not in experts]
+            missing = _first_missing(experts, n_exp)
             extra = [e for e in present if e >= n_exp]
             if missing or extra:
-                what = f"missing expert(s) {missing[:5]}" if missing else f"expert index(es) {extra[:5]} beyond num_experts={n_exp}"
-                raise MappingError(f"{fused_name!r}: {what} (found {len(present)} of {n_exp}); the checkpoint is incomplete or its config is wrong")
+                what = (
+                    f"missing expert(s) {missing}"
+                    if missing
+                    else f"expert index(es) {extra[:5]} beyond num_experts={n_exp}"
+                )
+                raise MappingError(
+                    f"{fused_name!r}: {what} (found {len(present)} of num_experts={n_exp}); the checkpoint is incomplete or its config is wrong"
+                )
             shapes: list[Shape] | None = None
             dtype = None
             for e in range(n_exp):
                 slot = experts[e]
                 if len(slot) != len(g.parts):
                     miss = [g.part_templates[p].format(**caps, expert=e) for p in range(len(g.parts)) if p not in slot]
-                    raise MappingError(f"{fused_name!r}: expert {e} lacks {_fmt_keys(miss)}; the checkpoint is incomplete")
+                    raise MappingError(
+                        f"{fused_name!r}: expert {e} lacks {_fmt_keys(miss)}; the checkpoint is incomplete"
+                    )
                 infos = [ckpt.tensors[slot[p]] for p in range(len(g.parts))]
                 s = [t.shape for t in infos]
                 if shapes is None:
@@ -255,7 +299,14 @@ def plan_conversion(
                 g.chain(Layout.FUSED, shapes)
             except ValueError as e:
                 raise MappingError(f"{fused_name!r}: parts cannot be fused ({e})") from e
-            gi = GroupInstance(g, caps, n_exp, shapes, dtype, parts={e: [experts[e][p] for p in range(len(g.parts))] for e in range(n_exp)})
+            gi = GroupInstance(
+                g,
+                caps,
+                n_exp,
+                shapes,
+                dtype,
+                parts={e: [experts[e][p] for p in range(len(g.parts))] for e in range(n_exp)},
+            )
             instances.append(gi)
             first_key_of_inst[inst] = min((k for e in experts.values() for k in e.values()), key=_order_index(ckpt))
     if fused_keys:
@@ -273,7 +324,9 @@ def plan_conversion(
                 raise MappingError(f"fused tensor {key!r} has shape {list(info.shape)}; expected [experts, ...]")
             n_exp = info.shape[0]
             if cfg_experts is not None and n_exp != cfg_experts:
-                raise MappingError(f"fused tensor {key!r} holds {n_exp} experts but the config says {cfg_experts}; the checkpoint and config disagree")
+                raise MappingError(
+                    f"fused tensor {key!r} holds {n_exp} experts but the config says {cfg_experts}; the checkpoint and config disagree"
+                )
             shapes = _chunk_shapes(g, source_layout, info.shape[1:], recorded_parts.get(fused_model_name), key)
             instances.append(GroupInstance(g, caps, n_exp, shapes, info.dtype, fused_key=key))
             first_key_of_inst[inst] = key
@@ -305,12 +358,19 @@ def plan_conversion(
     return plan
 
 
+def _first_missing(present: Container[int], n: int, limit: int = 5) -> list[int]:
+    """The first `limit` indices below `n` not in `present`, without building a list of `n` (a config may say 10^9)."""
+    return list(itertools.islice((e for e in range(n) if e not in present), limit))
+
+
 def _order_index(ckpt: Checkpoint):
     files = {f: i for i, f in enumerate(ckpt.files)}
     return lambda k: (files[ckpt.tensors[k].file], ckpt.tensors[k].start)
 
 
-def _emit_instance(mapping: MoEMapping, gi: GroupInstance, src: Layout, dst: Layout, disk_names: bool) -> list[OutTensor]:
+def _emit_instance(
+    mapping: MoEMapping, gi: GroupInstance, src: Layout, dst: Layout, disk_names: bool
+) -> list[OutTensor]:
     g, caps, E = gi.group, gi.captures, gi.num_experts
     if not g.stacked:  # a non-stacked fusion: parts or the fused tensor, never transposed, no expert dim
         src = Layout.PER_EXPERT if gi.fused_key is None else Layout.FUSED
@@ -345,7 +405,11 @@ def _emit_instance(mapping: MoEMapping, gi: GroupInstance, src: Layout, dst: Lay
                     piece: Piece = Copy(rng[0], rng[1], rng[2], 0, ex)
                 else:
                     piece = Transform((expert_slice_input(e),), decode, p, itemsize, 0, part_nbytes[p], ex)
-                outs.append(OutTensor(name, gi.dtype, gi.part_shapes[p], [piece], g.fused if g.stacked else None, False, sources))
+                outs.append(
+                    OutTensor(
+                        name, gi.dtype, gi.part_shapes[p], [piece], g.fused if g.stacked else None, False, sources
+                    )
+                )
         return outs
 
     encode = g.chain(dst, gi.part_shapes)
@@ -365,7 +429,9 @@ def _emit_instance(mapping: MoEMapping, gi: GroupInstance, src: Layout, dst: Lay
             pieces.append(Transform(inputs, encode, 0, itemsize, base, expert_nbytes, ex))
         else:
             decode = g.chain(src, gi.part_shapes).inverse()
-            pieces.append(Transform((expert_slice_input(e),), decode.then(encode), 0, itemsize, base, expert_nbytes, ex))
+            pieces.append(
+                Transform((expert_slice_input(e),), decode.then(encode), 0, itemsize, base, expert_nbytes, ex)
+            )
     name = g.fused_template.format(**caps)
     if disk_names:
         name = mapping.to_disk_key(name)
@@ -461,22 +527,38 @@ def key_coverage(keys: list[str], mapping: MoEMapping, config: dict, *, model_ty
     elif stacked_fk:
         cov.layout = mapping.disk_layout if mapping.disk_layout is not Layout.PER_EXPERT else Layout.FUSED
     elif any(g.stacked for g in mapping.groups):
-        cov.problems.append(f"no expert tensors of model_type {model_type!r} found (expected keys like {mapping.groups[0].parts[0]!r})")
+        cov.problems.append(
+            f"no expert tensors of model_type {model_type!r} found (expected keys like {mapping.groups[0].parts[0]!r})"
+        )
     cfg_experts = mapping.num_experts(config)
     for inst, experts in per_expert.items():
         g = groups[inst[0]]
         name = g.fused_template.format(**dict(inst[1]))
         n = 1 if not g.stacked else cfg_experts if cfg_experts is not None else max(experts) + 1
-        missing = [e for e in range(n) if len(experts.get(e, ())) != len(g.parts)]
+        missing = list(itertools.islice((e for e in range(n) if len(experts.get(e, ())) != len(g.parts)), 5))
         extra = [e for e in experts if e >= n]
         if missing or extra:
-            cov.problems.append(f"{name!r}: " + (f"experts {missing[:5]} incomplete" if missing else f"experts {extra[:5]} beyond num_experts={n}"))
-        row = cov.groups.setdefault(g.fused, {"fused": g.fused, "parts": list(g.parts), "instances": 0, "experts": n, "keys": 0})
+            cov.problems.append(
+                f"{name!r}: "
+                + (f"experts {missing[:5]} incomplete" if missing else f"experts {extra[:5]} beyond num_experts={n}")
+            )
+        row = cov.groups.setdefault(
+            g.fused, {"fused": g.fused, "parts": list(g.parts), "instances": 0, "experts": n, "keys": 0}
+        )
         row["instances"] += 1
         row["keys"] += sum(len(p) for p in experts.values())
     for inst in fused:
         g = groups[inst[0]]
-        row = cov.groups.setdefault(g.fused, {"fused": g.fused, "parts": list(g.parts), "instances": 0, "experts": cfg_experts if g.stacked else 1, "keys": 0})
+        row = cov.groups.setdefault(
+            g.fused,
+            {
+                "fused": g.fused,
+                "parts": list(g.parts),
+                "instances": 0,
+                "experts": cfg_experts if g.stacked else 1,
+                "keys": 0,
+            },
+        )
         row["instances"] += 1
         row["keys"] += 1
     return cov

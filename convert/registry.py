@@ -1,7 +1,11 @@
 """Registry of model-type mappings, keyed by HF `model_type` (aliases allowed).
 
-Contract: `get_mapping(model_type)` returns the `MoEMapping` or raises `ConvertError` listing the supported types.
-Families register themselves in `convert/families/*.py`; adding a model type is one small data entry there.
+Contract: `get_mapping(model_type)` returns the hand-written `MoEMapping` of the type when one is registered, else
+the one translated from the installed transformers' own conversion mapping (`transformers_mapping`), else raises
+`ConvertError` (one line: why transformers' declaration cannot be translated, or that the type is unknown).
+`registry()` holds the hand-written families (`convert/families/*.py`, one small data entry per type);
+`all_mappings()` adds every translatable transformers type with fused experts: the single source of
+`automodel-convert list` and docs/MODELS.md.
 """
 
 from __future__ import annotations
@@ -41,10 +45,32 @@ def registry() -> dict[str, MoEMapping]:
     return dict(sorted(_REGISTRY.items()))
 
 
+def all_mappings() -> dict[str, MoEMapping]:
+    """Hand-written families plus every type translated from transformers, by model type, sorted."""
+    from .transformers_mapping import fused_expert_types, try_generic_mapping
+
+    out = dict(registry())
+    for mt in fused_expert_types():
+        if mt not in out:
+            m, _ = try_generic_mapping(mt)
+            if m is not None:
+                out[mt] = m
+    return dict(sorted(out.items()))
+
+
 def get_mapping(model_type: str) -> MoEMapping:
     reg = registry()
-    if model_type not in reg:
+    if model_type in reg:
+        return reg[model_type]
+    from .transformers_mapping import fused_expert_types, try_generic_mapping
+
+    if model_type in fused_expert_types():
+        m, why = try_generic_mapping(model_type)
+        if m is not None:
+            return m
         raise ConvertError(
-            f"unknown model_type {model_type!r}; supported: {', '.join(reg)}. Pass --model-type with one of these if the checkpoint wraps a supported language model"
+            f"model_type {model_type!r}: transformers' conversion for it cannot be translated exactly ({why}); pass --model-type with a supported type if the checkpoint wraps one"
         )
-    return reg[model_type]
+    raise ConvertError(
+        f"unknown model_type {model_type!r}; supported: {', '.join(reg)} and the types `automodel-convert list` shows. Pass --model-type with one of these if the checkpoint wraps a supported language model"
+    )

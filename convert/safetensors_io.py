@@ -2,8 +2,9 @@
 
 Contract:
 - `read_header(path)` parses and validates one `.safetensors` file from its header alone (no tensor data is read):
-  header length inside the file, valid JSON, known dtypes, `prod(shape) * itemsize == end - begin`, offsets inside
-  the data area, no two tensors overlapping, file not truncated. Anything else raises `ConvertError` (one line).
+  header length inside the file, valid JSON, UTF-8 names, known dtypes, shapes and offsets that are JSON integers,
+  `prod(shape) * itemsize == end - begin`, offsets inside the data area, tensors tiling the data area exactly (no
+  overlap, no gap, no trailing bytes), file not truncated: what the safetensors library itself accepts. Anything else raises `ConvertError` (one line).
 - `TensorInfo.start` is the ABSOLUTE byte offset of the tensor's data in its file, so a tensor's bytes are
   `file[start : start + nbytes]`, row-major (C order), little endian, exactly as safetensors stores them.
 - `encode_header(entries, metadata)` builds a header byte string identical to what the Rust `safetensors` writer
@@ -89,21 +90,27 @@ def read_header(path: str | os.PathLike[str], name: str | None = None) -> FileHe
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise ConvertError(f"{name}: truncated safetensors file ({size} bytes, the 8-byte header length is missing); re-download or re-save it")
+                raise ConvertError(
+                    f"{name}: truncated safetensors file ({size} bytes, the 8-byte header length is missing); re-download or re-save it"
+                )
             (header_len,) = struct.unpack("<Q", head)
             if header_len > size - 8:
                 raise ConvertError(
                     f"{name}: header length {header_len} is larger than the file ({size} bytes): the file is truncated or not safetensors; re-download it"
                 )
             if header_len > MAX_HEADER_BYTES:
-                raise ConvertError(f"{name}: header of {header_len} bytes exceeds the {MAX_HEADER_BYTES}-byte safetensors limit; the file is corrupt")
+                raise ConvertError(
+                    f"{name}: header of {header_len} bytes exceeds the {MAX_HEADER_BYTES}-byte safetensors limit; the file is corrupt"
+                )
             raw = f.read(header_len)
     except OSError as e:
         raise ConvertError(f"{name}: cannot read ({e.strerror}); check the path and its permissions") from e
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConvertError(f"{name}: the safetensors header is not valid JSON ({e}); the file is corrupt, re-download it") from e
+        raise ConvertError(
+            f"{name}: the safetensors header is not valid JSON ({e}); the file is corrupt, re-download it"
+        ) from e
     if not isinstance(header, dict):
         raise ConvertError(f"{name}: the safetensors header is not a JSON object; the file is corrupt, re-download it")
     metadata = header.pop("__metadata__", None)
@@ -113,16 +120,15 @@ def read_header(path: str | os.PathLike[str], name: str | None = None) -> FileHe
     data_len = size - data_start
     infos: list[TensorInfo] = []
     for key, entry in header.items():
-        try:
-            dtype = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ConvertError(f"{name}: tensor {key!r} has a malformed header entry ({e!r}); the file is corrupt") from e
+        dtype, shape, (begin, end) = _parse_entry(name, key, entry)
         if dtype not in DTYPE_SIZES:
-            raise ConvertError(f"{name}: tensor {key!r} has dtype {dtype!r}, which this tool does not support ({', '.join(DTYPE_SIZES)})")
+            raise ConvertError(
+                f"{name}: tensor {key!r} has dtype {dtype!r}, which this tool does not support ({', '.join(DTYPE_SIZES)})"
+            )
         if any(d < 0 for d in shape) or begin < 0 or end < begin:
-            raise ConvertError(f"{name}: tensor {key!r} has invalid shape or offsets {list(shape)} {[begin, end]}; the file is corrupt")
+            raise ConvertError(
+                f"{name}: tensor {key!r} has invalid shape or offsets {list(shape)} {[begin, end]}; the file is corrupt"
+            )
         nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
         if end - begin != nbytes:
             raise ConvertError(
@@ -136,11 +142,55 @@ def read_header(path: str | os.PathLike[str], name: str | None = None) -> FileHe
     infos.sort(key=lambda t: (t.start, t.nbytes))
     for a, b in zip(infos, infos[1:]):
         if b.start < a.start + a.nbytes:
-            raise ConvertError(f"{name}: tensors {a.name!r} and {b.name!r} overlap in the data area; the file is corrupt, re-download it")
+            raise ConvertError(
+                f"{name}: tensors {a.name!r} and {b.name!r} overlap in the data area; the file is corrupt, re-download it"
+            )
+    _check_tiling(name, infos, data_start, size)
     return FileHeader(name, tuple(infos), metadata, header_len, size)
 
 
-def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> tuple[bytes, list[int]]:
+def _is_json_int(x: object) -> bool:
+    return type(x) is int  # not bool, not a string of digits, not a float
+
+
+def _parse_entry(name: str, key: str, entry: object) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+    """dtype, shape and offsets of one header entry, refused the way the safetensors library refuses them."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConvertError(
+            f"{name}: a tensor name is not valid UTF-8 ({key.encode('utf-8', 'backslashreplace')[:60]!r}); the file is corrupt"
+        ) from e
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
+        raise ConvertError(f"{name}: tensor {key!r} has a malformed header entry (no dtype); the file is corrupt")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(_is_json_int(d) for d in shape):
+        raise ConvertError(f"{name}: tensor {key!r} has shape {shape!r}, not a list of integers; the file is corrupt")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_json_int(x) for x in offsets):
+        raise ConvertError(
+            f"{name}: tensor {key!r} has data_offsets {offsets!r}, not two integers; the file is corrupt"
+        )
+    return entry["dtype"], tuple(shape), (offsets[0], offsets[1])
+
+
+def _check_tiling(name: str, infos: list[TensorInfo], data_start: int, size: int) -> None:
+    """The tensors cover the data area exactly: no gap, nothing after the last one (as the safetensors library requires)."""
+    pos = data_start
+    for t in infos:
+        if t.start != pos:
+            raise ConvertError(
+                f"{name}: the data area has a gap before tensor {t.name!r}; the file is corrupt, re-download it"
+            )
+        pos += t.nbytes
+    if pos != size:
+        raise ConvertError(
+            f"{name}: {size - pos} trailing bytes after the last tensor; the file is corrupt or was appended to, re-download it"
+        )
+
+
+def encode_header(
+    entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None
+) -> tuple[bytes, list[int]]:
     """Header bytes (with the 8-byte length prefix) for tensors laid out back to back in `entries` order.
 
     Returns the header and each tensor's offset relative to the data area. Matches the Rust writer byte for byte.
@@ -158,4 +208,3 @@ def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dic
     raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw, offsets
-

@@ -3,6 +3,7 @@
     from automodel_convert.models import AutoModelForCausalLM, BackendConfig
     model = AutoModelForCausalLM.from_pretrained("Qwen/Qwen3-30B-A3B", dtype=torch.bfloat16,
                                                  backend=BackendConfig(attn="sdpa", experts="grouped_mm"))
+    out = model.generate(input_ids, max_new_tokens=32)   # transformers' GenerationMixin, DynamicCache KV cache
     model.save_pretrained("./out")               # per-expert original layout; layout="fused" on request
 
 Verified families (parity with transformers tested): qwen3_moe, qwen2_moe, olmoe, mixtral, deepseek_v3, glm4_moe,

@@ -7,13 +7,15 @@ Contract:
   unexpected key is an error (extra decoder layers beyond `num_hidden_layers`, e.g. DeepSeek's MTP layer, and
   stale `rotary_emb.inv_freq` entries are dropped). dtype None keeps the checkpoint's dtype; sigmoid routers stay
   fp32. Other MoE types: transformers' own class with `experts_implementation="automodel_grouped"` (our grouped
-  GEMM path, models/common/hf_experts.py).
+  GEMM path, models/common/hf_experts.py). The zoo model's `generation_config` is the checkpoint's
+  generation_config.json, else derived from config.json (transformers' rule).
 - `from_pretrained(..., device_mesh=mesh)` (a `parallel.ParallelMesh`): `parallel.load_sharded` reads each rank's
   bytes only; every experts module keeps this rank's `Shard(0)` slice of its experts along the mesh's "ep" dim
   (torch.chunk rule) as plain local parameters and records `_ep_num_experts = E`, the form
   `parallel.expert_parallel.parallelize` takes; other tensors are loaded whole (replicated).
 - `from_config(config, backend, dtype, device)`: random initialisation, same dispatch.
-- `save_pretrained(model, dst, layout="original" | "fused")`: works for both kinds of model.
+- `save_pretrained(model, dst, layout="original" | "fused")`: works for both kinds of model; config.json says the
+  model's dtype and the model's generation_config.json is written.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import nn
 
 from .backend import BackendConfig, as_backend
 from .common import hf_experts
+from .common.generation import load_generation_config
 from .common.io import disk_dtypes, load_state_dict, save_state_dict
 from .registry import get_model_class
 
@@ -105,6 +108,7 @@ class AutoModelForCausalLM:
             model = cls(config, backend)
         sd = _clean_state_dict(model, load_state_dict(src, revision=revision, model_type=config.model_type), config.num_hidden_layers)
         model.load_state_dict(sd, strict=True, assign=True)
+        model.generation_config = load_generation_config(str(src), config, revision)
         model.reset_buffers(model.lm_head.weight.device)  # non-persistent buffers are still on meta
         model.to(torch.device(device) if device is not None else model.lm_head.weight.device)
         model.cast(dtype)
@@ -120,6 +124,7 @@ class AutoModelForCausalLM:
         if hasattr(model, "_source_dtypes"):
             model.save_pretrained(dst, layout=layout, **kwargs)
             return Path(dst)
+        kwargs.setdefault("generation_config", getattr(model, "generation_config", None))
         return save_state_dict(model.state_dict(), dst, config=model.config, layout=layout, **kwargs)
 
 
@@ -181,6 +186,7 @@ def _from_pretrained_sharded(
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_buffers(dev)
     model.cast(dtype)
+    model.generation_config = load_generation_config(str(resolve_source(str(src), revision)), config)
     model._sharded_source = state.source
     return model
 

@@ -92,9 +92,12 @@ def spawn_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float
 def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Any]:
     """`spawn_ranks` where every rank must succeed: each rank's return value, or the test fails with the first error."""
     outcomes = spawn_ranks(fn, world, *args, timeout_s=timeout_s, stop_on_failure=True)
-    for r, o in enumerate(outcomes):
-        if o.exitcode != 0:
-            pytest.fail(f"rank {r} exited with {o.exitcode}:\n{o.error or 'no traceback (killed or crashed)'}")
+    failed = [(r, o) for r, o in enumerate(outcomes) if o.exitcode != 0]
+    if failed:
+        # the rank that raised is the news; ranks still running when it failed were killed (-9) by `spawn_ranks`
+        r, o = next(((r, o) for r, o in failed if o.error), failed[0])
+        others = ", ".join(f"rank {q}: {p.exitcode}" for q, p in failed if q != r)
+        pytest.fail(f"rank {r} exited with {o.exitcode}:\n{o.error or 'no traceback (killed or crashed)'}" + (f"\n(also {others})" if others else ""))
     return [o.result for o in outcomes]
 
 

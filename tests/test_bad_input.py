@@ -191,7 +191,9 @@ def test_destination_exists_without_overwrite(run_cli, ckpt, tmp_path):
     code, _, err = run_cli("merge", ckpt, dst)
     assert code == 2 and "--overwrite" in err
     assert (dst / "keep.txt").read_text() == "mine" and sorted(os.listdir(dst)) == ["keep.txt"]
-    code, _, err = run_cli("merge", ckpt, dst, "--overwrite", "-q")
+    code, _, err = run_cli("merge", ckpt, dst, "--overwrite", "-q")  # not a checkpoint folder: needs --force
+    assert code == 2 and "--force" in err and (dst / "keep.txt").read_text() == "mine"
+    code, _, err = run_cli("merge", ckpt, dst, "--overwrite", "--force", "-q")
     assert code == 0, err
     assert not (dst / "keep.txt").exists() and (dst / "model.safetensors.index.json").exists()
     assert leftovers(tmp_path, "out") == ["out"]

@@ -142,7 +142,9 @@ def test_transformers_loads_merged_with_same_logits(converted):
     if name in ORACLE_CANNOT_LOAD:
         with pytest.raises(Exception, match="mismatch|size"):
             _load_hf(name, fused)
-        pytest.xfail("transformers 5.24 longcat_flash allocates gate_up_proj for n_routed_experts + zero_expert_num experts: it loads neither the hub checkpoint nor the (correct) merged one")
+        pytest.xfail(
+            "transformers 5.24 longcat_flash allocates gate_up_proj for n_routed_experts + zero_expert_num experts: it loads neither the hub checkpoint nor the (correct) merged one"
+        )
     ref, ref_info = _load_hf(name, src)
     model, info = _load_hf(name, fused)
     for what in ("missing_keys", "unexpected_keys", "mismatched_keys"):
@@ -203,7 +205,9 @@ def test_split_equals_transformers_save_pretrained(converted, tmp_path):
                 assert torch.equal(v, merged[k]), k
         wrong = [k for k in ours if not torch.equal(ours[k], theirs[k])]
         assert wrong, "transformers now saves the transposed hub layout: drop the xfail"
-        pytest.xfail(f"transformers 5.24 qwen3_vl_moe save_pretrained writes the untransposed [E, 2I, H] layout ({len(wrong)} tensors differ from the hub's transposed layout)")
+        pytest.xfail(
+            f"transformers 5.24 qwen3_vl_moe save_pretrained writes the untransposed [E, 2I, H] layout ({len(wrong)} tensors differ from the hub's transposed layout)"
+        )
     assert set(theirs) == set(ours), (sorted(set(ours) - set(theirs))[:5], sorted(set(theirs) - set(ours))[:5])
     for k in ours:
         assert torch.equal(ours[k], theirs[k]), k
@@ -271,7 +275,9 @@ def test_towers_pass_through_untouched(converted):
 # ---------------------------------------------------------------- documented oracle failures, checked independently
 
 
-def _square_qwen3_vl_moe(tmp: Path, hidden: int, inter: int) -> tuple[Path, dict[str, torch.Tensor]]:
+def _square_qwen3_vl_moe(
+    tmp: Path, hidden: int, inter: int, metadata: dict | None = None
+) -> tuple[Path, dict[str, torch.Tensor]]:
     """A tiny qwen3_vl_moe hub checkpoint (transposed experts) whose text dims make a shape test ambiguous."""
     import transformers
 
@@ -279,7 +285,7 @@ def _square_qwen3_vl_moe(tmp: Path, hidden: int, inter: int) -> tuple[Path, dict
     tc = cfg["text_config"]
     tc.update(hidden_size=hidden, moe_intermediate_size=inter, head_dim=16)
     cfg["vision_config"]["out_hidden_size"] = hidden
-    folder = tmp / f"qwen3_vl_moe_{hidden}_{inter}"
+    folder = tmp / f"qwen3_vl_moe_{hidden}_{inter}_{len(metadata or {})}"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(cfg))
     config = transformers.AutoConfig.from_pretrained(folder)
@@ -293,13 +299,14 @@ def _square_qwen3_vl_moe(tmp: Path, hidden: int, inter: int) -> tuple[Path, dict
     if config.get_text_config().tie_word_embeddings:
         hub.pop("lm_head.weight", None)
         truth.pop("lm_head.weight", None)
-    save_file(hub, folder / "model.safetensors", metadata={"format": "pt"})
+    save_file(hub, folder / "model.safetensors", metadata={"format": "pt", **(metadata or {})})
     return folder, truth
 
 
 @pytest.mark.parametrize("hidden,inter", [(48, 24), (32, 32)], ids=["2I==H", "I==H"])
 def test_qwen3_vl_moe_square_dims(tmp_path, hidden, inter):
-    """The transposed layout is declared, never guessed from shapes: square dims convert exactly."""
+    """Square dims: one of gate_up (2I == H) or down (I == H) is square, the other decides the orientation of the
+    whole checkpoint (where transformers, checking each tensor alone, leaves the square one untransposed). Exact."""
     src, truth = _square_qwen3_vl_moe(tmp_path, hidden, inter)
     merge(src, tmp_path / "fused")
     ours = _all_tensors(tmp_path / "fused")
@@ -313,7 +320,13 @@ def test_qwen3_vl_moe_square_dims(tmp_path, hidden, inter):
 
     model = transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(src, dtype=torch.bfloat16)
     loaded = model.state_dict()
-    wrong = [k for k in ours if k.endswith(("experts.gate_up_proj", "experts.down_proj")) and not torch.equal(loaded[k], truth[k])]
+    wrong = [
+        k
+        for k in ours
+        if k.endswith(("experts.gate_up_proj", "experts.down_proj")) and not torch.equal(loaded[k], truth[k])
+    ]
     if not wrong:
         pytest.fail("transformers now transposes square qwen3_vl_moe hub experts: turn this check into an equality")
-    pytest.xfail(f"transformers 5.24 qwen3_vl_moe skips the hub transpose when shapes match (Transpose(check_dims=True)): {len(wrong)} square expert tensors load transposed")
+    pytest.xfail(
+        f"transformers 5.24 qwen3_vl_moe skips the hub transpose when shapes match (Transpose(check_dims=True)): {len(wrong)} square expert tensors load transposed"
+    )

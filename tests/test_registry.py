@@ -9,9 +9,19 @@ import re
 
 import pytest
 
-from automodel_convert.convert.catalog import DOCS, catalog_rows, docs_table, markdown_table, verified_types
+from automodel_convert.convert.catalog import (
+    DOCS,
+    catalog_rows,
+    docs_table,
+    docs_unsupported,
+    markdown_table,
+    markdown_unsupported,
+    title,
+    unsupported_rows,
+    verified_types,
+)
 from automodel_convert.convert.mapping import Layout, Template
-from automodel_convert.convert.registry import get_mapping, registry
+from automodel_convert.convert.registry import all_mappings, get_mapping, registry
 
 from conftest import FIXTURES, manifest
 
@@ -31,7 +41,9 @@ def test_every_entry_has_a_fixture_that_the_checks_run_on(model_type):
     """An entry without its own fixture (or whose fixture the family tests do not run) fails CI."""
     from test_families import TYPES
 
-    assert (FIXTURES / model_type / "config.json").exists(), f"no fixture for {model_type}: fixtures/make_fixtures.py {model_type}"
+    assert (FIXTURES / model_type / "config.json").exists(), (
+        f"no fixture for {model_type}: fixtures/make_fixtures.py {model_type}"
+    )
     assert manifest()[model_type]["model_type"] == model_type
     assert model_type in TYPES, "tests/test_families.py does not check this type"
     assert model_type in verified_types()
@@ -39,11 +51,15 @@ def test_every_entry_has_a_fixture_that_the_checks_run_on(model_type):
 
 def test_status_is_earned():
     from test_families import TYPES
+    from test_transformers_coverage import _types
 
+    covered = {p.values[0] for p in _types()}
     rows = {r["model_type"]: r for r in catalog_rows()}
     for name, row in rows.items():
-        m = registry()[name]
-        if name != m.model_type:
+        m = all_mappings()[name]
+        if m.family == "transformers":  # translated: tests/test_transformers_coverage.py builds and checks it
+            assert row["verified"].startswith("translated from transformers") and name in covered, name
+        elif name != m.model_type:
             assert row["verified"] == f"alias of {m.model_type}"
         elif row["verified"].startswith("verified"):
             assert name in TYPES and (FIXTURES / name / "config.json").exists()
@@ -56,7 +72,13 @@ def test_status_is_earned():
 
 def test_docs_table_matches_catalog():
     expected = markdown_table(catalog_rows())
-    assert docs_table(DOCS.read_text()) == expected, "docs/MODELS.md is stale: python -m automodel_convert.convert.catalog --write docs/MODELS.md"
+    assert docs_table(DOCS.read_text()) == expected, (
+        "docs/MODELS.md is stale: python -m automodel_convert.convert.catalog --write docs/MODELS.md"
+    )
+    unsupported = markdown_unsupported(unsupported_rows())
+    assert docs_unsupported(DOCS.read_text()) == unsupported, (
+        "docs/MODELS.md is stale: python -m automodel_convert.convert.catalog --write docs/MODELS.md"
+    )
 
 
 def test_list_command(run_cli):
@@ -68,7 +90,9 @@ def test_list_command(run_cli):
     flat = re.sub(r"[│┃\s]+", " ", out)
     for name in ENTRIES:
         assert name in flat
-    assert f"{len(registry())} registered model types ({len(ENTRIES)} verified)" in flat
+    assert re.sub(r"\s+", " ", title(catalog_rows())) in flat
+    for row in unsupported_rows():
+        assert row["model_type"] in flat
 
 
 def _config_value(config: dict, dotted: str):
@@ -87,9 +111,13 @@ def test_config_fields_give_the_fixture_sizes(model_type):
         assert m.num_experts(config) == info["num_experts"]
     if m.intermediate_fields:
         assert m.config_value(config, m.intermediate_fields) == info["moe_intermediate_size"]
-    if not m.num_experts_fields:  # qwen3_omni_moe: two expert stacks, E per stack from the keys
-        assert model_type == "qwen3_omni_moe"
-        assert _config_value(config, "thinker_config.text_config.num_experts") == info["num_experts"]
+    if not m.num_experts_fields:  # E per tensor from the keys
+        # qwen3_omni_moe: two expert stacks; longcat_flash: gate/up may hold E or E + zero experts
+        assert model_type in ("qwen3_omni_moe", "longcat_flash")
+        field = {"qwen3_omni_moe": "thinker_config.text_config.num_experts", "longcat_flash": "n_routed_experts"}[
+            model_type
+        ]
+        assert _config_value(config, field) == info["num_experts"]
 
 
 def _tf_mapping(model_type: str):
@@ -114,7 +142,11 @@ def test_entry_agrees_with_transformers_conversion_mapping(model_type):
         tf = _tf_mapping("qwen3_omni_moe_thinker")
     if model_type == "qwen3_5_moe":
         tf = _tf_mapping("qwen3_5_moe_text")
-    converters = [t for t in tf or [] if isinstance(t, WeightConverter) and any(isinstance(o, MergeModulelist) for o in t.operations)]
+    converters = [
+        t
+        for t in tf or []
+        if isinstance(t, WeightConverter) and any(isinstance(o, MergeModulelist) for o in t.operations)
+    ]
     stacked = [g for g in m.groups if g.stacked]
     if not tf or model_type == "qwen3_vl_moe":
         # no transformers conversion (or only a transpose of the fused hub tensors)
@@ -131,10 +163,15 @@ def test_entry_agrees_with_transformers_conversion_mapping(model_type):
     ours = [[m.to_disk_key(p.format(prefix="model.", layer=3, expert=0)) for p in g.parts] for g in stacked]
     for conv in converters:
         pats = [_plain(s).replace("*", "0") for s in conv._original_source_patterns]
-        assert any(len(parts) == len(pats) and all(pat in key for pat, key in zip(pats, parts)) for parts in ours), (pats, ours)
+        assert any(len(parts) == len(pats) and all(pat in key for pat, key in zip(pats, parts)) for parts in ours), (
+            pats,
+            ours,
+        )
         # the fused target: transformers' target pattern is our group's fused key (model naming)
         target = _plain(conv._original_target_patterns[0])
-        assert any(g.fused.endswith(target) or Template(g.fused).match("model.layers.3." + target.lstrip(".")) for g in stacked), target
+        assert any(
+            g.fused.endswith(target) or Template(g.fused).match("model.layers.3." + target.lstrip(".")) for g in stacked
+        ), target
     assert len(converters) == len(stacked)
 
 

@@ -22,6 +22,7 @@ def _sum_ranks(rank: int, world: int, scale: float) -> dict:
 def _raise_on_rank_1(rank: int, world: int) -> None:
     if rank == 1:
         raise ValueError("planted failure on rank 1")
+    time.sleep(20)  # rank 0 is still running when rank 1 fails: it gets killed, and rank 1's error is still the one shown
 
 
 def _hang_on_rank_0(rank: int, world: int) -> None:

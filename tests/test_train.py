@@ -148,11 +148,13 @@ def test_ep2_save_resume_and_transformers_logits(ckpt):
         assert not torch.equal(orig.state_dict()[key], model.state_dict()[key])
 
 
-def test_deepep_dispatcher_is_a_one_line_error(ckpt, capsys, monkeypatch):
+@pytest.mark.parametrize("name,says", [("deepep", "dispatcher 'deepep'"), ("nccl2", "dispatcher 'nccl2' is unknown")])
+def test_dispatcher_that_cannot_run_is_a_one_line_error(ckpt, capsys, monkeypatch, name, says):
+    """deep_ep not importable (CI) or no CUDA, or an unknown name: one line, exit 2, before any weight is read."""
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert main(["--model", ckpt, "--seq", "16", "--steps", "1", "--dispatcher", "deepep", "--dtype", "float32"]) == 2
+    assert main(["--model", ckpt, "--seq", "16", "--steps", "1", "--dispatcher", name, "--dtype", "float32", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "dispatcher 'deepep'" in err and "Traceback" not in err
+    assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_activation_checkpointing_gives_the_same_losses(ckpt, tmp_path):

@@ -1,8 +1,10 @@
 """Grouped-query attention (optional qk-norm, partial rotary, clip, sinks, sliding window) and the attention kernels.
 
 Contract:
-- `Masks(attention_mask [B, S] | None, seq_len, device)`: built once per forward. Causal always; padding (1 = keep)
-  and a per-layer sliding window (key j visible from query i iff i - window < j <= i, transformers' rule) on top.
+- `Masks(attention_mask [B, past + S] | None, seq_len, device, cache, past)`: built once per forward. Causal always;
+  padding (1 = keep) and a per-layer sliding window (key j visible from query i iff i - window < j <= i,
+  transformers' rule) on top. It also carries the forward's KV cache (transformers' DynamicCache, or None):
+  `masks.update(layer_idx, k, v)` appends the new keys/values and returns what the layer attends to.
 - `attention(q, k, v, masks, *, scale, sliding_window, sinks, impl, module)`: q `[B, Hq, S, D]`, k `[B, Hkv, S, D]`,
   v `[B, Hkv, S, Dv]` -> `[B, S, Hq, Dv]`. impl "auto" (flash-attn for plain causal half-precision CUDA calls when
   installed, else sdpa), "sdpa" (is_causal fast path when there is no padding/window), "eager"
@@ -16,6 +18,8 @@ Contract:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +27,9 @@ from torch import nn
 from ..backend import pick_attn, triton_ok
 from .norms import _compiling, make_rms_norm
 from .rotary import apply_rotary
+
+if TYPE_CHECKING:
+    from transformers import Cache
 
 
 def make_linear(in_features: int, out_features: int, bias: bool, impl: str = "torch") -> nn.Module:
@@ -35,30 +42,69 @@ def make_linear(in_features: int, out_features: int, bias: bool, impl: str = "to
 
 
 class Masks:
-    """Causal (+ padding, + sliding window) masks for one forward pass, built lazily and cached per window."""
+    """Causal (+ padding, + sliding window) masks for one forward pass, built lazily and cached per window and key
+    count, plus the KV cache of that pass (None when there is none).
 
-    def __init__(self, attention_mask: torch.Tensor | None, seq_len: int, device: torch.device) -> None:
+    With a cache the pass holds `seq_len` new tokens after `past` cached ones: query i is token `past + i`, and the
+    `kv_len` keys a layer attends to are the last `kv_len` tokens (transformers' DynamicCache returns every cached
+    key of a full-attention layer and the last `window - 1 + seq_len` of a sliding one). `attention_mask` then
+    covers all `past + seq_len` tokens, as in transformers.
+    """
+
+    def __init__(
+        self,
+        attention_mask: torch.Tensor | None,
+        seq_len: int,
+        device: torch.device,
+        cache: Cache | None = None,
+        past: int = 0,
+    ) -> None:
         self.padding = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.bool)
+        if self.padding is not None and self.padding.shape[-1] != past + seq_len:
+            raise ValueError(f"attention_mask covers {self.padding.shape[-1]} tokens, not cached + new = {past + seq_len}")
         self.seq_len = seq_len
         self.device = device
-        self._cache: dict[int | None, torch.Tensor] = {}
+        self.cache = cache
+        self.past = past
+        self._cache: dict[tuple[int | None, int], torch.Tensor] = {}
 
-    def needs_mask(self, window: int | None) -> bool:
-        return self.padding is not None or (window is not None and window < self.seq_len)
+    def update(
+        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, window: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `[B, H, kv_len, D]` to attend to: this pass's `k`, `v` alone, or appended to the cache."""
+        if self.cache is None:
+            return k, v
+        kept = getattr(self.cache.layers[layer_idx], "sliding_window", None)
+        if kept is not None and (window is None or window > kept):
+            raise ValueError(f"layer {layer_idx}: the cache keeps a {kept}-token window, the layer attends to {window}")
+        return self.cache.update(k, v, layer_idx)
 
-    def bool_mask(self, window: int | None) -> torch.Tensor:
-        """`[B or 1, 1, S, S]` bool, True where the key is visible."""
-        key = window if window is not None and window < self.seq_len else None
+    def needs_mask(self, window: int | None, kv_len: int | None = None) -> bool:
+        """False when plain causal attention is right: sdpa's `is_causal` (square) or no mask at all (one query)."""
+        kv_len = self.seq_len if kv_len is None else kv_len
+        if self.padding is not None or (kv_len != self.seq_len and self.seq_len != 1):
+            return True
+        return window is not None and window < kv_len
+
+    def bool_mask(self, window: int | None, kv_len: int | None = None) -> torch.Tensor:
+        """`[B or 1, 1, S, kv_len]` bool, True where the key is visible."""
+        kv_len = self.seq_len if kv_len is None else kv_len
+        key = (window if window is not None and window < self.past + self.seq_len else None, kv_len)
         if key not in self._cache:
-            i = torch.arange(self.seq_len, device=self.device)
-            allowed = i[None, :] <= i[:, None]
-            if key is not None:
-                allowed = allowed & (i[None, :] > i[:, None] - key)
-            allowed = allowed[None, None]
-            if self.padding is not None:
-                allowed = allowed & self.padding[:, None, None, :]
-            self._cache[key] = allowed
+            self._cache[key] = self._build(key[0], kv_len)
         return self._cache[key]
+
+    def _build(self, window: int | None, kv_len: int) -> torch.Tensor:
+        total = self.past + self.seq_len
+        q = torch.arange(self.past, total, device=self.device)[:, None]
+        k = torch.arange(total - kv_len, total, device=self.device)[None, :]
+        allowed = k <= q
+        if window is not None:
+            allowed = allowed & (k > q - window)
+        allowed = allowed[None, None]
+        if self.padding is not None:
+            allowed = allowed & self.padding[:, None, None, total - kv_len :]
+        return allowed
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -73,7 +119,7 @@ def _eager(q, k, v, masks, scale, window, sinks, dropout, training):  # noqa: AN
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     scores = torch.matmul(q, k.transpose(2, 3)) * scale
     min_value = torch.finfo(scores.dtype).min
-    scores = scores + torch.where(masks.bool_mask(window), 0.0, min_value).to(scores.dtype)
+    scores = scores + torch.where(masks.bool_mask(window, k.shape[2]), 0.0, min_value).to(scores.dtype)
     if sinks is None:
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     else:
@@ -87,18 +133,19 @@ def _eager(q, k, v, masks, scale, window, sinks, dropout, training):  # noqa: AN
 
 def _sdpa(q, k, v, masks, scale, window, sinks, dropout):  # noqa: ANN001, ANN202
     n_rep = q.shape[1] // k.shape[1]
-    if sinks is None and not masks.needs_mask(window):
+    if sinks is None and not masks.needs_mask(window, k.shape[2]):
         out = F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout, is_causal=q.shape[2] > 1, scale=scale, enable_gqa=n_rep > 1
         )
         return out.transpose(1, 2)
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-    mask = masks.bool_mask(window)
+    mask = masks.bool_mask(window, k.shape[2])
     if sinks is not None:
         b, h, s, _ = q.shape
+        kv_len = k.shape[2]
         k = torch.cat([k, k.new_zeros(b, h, 1, k.shape[-1])], dim=2)
         v = torch.cat([v, v.new_zeros(b, h, 1, v.shape[-1])], dim=2)
-        add = torch.where(mask, 0.0, float("-inf")).to(q.dtype).expand(b, h, s, s)
+        add = torch.where(mask, 0.0, float("-inf")).to(q.dtype).expand(b, h, s, kv_len)
         add = torch.cat([add, sinks.to(q.dtype).view(1, h, 1, 1).expand(b, h, s, 1)], dim=-1)
         mask = add
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
@@ -133,8 +180,10 @@ def attention(
 ) -> torch.Tensor:
     """`[B, S, Hq, Dv]`; see the module docstring."""
     dropout = dropout if training else 0.0
-    plain = sinks is None and not masks.needs_mask(sliding_window) and q.shape[-1] == v.shape[-1]
+    plain = sinks is None and not masks.needs_mask(sliding_window, k.shape[2]) and q.shape[-1] == v.shape[-1]
     impl = pick_attn(impl, q, plain)
+    if impl == "te" and k.shape[2] != q.shape[2]:
+        impl = "sdpa"  # TE's module is built for self-attention over the pass's own tokens: cached decoding is sdpa
     if impl == "eager":
         return _eager(q, k, v, masks, scale, sliding_window, sinks, dropout, training)
     if impl == "sdpa":
@@ -208,6 +257,7 @@ class GQAttention(nn.Module):
         self.dropout = dropout
         self.impl = impl
         self.te_attn = make_te_attention(num_heads, num_kv_heads, head_dim, self.scaling, impl)
+        self.layer_idx = 0  # its index in the decoder (the KV cache's layer), set by the model that holds it
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, masks: Masks) -> torch.Tensor:
         b, s, _ = x.shape
@@ -227,6 +277,7 @@ class GQAttention(nn.Module):
             q, k = rope_half(q, cos, sin).transpose(1, 2), rope_half(k, cos, sin).transpose(1, 2)
         else:
             q, k = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin, self.rope_style)
+        k, v = masks.update(self.layer_idx, k, v, self.sliding_window)
         out = attention(
             q, k, v, masks, scale=self.scaling, sliding_window=self.sliding_window, sinks=self.sinks,
             impl=self.impl, dropout=self.dropout, training=self.training, te_module=self.te_attn,

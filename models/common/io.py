@@ -4,9 +4,11 @@ Contract:
 - `load_state_dict(src, revision, model_type) -> {name: tensor}`: every tensor of a local folder or hub id, per-expert
   or fused on disk, in transformers v5's in-memory naming and fused layout (what the zoo models and transformers'
   models hold). Uses `automodel_convert.convert.load_fused_state_dict` for the model types convert/ maps.
-- `save_state_dict(state_dict, dst, config, layout="original" | "fused", max_shard_size)`: writes a checkpoint folder
-  (config.json + safetensors shards): "original" = the per-expert hub layout of the model type, "fused" = the fused
-  layout. Uses `automodel_convert.convert.save_state_dict` when it exists, else `convert.split` for the types convert/
+- `save_state_dict(state_dict, dst, config, layout="original" | "fused", max_shard_size, generation_config)`: writes a
+  checkpoint folder (config.json + safetensors shards, + generation_config.json when one is given): "original" = the
+  per-expert hub layout of the model type, "fused" = the fused layout. config.json's `dtype` is the dtype of the first
+  floating tensor of `state_dict` (transformers' rule: the first floating parameter), whatever `config.dtype` says;
+  `config` itself is not modified. Uses `automodel_convert.convert.save_state_dict` when it exists, else `convert.split` for the types convert/
   maps; other types: "fused" is written as is (transformers' naming), "original" through transformers' save.
 
 TODO(convert): two temporary bridges, to delete once convert/ has the pieces:
@@ -17,6 +19,7 @@ TODO(convert): two temporary bridges, to delete once convert/ has the pieces:
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 from pathlib import Path
@@ -98,6 +101,7 @@ def save_state_dict(
     layout: str = "original",
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
+    generation_config: Any = None,
 ) -> Path:
     if layout not in ("original", "fused"):
         raise ValueError(f"layout must be 'original' or 'fused', not {layout!r}")
@@ -106,9 +110,10 @@ def save_state_dict(
     dst = Path(dst)
     conv = _convert()
     tensors = _unshare(state_dict, config)
+    config = with_true_dtype(config, tensors)
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:
-        config.save_pretrained(tmp)
+        _write_configs(tmp, config, generation_config)  # convert/ copies both into the destination
         if hasattr(conv, "save_state_dict"):
             conv.save_state_dict(tensors, dst, src_config_dir=tmp, layout=layout)
             return dst
@@ -125,9 +130,26 @@ def save_state_dict(
         raise FileExistsError(f"{dst} exists and is not empty (pass overwrite=True)")
     if layout == "fused":
         _write_fused(tensors, dst, config, max_shard_size)
+        _write_configs(dst, config, generation_config)
     else:
-        _save_with_transformers(tensors, dst, config)
+        _save_with_transformers(tensors, dst, config, generation_config)
     return dst
+
+
+def with_true_dtype(config: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """A copy of `config` whose `dtype` is that of the first floating tensor (unchanged when there is none)."""
+    dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
+    if dtype is None:
+        return config
+    config = copy.deepcopy(config)
+    config.dtype = dtype
+    return config
+
+
+def _write_configs(folder: str | Path, config: Any, generation_config: Any) -> None:
+    config.save_pretrained(str(folder))
+    if generation_config is not None:
+        generation_config.save_pretrained(str(folder))
 
 
 def _write_fused(tensors: dict[str, torch.Tensor], dst: Path, config: Any, max_shard_size: str | int) -> None:
@@ -136,7 +158,6 @@ def _write_fused(tensors: dict[str, torch.Tensor], dst: Path, config: Any, max_s
     from safetensors.torch import save_file
 
     dst.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(dst)
     split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
     for filename, names in split.filename_to_tensors.items():
         save_file({n: tensors[n] for n in names}, str(dst / filename), metadata={"format": "pt"})
@@ -146,12 +167,15 @@ def _write_fused(tensors: dict[str, torch.Tensor], dst: Path, config: Any, max_s
         (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _save_with_transformers(tensors: dict[str, torch.Tensor], dst: Path, config: Any) -> None:
+def _save_with_transformers(tensors: dict[str, torch.Tensor], dst: Path, config: Any, generation_config: Any) -> None:
     """TODO(convert): types convert/ does not map are written by transformers (a model made by `from_config` saves
-    the per-expert original layout)."""
+    the per-expert original layout; its own save writes the dtype and, without `generation_config`, the generation
+    config it derives from `config`)."""
     import transformers
 
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(config)
     hf.load_state_dict(tensors, strict=False, assign=True)
+    if generation_config is not None:
+        hf.generation_config = generation_config
     hf.save_pretrained(str(dst))

@@ -7,6 +7,7 @@ q_b_proj`; `kv_a_proj_with_mqa [kv_lora_rank + rope_dim, H]`, `kv_a_layernorm [k
 The rope part of the key is shared by all heads; `rope_interleave` selects DeepSeek's interleaved pairs. The softmax
 scale includes YaRN's mscale when the rope type is not default (`yarn_mscale_scaling`).
 attn='te' (and 'flash' when v_head_dim differs from the q/k head dim) runs as sdpa for MLA.
+With a KV cache (`masks.cache`) the per-head keys (rope part expanded) and values are cached, as transformers does.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class MLAttention(nn.Module):
         self.dropout = float(getattr(config, "attention_dropout", 0.0))
         # flash-attn needs equal q/v head dims and TE's module is not wired here: both run as sdpa for MLA
         self.impl = "sdpa" if impl == "te" or (impl == "flash" and self.v_dim != self.qk_dim) else impl
+        self.layer_idx = 0  # its index in the decoder (the KV cache's layer), set by the model that holds it
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, masks: Masks) -> torch.Tensor:
         b, s, _ = x.shape
@@ -82,6 +84,7 @@ class MLAttention(nn.Module):
         q_rot, k_rot = apply_rotary(q_rot, k_rot, cos, sin, self.rope_style)
         q = torch.cat((q_nope, q_rot), dim=-1)
         k = torch.cat((k_nope, k_rot.expand(-1, self.num_heads, -1, -1)), dim=-1)
+        k, v = masks.update(self.layer_idx, k, v)
         out = attention(
             q, k, v, masks, scale=self.scaling, impl=self.impl, dropout=self.dropout, training=self.training
         )

@@ -6,14 +6,19 @@ Contract:
   `config.tie_word_embeddings`). A family file subclasses `MoECausalLM` and implements `build_layer(i)` (an
   attention variant and a feed-forward variant composed in a `DecoderLayer`); `rotary()` gives its rope.
 - `forward(input_ids [B, S] | inputs_embeds, attention_mask [B, S] (1 = keep) | None, position_ids, labels,
-  output_router_logits, return_logits, num_items_in_batch, shift_labels, logits_to_keep)` returns transformers'
-  `MoeCausalLMOutputWithPast`. With labels the loss runs `backend.loss` (chunked by default: logits are then NOT
+  output_router_logits, return_logits, num_items_in_batch, shift_labels, logits_to_keep, cache, use_cache)` returns
+  transformers' `MoeCausalLMOutputWithPast`. KV cache: pass a transformers `DynamicCache` as `cache` (or
+  `use_cache=True` for a new one); the S tokens then follow the cached ones (attention_mask, when given, covers
+  cached + new tokens, position_ids default to past..past+S-1) and the output's `cache` is that cache. Without
+  either, no cache is made (unlike transformers, whose `config.use_cache` defaults to True: the zoo is for training). With labels the loss runs `backend.loss` (chunked by default: logits are then NOT
   returned unless `return_logits=True`); plus `router_aux_loss_coef * aux_loss` when the family has an auxiliary
   loss and router logits are requested (argument or `config.output_router_logits`), like transformers.
 - `from_config(config, backend, dtype, device)`, `from_pretrained(...)`, `save_pretrained(dst, layout)`:
   see models/auto.py and models/common/io.py. `init_weights()` initialises like transformers' `_init_weights`.
 - `set_gate("native" | "balanced")` switches every router (balanced: benchmarking only, see router.py).
-- `gradient_checkpointing_enable()` recomputes each decoder layer in backward.
+- `gradient_checkpointing_enable()` recomputes each decoder layer in backward (not in a pass with a KV cache).
+- `generate(...)`: transformers' GenerationMixin (models/common/generation.py); `generation_config` is derived from
+  the config (`from_model_config`) and replaced by the checkpoint's generation_config.json in `from_pretrained`.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from ..backend import BackendConfig, as_backend
 from .attention import GQAttention, Masks
 from .experts import GroupedExperts
+from .generation import ZooGenerationMixin, check_cache, default_generation_config
 from .loss import causal_lm_loss
 from .norms import RMSNorm, make_rms_norm
 from .rotary import RotaryEmbedding
@@ -87,7 +93,7 @@ def _default_device() -> torch.device:
     return torch.get_default_device() if hasattr(torch, "get_default_device") else torch.device("cpu")
 
 
-class MoECausalLM(nn.Module):
+class MoECausalLM(nn.Module, ZooGenerationMixin):
     model_type: ClassVar[str] = ""
     has_aux_loss: ClassVar[bool] = False  # transformers adds the load-balancing loss for this family
     rope_style: ClassVar[str] = "half"
@@ -102,10 +108,13 @@ class MoECausalLM(nn.Module):
             raise RuntimeError("BackendConfig(compile=True) needs torch >= 2.2 (nn.Module.compile)")
         embed = nn.Embedding(config.vocab_size, config.hidden_size, getattr(config, "pad_token_id", None))
         layers = [self.build_layer(i) for i in range(config.num_hidden_layers)]
+        for i, layer in enumerate(layers):
+            layer.self_attn.layer_idx = i
         self.model = DecoderStack(embed, layers, self.norm(config.hidden_size), self.rotary())
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.gradient_checkpointing = False
+        self.generation_config = default_generation_config(config)
         if self.backend.compile:
             for layer in self.model.layers:
                 layer.self_attn.compile()
@@ -248,29 +257,23 @@ class MoECausalLM(nn.Module):
         num_items_in_batch: torch.Tensor | int | None = None,
         shift_labels: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        cache: Any = None,
+        use_cache: bool | None = None,
         **kwargs: Any,
     ):  # noqa: ANN201 - transformers' MoeCausalLMOutputWithPast
         from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
-        if kwargs.get("use_cache") or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
-            raise NotImplementedError("the zoo models are for training: no KV cache")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        b, s = x.shape[:2]
+        masks = self._masks(x, attention_mask, cache if cache is not None else kwargs.get("past_key_values"), use_cache)
         if position_ids is None:
-            position_ids = torch.arange(s, device=x.device)[None].expand(b, s)
-        cos, sin = self.model.rotary_emb(x, position_ids)
-        masks = Masks(attention_mask, s, x.device)
-        router_logits = []
-        for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, logits = checkpoint(layer, x, cos, sin, masks, use_reentrant=False)
-            else:
-                x, logits = layer(x, cos, sin, masks)
-            if logits is not None:
-                router_logits.append(logits)
+            b, s = x.shape[:2]
+            position_ids = torch.arange(masks.past, masks.past + s, device=x.device)[None].expand(b, s)
+        x, router_logits = self._layers(x, position_ids, masks)
         hidden = self.model.norm(x)
+        if attention_mask is not None and masks.cache is not None:
+            attention_mask = attention_mask[:, -x.shape[1]:]  # the new tokens' mask, for the load-balancing loss
 
         want_router = output_router_logits if output_router_logits is not None else getattr(self.config, "output_router_logits", False)
         loss = aux_loss = logits = None
@@ -287,8 +290,34 @@ class MoECausalLM(nn.Module):
             if loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
         return MoeCausalLMOutputWithPast(
-            loss=loss, aux_loss=aux_loss, logits=logits, router_logits=tuple(router_logits) if want_router else None
+            loss=loss, aux_loss=aux_loss, logits=logits, router_logits=tuple(router_logits) if want_router else None,
+            cache=masks.cache,
         )
+
+    def _masks(self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache: Any, use_cache: bool | None) -> Masks:
+        """The pass's masks and KV cache: `cache` as given, a new DynamicCache for `use_cache=True`, else none."""
+        if cache is None and use_cache:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.config)
+        if cache is not None:
+            check_cache(cache)
+        past = cache.get_seq_length() if cache is not None else 0
+        return Masks(attention_mask, x.shape[1], x.device, cache=cache, past=past)
+
+    def _layers(self, x: torch.Tensor, position_ids: torch.Tensor, masks: Masks) -> tuple[torch.Tensor, list]:
+        """Run the decoder layers; returns the last hidden states and each MoE layer's router logits."""
+        cos, sin = self.model.rotary_emb(x, position_ids)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and masks.cache is None
+        router_logits = []
+        for layer in self.model.layers:
+            if recompute:
+                x, logits = checkpoint(layer, x, cos, sin, masks, use_reentrant=False)
+            else:
+                x, logits = layer(x, cos, sin, masks)
+            if logits is not None:
+                router_logits.append(logits)
+        return x, router_logits
 
     # ------------------------------------------------------------ construction and checkpoints
 
@@ -328,14 +357,16 @@ class MoECausalLM(nn.Module):
         return AutoModelForCausalLM.from_pretrained(src, model_class=cls, **kwargs)
 
     def save_pretrained(self, dst: str, *, layout: str = "original", **kwargs: Any) -> None:
-        """Write a checkpoint folder; tensors that loading widened on its own (fp32 routers of a bf16 checkpoint)
-        go back to their checkpoint dtype, so an untouched model round-trips bit for bit."""
+        """Write a checkpoint folder: weights, config.json (its `dtype` the model's, `self.dtype`) and
+        generation_config.json (`self.generation_config`). Tensors that loading widened on its own (fp32 routers of a
+        bf16 checkpoint) go back to their checkpoint dtype, so an untouched model round-trips bit for bit."""
         from .io import save_state_dict
 
         sd = self.state_dict()
         for name, dtype in getattr(self, "_source_dtypes", {}).items():
             if name in sd:
                 sd[name] = sd[name].to(dtype)
+        kwargs.setdefault("generation_config", self.generation_config)
         save_state_dict(sd, dst, config=self.config, layout=layout, **kwargs)
 
     def tie_weights(self) -> None:

@@ -1,0 +1,391 @@
+"""The generic path: a `MoEMapping` translated from the installed transformers' own declared conversions.
+
+Contract:
+- `fused_expert_types()` walks transformers' config registry and returns every model type whose modeling file
+  declares fused experts (`@use_experts_implementation`), with the class used to build it (conditional generation,
+  then causal LM, then base model).
+- `generic_mapping(model_type)` builds that class on the meta device from its default config (no weights, no
+  download), asks transformers for the transforms it applies on load (`get_model_conversion_mapping`, scopes
+  included), and translates them into our data:
+  - `WeightRenaming` -> `TransformersRename` (keyword-argument data; `to_model` is transformers' own renaming,
+    `to_disk` its own `reverse_transform`, and a key that does not come back exactly is refused);
+  - `WeightConverter(MergeModulelist(0), Concatenate(1))` -> `ExpertGroup` parts `[gate, up]` with `Concat(0)`
+    (every op after `MergeModulelist(0)` acts on dim d of the stack, i.e. dim d-1 of one expert: `Concatenate` and
+    `Transpose` become `Concat` and `Transpose`; transformers' `Interleave` is not translated, no supported type
+    needs it and nothing here tests it); the split direction is the group's derived inverse, never declared;
+  - `WeightConverter(Concatenate(d))` without `MergeModulelist` -> a non-stacked group (e.g. q/k/v conv1d);
+  - `PrefixChange` is dropped, as transformers drops it when it saves a model it did not load (not a bijection);
+  - parameters of a fused-experts module that no converter produces are `expert_tensors` (disk equals model).
+  Anything else (custom ops, one-to-many splits, regex patterns that are not plain key paths) raises
+  `Untranslatable` with the reason; `get_mapping` then refuses the type with that one line.
+- Every group's fused key must name a parameter of the built model: a translation that does not fit the model it
+  came from is refused rather than guessed.
+Hand-written families (`convert/families/`) take precedence: they exist where transformers is wrong or where our
+layout needs more (declared hub layouts, quantized companions, multi-stack E).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from .mapping import ExpertGroup, Layout, MoEMapping
+from .ops import Concat, Op, Transpose
+
+FAMILY = "transformers"
+NO_EXPERTS = "no fused expert parameter in the built model"
+_PLAIN = re.compile(r"^[A-Za-z0-9_.*]+$")
+
+
+class Untranslatable(Exception):
+    """transformers declares something this translation has no exact inverse for."""
+
+
+def _transformers() -> Any:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import transformers
+
+    return transformers
+
+
+_EXPERTS_CLASS = re.compile(r"class \w+Experts\(nn\.Module\):")
+_STACKED_PARAM = re.compile(r"nn\.Parameter\(\s*torch\.\w+\(\s*[\w.]*experts\b")
+
+
+def _declares_fused_experts(source: str) -> bool:
+    """A modeling file with transformers' experts decorator, or an `...Experts` module with stacked parameters."""
+    return "use_experts_implementation" in source or bool(
+        _EXPERTS_CLASS.search(source) and _STACKED_PARAM.search(source)
+    )
+
+
+def is_fused_experts(module: Any) -> bool:
+    """A module holding fused experts: decorated by transformers, or an `...Experts` class with 3-D parameters."""
+    if hasattr(module, "is_concatenated"):
+        return True
+    own = [p for _, p in module.named_parameters(recurse=False)]
+    return type(module).__name__.endswith("Experts") and any(p.dim() == 3 for p in own)
+
+
+@cache
+def language_model_types() -> frozenset[str]:
+    """Model types transformers builds a causal or image-text-to-text language model for (not towers)."""
+    _transformers()
+    from transformers.models.auto import modeling_auto as ma
+
+    return frozenset(ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) | frozenset(ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+
+@cache
+def fused_expert_types() -> dict[str, str | None]:
+    """Model type -> class name (None: transformers maps no model class to it), for types with fused experts."""
+    tf = _transformers()
+    from transformers.models.auto import configuration_auto as ca
+    from transformers.models.auto import modeling_auto as ma
+
+    root = Path(tf.__file__).parent / "models"
+    tables = (
+        ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+        ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        ma.MODEL_MAPPING_NAMES,
+    )
+    out: dict[str, str | None] = {}
+    for mt in sorted(ca.CONFIG_MAPPING_NAMES):
+        mod = ca.model_type_to_module_name(mt)
+        path = root / mod / f"modeling_{mod}.py"
+        if path.exists() and _declares_fused_experts(path.read_text()):
+            out[mt] = next((t[mt] for t in tables if mt in t), None)
+    return out
+
+
+@dataclass(frozen=True)
+class TransformersRename:
+    """One transformers `WeightRenaming`, as the keyword arguments that rebuild it plus its scope."""
+
+    source_patterns: tuple[str, ...]
+    target_patterns: tuple[str, ...]
+    scope_prefix: str | None = None
+    base_model_prefix: str | None = None
+    _objs: list = field(default_factory=list, compare=False, hash=False, repr=False)
+
+    def _pair(self) -> tuple[Any, Any]:
+        if not self._objs:
+            from transformers.core_model_loading import WeightRenaming
+
+            fwd = WeightRenaming(list(self.source_patterns), list(self.target_patterns))
+            fwd.scope_prefix, fwd.base_model_prefix = self.scope_prefix, self.base_model_prefix
+            self._objs.extend((fwd, fwd.reverse_transform()))
+        return self._objs[0], self._objs[1]
+
+    def to_model(self, key: str) -> str:
+        return self._pair()[0].rename_source_key(key)[0]
+
+    def to_disk(self, key: str) -> str:
+        return self._pair()[1].rename_source_key(key)[0]
+
+
+_INDEX = re.compile(r"\.\d+(?=\.|$)")
+
+
+def _shape_of_key(key: str) -> str:
+    """`model.layers.3.mlp.gate.weight` -> `model.layers.#.mlp.gate.weight` (any index)."""
+    return _INDEX.sub(".#", key)
+
+
+@dataclass(frozen=True)
+class TransformersRenames:
+    """transformers' renamings of one model, applied in order to disk keys; a key that already is one of the model's
+    own names is left alone (the planner renames model-named checkpoints too, and transformers' patterns are not
+    idempotent: `mlp.shared_expert.` also matches `mlp.shared_experts.`). A disk key whose renaming does not come
+    back to it exactly is refused."""
+
+    renames: tuple[TransformersRename, ...]
+    model_keys: frozenset[str]  # `_shape_of_key` of every state-dict key of the model
+
+    def to_model(self, key: str) -> str:
+        if _shape_of_key(key) in self.model_keys:
+            return key
+        out = key
+        for r in self.renames:
+            out = r.to_model(out)
+        if out != key and self.to_disk(out) != key:
+            from .errors import MappingError
+
+            raise MappingError(
+                f"key {key!r} renames to {out!r}, which transformers' reverse renaming does not take back to {key!r}"
+            )
+        return out
+
+    def to_disk(self, key: str) -> str:
+        for r in reversed(self.renames):
+            key = r.to_disk(key)
+        return key
+
+
+def _template(pattern: str) -> str:
+    """transformers' source/target pattern (a key path, `*` = expert index) -> our template with `{prefix}`."""
+    text = pattern.replace("\\.", ".").lstrip("^").lstrip(".")
+    if not _PLAIN.match(text) or "**" in text:
+        raise Untranslatable(f"pattern {pattern!r} is not a plain key path")
+    return "{prefix}" + text.replace("*", "{expert}")
+
+
+def _expert_ops(ops: list) -> tuple[Op, ...]:
+    """Ops after `MergeModulelist(0)` (on the stack) -> ops on one expert's list of parts."""
+    out: list[Op] = []
+    for op in ops:
+        name = type(op).__name__
+        if name == "Concatenate" and op.dim >= 1 and op.num_shards_attribute is None:
+            out.append(Concat(op.dim - 1))
+        elif name == "Transpose" and min(op.dim0, op.dim1) >= 1 and not op.check_dims:
+            out.append(Transpose(op.dim0 - 1, op.dim1 - 1))
+        else:
+            raise Untranslatable(f"operation {op!r} after MergeModulelist has no exact translation")
+    return tuple(out)
+
+
+def _group(conv: Any) -> ExpertGroup:
+    """One `WeightConverter` -> one `ExpertGroup` (stacked with MergeModulelist(0), else a non-stacked concat)."""
+    ops = list(conv.operations)
+    targets = conv._original_target_patterns
+    if len(targets) != 1:
+        raise Untranslatable(f"one-to-many converter {conv._original_source_patterns} -> {targets}")
+    parts = tuple(_template(p) for p in conv._original_source_patterns)
+    fused = _template(targets[0])
+    if ops and type(ops[0]).__name__ == "MergeModulelist" and ops[0].dim == 0:
+        if not all("{expert}" in p for p in parts) or "{expert}" in fused:
+            raise Untranslatable(f"converter {conv._original_source_patterns} merges modules without an expert index")
+        fused_ops = _expert_ops(ops[1:])
+        default = (Concat(0),) if len(parts) > 1 else ()
+        return ExpertGroup(fused, parts, None if fused_ops == default else fused_ops)
+    if len(ops) == 1 and type(ops[0]).__name__ == "Concatenate" and ops[0].num_shards_attribute is None:
+        if any("{expert}" in p for p in parts + (fused,)):
+            raise Untranslatable(f"converter {conv._original_source_patterns} concatenates per-expert keys")
+        return ExpertGroup(fused, parts, (Concat(ops[0].dim),), companions=(), stacked=False)
+    raise Untranslatable(f"converter {conv._original_source_patterns} -> {targets} with {ops!r}")
+
+
+def _fewer_layers(cfg_dict: dict, k: int) -> dict:
+    """The same configuration with its first `k` layers (every per-layer list cut to `k` entries)."""
+    n = cfg_dict.get("num_hidden_layers")
+    out = {key: (v[:k] if isinstance(v, list) and len(v) == n else v) for key, v in cfg_dict.items()}
+    out["num_hidden_layers"] = k
+    for key, v in cfg_dict.items():
+        if isinstance(v, dict) and isinstance(v.get("num_hidden_layers"), int):  # sub-configs (text_config)
+            out[key] = _fewer_layers(v, k)
+    return out
+
+
+def _build_meta_model(model_type: str) -> Any:
+    """transformers' own class on the meta device, from its default config; when that config cannot be built (some
+    defaults leave fields of later layer kinds unset), from its first 1, 2 or 4 layers. The transforms are key
+    patterns: they do not depend on sizes or depth."""
+    tf = _transformers()
+    import torch
+
+    cls_name = fused_expert_types().get(model_type)
+    if cls_name is None:
+        raise Untranslatable("transformers maps no model class to it")
+    cls = getattr(tf, cls_name)
+    default = tf.AutoConfig.for_model(model_type)
+    configs = [lambda: default] + [
+        lambda k=k: tf.AutoConfig.for_model(model_type, **_fewer_layers(_kwargs(default), k)) for k in (1, 2, 4)
+    ]
+    error: Exception | None = None
+    for make in configs:
+        try:
+            with torch.device("meta"):
+                model = cls._from_config(make())
+        except Exception as e:
+            error = error or e
+            continue
+        if any(is_fused_experts(m) for m in model.modules()) or error is None:
+            return model
+    raise Untranslatable(f"transformers cannot build {cls_name} from its default config ({type(error).__name__})")
+
+
+def _kwargs(cfg: Any) -> dict:
+    d = cfg.to_dict()
+    d.pop("model_type", None)
+    return d
+
+
+def _expert_param_templates(model: Any) -> list[str]:
+    """Templates of the parameters of fused-experts modules (layer index -> `{layer}`)."""
+    out: list[str] = []
+    for mod_name, mod in model.named_modules():
+        if not is_fused_experts(mod):
+            continue
+        for p_name, _ in mod.named_parameters(recurse=False):
+            t = re.sub(r"^(.*?)\blayers\.\d+\.", r"{prefix}layers.{layer}.", f"{mod_name}.{p_name}")
+            if t not in out and "{layer}" in t:
+                out.append(t)
+    return out
+
+
+def _check_groups(groups: list[ExpertGroup], model: Any) -> None:
+    params = [n for n, _ in model.named_parameters()]
+    for g in groups:
+        if not any(g.fused_template.match(n) for n in params):
+            raise Untranslatable(f"converter target {g.fused!r} names no parameter of the model")
+
+
+def _translate(model: Any, model_type: str) -> tuple[list, list[ExpertGroup]]:
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    renames: list = []
+    groups: list[ExpertGroup] = []
+    for t in get_model_conversion_mapping(model, add_legacy=False):
+        kind = type(t).__name__
+        if kind == "PrefixChange":
+            continue
+        if kind == "WeightRenaming":
+            r = TransformersRename(
+                tuple(t._original_source_patterns),
+                tuple(t._original_target_patterns),
+                t.scope_prefix,
+                t.base_model_prefix,
+            )
+            renames.append(r)
+        elif kind == "WeightConverter":
+            g = _group(t)
+            clash = [h for h in groups if h.fused == g.fused and h != g]
+            if clash:
+                raise Untranslatable(f"two scoped converters produce {g.fused!r} from {clash[0].parts} and {g.parts}")
+            if g not in groups:  # the same converter declared by two scoped sub-models
+                groups.append(g)
+        else:
+            raise Untranslatable(f"{kind} has no exact inverse here")
+    return renames, groups
+
+
+@cache
+def generic_mapping(model_type: str) -> MoEMapping:
+    """The translated mapping of `model_type`; raises `Untranslatable` with the reason."""
+    if model_type not in fused_expert_types():
+        raise Untranslatable("transformers declares no fused experts for it")
+    model = _build_meta_model(model_type)
+    renames, groups = _translate(model, model_type)
+    _check_groups(groups, model)
+    model_keys = frozenset(_shape_of_key(k) for k in model.state_dict())
+    stacked = [g for g in groups if g.stacked]
+    expert_tensors = tuple(
+        t for t in _expert_param_templates(model) if not any(g.fused_template.text == t for g in stacked)
+    )
+    if not stacked and not expert_tensors:
+        raise Untranslatable(NO_EXPERTS)
+    text_field = "text_config" if getattr(model.config, "text_config", None) is not None else None
+    first = stacked[0].fused if stacked else expert_tensors[0]
+    prefix = _prefix_of(model, first)
+    return MoEMapping(
+        model_type,
+        FAMILY,
+        tuple(groups),
+        (TransformersRenames(tuple(renames), model_keys),) if renames else (),
+        disk_layout=Layout.PER_EXPERT if stacked else Layout.FUSED,
+        expert_tensors=expert_tensors,
+        num_experts_fields=(),
+        intermediate_fields=_intermediate_fields(model),
+        text_config_field=text_field,
+        notes=f"translated from transformers {_transformers().__version__} conversion_mapping ({type(model).__name__})",
+        extra={
+            "prefix": prefix,
+            "config": "-",
+            "fused": _fused_text(model, expert_tensors),
+            "transformers": _transformers().__version__,
+        },
+    )
+
+
+def _intermediate_fields(model: Any) -> tuple[str, ...]:
+    """The config field(s) giving the experts' I: those equal to a non-transposed `down_proj [E, H, I]`'s last dim in
+    the built model, MoE-named first. Used only to check a fused checkpoint's orientation against its shapes."""
+    dims = {
+        p.shape[-1]
+        for m in model.modules()
+        if hasattr(m, "is_transposed") and not m.is_transposed  # declared orientation only
+        for n, p in m.named_parameters(recurse=False)
+        if n == "down_proj" and p.dim() == 3
+    }
+    if len(dims) != 1:
+        return ()
+    (i,) = dims
+    cfg = model.config
+    sources = [cfg.to_dict()] + [sub.to_dict() for sub in (getattr(cfg, "text_config", None),) if sub is not None]
+    names = {
+        k for src in sources for k, v in src.items() if v == i and type(v) is int and "size" in k and k != "hidden_size"
+    }
+    return tuple(sorted(names, key=lambda k: ("moe" not in k and "expert" not in k, k)))
+
+
+def _prefix_of(model: Any, template: str) -> str:
+    """The `{prefix}` of the model's first key matching `template`, with layer index 7 (the catalog's example)."""
+    from .mapping import Template
+
+    for n, _ in model.named_parameters():
+        caps = Template(template).match(n)
+        if caps is not None:
+            return _INDEX.sub(".7", caps.get("prefix", ""))
+    return "model."
+
+
+def _fused_text(model: Any, expert_tensors: tuple[str, ...]) -> str:
+    shapes = {}
+    for n, p in model.named_parameters():
+        for t in expert_tensors:
+            if re.sub(r"\blayers\.\d+\.", "layers.{layer}.", n).endswith(t.split("{layer}.")[-1]):
+                shapes.setdefault(t.split("{layer}.")[-1], list(p.shape))
+    return ", ".join(f"{k} {v}" for k, v in shapes.items()) or "unchanged"
+
+
+@cache  # refusals too: `generic_mapping`'s cache keeps results only
+def try_generic_mapping(model_type: str) -> tuple[MoEMapping | None, str]:
+    """`(mapping, "")`, or `(None, reason)` when the type cannot be translated."""
+    try:
+        return generic_mapping(model_type), ""
+    except Untranslatable as e:
+        return None, str(e)

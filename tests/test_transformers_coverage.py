@@ -1,0 +1,176 @@
+"""Coverage follows transformers: every model type with fused experts in the installed transformers, end to end.
+
+The types come from walking transformers' own registry (`fused_expert_types`: modeling files that declare
+`@use_experts_implementation`), keeping those whose model holds fused-expert parameters. For each type a tiny model
+is built from transformers' own class (`tests/tiny_transformers.py`) and written with `save_pretrained`; then:
+- `merge` equals the model's state dict bit for bit (tied weights excepted: transformers does not store them);
+- transformers loads the merged folder with no missing, unexpected or mismatched keys and gives the same logits;
+- `split` of the merged folder is byte-identical to what transformers wrote;
+- `verify` passes on both folders.
+The mapping used is the one `get_mapping` returns: hand-written where a family exists, else the translation of
+transformers' declared conversions. A type fails by name; xfail only where transformers itself cannot build, save or
+run the tiny model (the reason says which).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_transformers import tiny_config, tiny_model
+
+from automodel_convert.convert import merge, split, verify
+from automodel_convert.convert.catalog import unsupported_rows
+from automodel_convert.convert.registry import registry
+from automodel_convert.convert.transformers_mapping import (
+    fused_expert_types,
+    is_fused_experts,
+    try_generic_mapping,
+)
+
+from conftest import fixture_path, folder_bytes
+
+
+@functools.cache
+def _has_fused_experts(model_type: str, class_name: str) -> bool | str:
+    """Whether transformers' model of the type holds fused experts, or the reason transformers cannot build it.
+
+    The tiny config is tried first (fast, on the meta device); when it builds without experts the default config is
+    asked too, so a tiny config that lost the MoE layers is collected (and fails), never skipped."""
+    import transformers
+
+    cls = getattr(transformers, class_name)
+    errors = []
+    for make in (lambda: tiny_config(model_type), lambda: transformers.AutoConfig.for_model(model_type)):
+        try:
+            with torch.device("meta"):
+                model = cls._from_config(make())
+        except Exception as e:
+            errors.append(f"{type(e).__name__}: {str(e).splitlines()[-1][:100] if str(e) else ''}")
+            continue
+        if any(is_fused_experts(m) for m in model.modules()):
+            return True
+    if len(errors) == 2:
+        return f"transformers cannot build {class_name} from its default config nor a shrunk one ({'; '.join(errors)})"
+    return False
+
+
+def _supported(model_type: str) -> bool:
+    return model_type in registry() or try_generic_mapping(model_type)[0] is not None
+
+
+def _types() -> list:
+    """Every supported transformers type with fused experts (xfail where transformers cannot build it)."""
+    out = []
+    for mt, cls in fused_expert_types().items():
+        if cls is None or not _supported(mt):
+            continue
+        has = _has_fused_experts(mt, cls)
+        if isinstance(has, str):
+            out.append(pytest.param(mt, cls, marks=pytest.mark.xfail(reason=has, strict=True), id=mt))
+        elif has:
+            out.append(pytest.param(mt, cls, id=mt))
+    return out
+
+
+def _refused_types() -> list[str]:
+    """transformers types with fused experts whose declared conversions have no exact translation here."""
+    return [row["model_type"] for row in unsupported_rows()]  # the same list as docs/MODELS.md
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for p in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(p))
+    return out
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    if type(model).__name__ == "Llama4ForConditionalGeneration":
+        # transformers 5.24's text-only forward of this class reads `image_outputs` from a text output and crashes;
+        # its language model (the same weights) gives the logits
+        model = model.language_model
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _save(model_type: str, class_name: str, root: Path):
+    try:
+        model = tiny_model(model_type, class_name)
+        model.save_pretrained(root / "src")
+    except Exception as e:
+        pytest.xfail(f"transformers cannot build or save the tiny {class_name}: {type(e).__name__}: {e}"[:300])
+    return model
+
+
+@pytest.mark.parametrize(("model_type", "class_name"), _types())
+def test_round_trip_against_transformers(model_type: str, class_name: str, tmp_path: Path) -> None:
+    import transformers
+
+    model = _save(model_type, class_name, tmp_path)
+    assert any(is_fused_experts(m) for m in model.modules()), "the tiny config has no MoE layer"
+    src, fused, back = tmp_path / "src", tmp_path / "fused", tmp_path / "back"
+    merge(src, fused)
+
+    expected = model.state_dict()
+    ours = _tensors(fused)
+    tied = set(expected) - set(ours)
+    assert set(ours) <= set(expected), sorted(set(ours) - set(expected))[:5]
+    for k in tied:  # tied weights are not stored: each equals a stored tensor
+        assert any(expected[k].data_ptr() == expected[n].data_ptr() for n in ours), f"{k} is neither merged nor tied"
+    for k, v in ours.items():
+        assert v.dtype == expected[k].dtype and v.shape == expected[k].shape, k
+        assert torch.equal(v, expected[k]), k
+
+    split(fused, back)
+    assert folder_bytes(back) == folder_bytes(src)
+    assert verify(src).ok and verify(fused).ok
+
+    cls = getattr(transformers, class_name)
+    loaded, info = cls.from_pretrained(fused, dtype=torch.float32, output_loading_info=True)
+    for what in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        assert not info[what], (what, sorted(map(str, info[what]))[:5])
+    reference = cls.from_pretrained(src, dtype=torch.float32).eval()  # transformers reading its own save
+    got, want = loaded.state_dict(), reference.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])][:5]
+    ids = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(0))
+    try:
+        ref = _logits(reference, ids)
+    except Exception as e:
+        pytest.xfail(f"transformers' tiny {class_name} has no text-only forward: {type(e).__name__}: {e}"[:300])
+    # same weights; the kernels may round differently on differently laid-out (but equal) inputs
+    torch.testing.assert_close(_logits(loaded.eval(), ids), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", _refused_types())
+def test_untranslatable_type_is_refused_in_one_line(model_type: str, tmp_path: Path, run_cli) -> None:
+    """No mapping is guessed: merge exits 2 with one line that says what transformers declares that we cannot invert."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": model_type}))
+    save_file({"model.embed_tokens.weight": torch.zeros(2, 2)}, src / "model.safetensors")
+    code, out, err = run_cli("merge", src, tmp_path / "dst")
+    assert code == 2 and not out
+    assert len(err.strip().splitlines()) == 1, err
+    assert try_generic_mapping(model_type)[1][:40] in " ".join(err.split())
+    assert not (tmp_path / "dst").exists()
+
+
+def test_split_uses_the_model_type_merge_recorded(tmp_path: Path) -> None:
+    """`merge --model-type deepseek_v2` on a checkpoint whose config names another type: split needs no override."""
+    src = tmp_path / "src"
+    shutil.copytree(fixture_path("deepseek_v2"), src)
+    config = json.loads((src / "config.json").read_text())
+    config["model_type"] = "deepseek_ocr_unknown"
+    (src / "config.json").write_text(json.dumps(config))
+    merge(src, tmp_path / "fused", model_type="deepseek_v2")
+    split(tmp_path / "fused", tmp_path / "back")
+    assert folder_bytes(tmp_path / "back") == folder_bytes(src)
+    assert verify(tmp_path / "fused").ok
