@@ -210,6 +210,6 @@ def _edge_units(model: nn.Module) -> list[nn.Module]:
     reduce-scattered while the layers' backward runs instead of at the very end with the root's."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if head is None or emb is None or head.weight is emb.weight:
+    if head is None or emb is None or head.weight is emb.weight or hasattr(model, "backend"):  # zoo: its chunked loss reads lm_head.weight without calling lm_head (no FSDP unshard)
         return []
     return [head, emb]

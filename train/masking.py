@@ -2,7 +2,7 @@
 
 Contract: `DocumentMasking(model)` puts a forward pre-hook on every decoder layer that swaps the layer's `Masks`
 argument for a `DocMasks` while `with masking.documents(doc_ids):` is active (doc_ids `[B, S]`, one id per packed
-document). `DocMasks.bool_mask` is causal AND same-document (AND the layer's sliding window), so no token attends
+document). `DocMasks`' mask is causal AND same-document (AND the layer's sliding window), so no token attends
 across a document boundary. Backends:
 - "sdpa" (the default on CPU and whenever a mask is needed) and "eager" take the explicit block-causal mask;
 - "flash" and "te" run plain causal attention only: they refuse (a one-line NotImplementedError from the model),
@@ -31,16 +31,10 @@ class DocMasks(Masks):
         super().__init__(torch.ones_like(doc_ids, dtype=torch.bool), doc_ids.shape[1], device)
         self.doc_ids = doc_ids.to(device)
 
-    def bool_mask(self, window: int | None) -> torch.Tensor:
-        key = window if window is not None and window < self.seq_len else None
-        if key not in self._cache:
-            i = torch.arange(self.seq_len, device=self.device)
-            allowed = i[None, :] <= i[:, None]
-            if key is not None:
-                allowed = allowed & (i[None, :] > i[:, None] - key)
-            same = self.doc_ids[:, :, None] == self.doc_ids[:, None, :]
-            self._cache[key] = (allowed[None] & same)[:, None]
-        return self._cache[key]
+    def _build(self, window: int | None, kv_len: int) -> torch.Tensor:
+        """The model's causal (+ window) mask AND same-document: `[B, 1, S, kv_len]` bool."""
+        same = self.doc_ids[:, :, None] == self.doc_ids[:, None, -kv_len:]
+        return super()._build(window, kv_len) & same[:, None]
 
 
 class DocumentMasking:
