@@ -3,6 +3,7 @@
 # random init, seq 4096, bf16, the same flags except the data: synthetic tokens, then SFT on the bundled chat data
 # (fixtures/chat, packed, loss on assistant tokens) with block-causal document masks (sdpa with an explicit mask), and
 # the same packed data with --packing-mask causal (flash-attn where installed). Metrics per run in $OUT/sft_*.jsonl.
+# Not run yet: the device tool ran this session's main checkout, not the finetune worktree (issue 16 report).
 set -euo pipefail
 source bench/device_env.sh
 python3 - <<'PY'
