@@ -44,7 +44,7 @@ def main() -> None:
     import_package()
     from automodel_convert.models import BackendConfig
     from automodel_convert.models.qwen3_moe import Qwen3MoeForCausalLM
-    from automodel_convert.train_optim import OverlappedAdamW
+    from automodel_convert.train.optim import OverlappedAdamW
 
     dev = torch.device("cuda")
     cfg = qwen3_config(8, False)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device-tool call on an H200 (`run` with carry [".whl"]): AdamW inside backward (train_optim.py) against the
+# One device-tool call on an H200 (`run` with carry [".whl"]): AdamW inside backward (train/optim.py) against the
 # standard step, transformers v5 in the same process; ~6 min. Results go to $OUT (or ./gpu_out).
 #   bash bench/overlap_gpu.sh
 set -uo pipefail

@@ -19,7 +19,7 @@ transformers runs `Qwen3MoeForCausalLM` with `_experts_implementation="grouped_m
 freed before the second is built. One JSON line per run, then a table with ours/transformers ratios.
 Run names: `transformers`, `ours`, `trainer`; `_graphs` (ours and trainer) replays CUDA graphs per decoder layer
 (models/common/graphs.py); `_overlap` steps the same fused AdamW per parameter inside backward, on a side stream, as
-each gradient is complete (train_optim.py): its `bwd_ms` then includes the optimizer's work and `opt_ms` is only what
+each gradient is complete (train/optim.py): its `bwd_ms` then includes the optimizer's work and `opt_ms` is only what
 is left after backward; compare whole steps. `_defer` is `_overlap` plus the updates of the embeddings and the first
 half of the layers deferred to the next forward, which waits for them layer by layer: only `step_loop_ms` (steps
 back to back, one sync at the end, mean) shows that overlap, since the other step figures sync after every step.
@@ -141,8 +141,8 @@ def sync(device: torch.device) -> None:
 
 def make_optimizer(model: torch.nn.Module, device: torch.device, overlap: bool = False):  # noqa: ANN201
     params = [p for p in model.parameters() if p.requires_grad]
-    if overlap:  # the same fused AdamW, stepped per parameter inside backward on a side stream (train_optim.py)
-        from automodel_convert.train_optim import OverlappedAdamW
+    if overlap:  # the same fused AdamW, stepped per parameter inside backward on a side stream (train/optim.py)
+        from automodel_convert.train.optim import OverlappedAdamW
 
         return OverlappedAdamW(params, lr=1e-5, fused=device.type == "cuda", stream_priority=OVERLAP_PRIORITY)
     try:
@@ -189,7 +189,7 @@ def run_trainer(gate: str, args: argparse.Namespace, device: torch.device, dtype
         targs = TrainArgs(model=folder, init="random", ep=args.ep, seq=args.seq, batch=args.batch, steps=args.warmup + args.steps,
                           dtype=args.dtype, backend=args.backend, quiet=True, peak_tflops=PEAK_TFLOPS, ac=args.ac,
                           cuda_graphs=args.cuda_graphs, overlap_optimizer=args.overlap_optimizer, dispatcher=args.dispatcher,
-                          reshard_after_forward=args.reshard_after_forward)
+                          reshard_after_forward=args.reshard_after_forward, grad_clip=0.0)  # as the recorded runs: no clipping
         trainer = Trainer(targs)
         if dist.is_initialized():
             dist.barrier()
@@ -274,8 +274,8 @@ def _run(kind: str, gate: str, args: argparse.Namespace, device: torch.device, d
         else:
             model.set_gate("balanced")
     opt = make_optimizer(model, device, overlap)
-    if defer:  # the embeddings' and first half of the layers' updates overlap the next forward (train_optim.py)
-        from automodel_convert.train_optim import input_side_modules
+    if defer:  # the embeddings' and first half of the layers' updates overlap the next forward (train/optim.py)
+        from automodel_convert.train.optim import input_side_modules
 
         opt.defer_until_forward(input_side_modules(model))
     fused = bool(opt.defaults.get("fused"))

@@ -3,7 +3,7 @@
 - preflight errors (ep not dividing the world, a type without EP support, a sequence too long) are one line, exit 2,
   before any weight is read;
 - ten steps on packed JSON-lines text (tokenized by the checkpoint's tokenizer) lower the loss;
-- EP=2 over 2 spawned ranks: save at step 2, resume from it: step 3's loss equals the uninterrupted run's, bit for bit;
+- EP=2 over 2 spawned ranks: save at step 2, resume from it (DCP train state): steps 3-4 equal the uninterrupted run's, bit for bit;
 - the saved HF checkpoint (original per-expert layout) loads in transformers v5 with no missing/unexpected keys, and
   its logits equal, exactly, transformers' logits on the trained parameters gathered from the ranks' memory.
 """
@@ -84,8 +84,10 @@ def test_ten_steps_lower_the_loss(ckpt, tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 11))
     first, last = rows[0]["loss"], rows[-1]["loss"]
     assert last < 0.85 * first, (first, last)  # ~5.0 -> ~3.9 on this corpus
-    for key in ("tokens_per_s_per_gpu", "tflops_per_gpu", "mfu", "peak_mem_gib", "expert_load_max_over_mean"):
+    for key in ("tokens_per_s", "peak_rss_gib", "expert_load_max_over_mean", "grad_norm", "forward_ms", "backward_ms", "optimizer_ms"):
         assert rows[-1][key] > 0, key
+    for key in ("tflops_per_gpu", "mfu", "tokens_per_s_per_gpu"):  # FLOP figures mean nothing on a CPU (issue 16)
+        assert key not in rows[-1], key
 
 
 def test_overlap_optimizer_matches_and_resumes(ckpt, tmp_path, monkeypatch, capsys):
@@ -93,10 +95,10 @@ def test_overlap_optimizer_matches_and_resumes(ckpt, tmp_path, monkeypatch, caps
     from automodel_convert.train import TrainArgs, Trainer
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["--model", ckpt, "--seq", "16", "--steps", "1", "--ep", "2", "--overlap-optimizer"]) == 2
+    assert main(["--model", ckpt, "--seq", "16", "--steps", "1", "--ep", "2", "--overlap-optimizer", "--grad-clip", "0"]) == 2
     assert "--overlap-optimizer needs one rank" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "1")
-    common = dict(model=ckpt, data=os.path.join(ckpt, "train.jsonl"), seq=16, steps=4, lr=3e-3, warmup=2, dtype="float32", quiet=True, device="cpu")
+    common = dict(model=ckpt, data=os.path.join(ckpt, "train.jsonl"), seq=16, steps=4, lr=3e-3, warmup=2, dtype="float32", quiet=True, device="cpu", grad_clip=0.0)
     ref = [m["loss"] for m in Trainer(TrainArgs(**common)).run()]
     a = Trainer(TrainArgs(**common, overlap_optimizer=True, save=str(tmp_path / "a"), save_every=2))
     got = [m["loss"] for m in a.run()]

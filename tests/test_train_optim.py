@@ -1,4 +1,4 @@
-"""`OverlappedAdamW` (AdamW stepped inside backward) against one `torch.optim.AdamW` over all parameters.
+"""`OverlappedAdamW` (`train/optim.py`, AdamW stepped inside backward) against one `torch.optim.AdamW` over all parameters.
 
 Reference: the same model, same batches, stepped by torch's AdamW after backward. After several steps every parameter
 and both AdamW moments must be bit-identical (the per-parameter update is the same kernel on the same numbers); the
@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from automodel_convert.train_optim import OverlappedAdamW, input_side_modules
+from automodel_convert.train.optim import OverlappedAdamW, input_side_modules
 
 from conftest import fixture_path
 

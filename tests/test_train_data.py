@@ -1,0 +1,146 @@
+"""Training data formats, packing and document masking (`train/data.py`, `train/sources.py`, `train/masking.py`).
+
+References: transformers' own `apply_chat_template(..., return_assistant_tokens_mask=True)` (the bundled template
+carries `{% generation %}` markers, which the trainer does not use); prompt/completion labels built by hand from
+the tokenizer; the same records read as JSONL, .txt, parquet and a saved HF dataset give the same stream; a packed
+window under block-causal masking gives the same logits as each document run alone.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from automodel_convert.train.config import TrainError
+from automodel_convert.train.data import Packed, Stream, chat_example, to_example, tokenize, window_fields
+from automodel_convert.train.sources import records, resolve
+
+from conftest import FIXTURES, fixture_path
+from spawn_ranks import init_gloo, run_ranks
+
+CHAT = FIXTURES / "chat"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(CHAT)
+
+
+def chats() -> list[list[dict]]:
+    convs = [json.loads(line)["messages"] for line in (CHAT / "chat.jsonl").read_text().splitlines()[:12]]
+    convs.append([{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                  {"role": "user", "content": "c"}, {"role": "assistant", "content": "dd"}])  # two assistant turns
+    return convs
+
+
+def test_chat_labels_are_the_assistant_tokens_of_transformers(tok):
+    for messages in chats():
+        ref = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids, mask = chat_example(messages, tok)
+        assert ids == list(ref["input_ids"])
+        assert mask == [bool(m) for m in ref["assistant_masks"]], messages
+        assert any(mask) and not all(mask)
+
+
+def test_prompt_completion_text_and_pretokenized(tok):
+    eos = tok.eos_token_id
+    p, c = tok("What is 2 + 2?", add_special_tokens=False)["input_ids"], tok(" 4", add_special_tokens=False)["input_ids"]
+    ids, mask = to_example({"prompt": "What is 2 + 2?", "completion": " 4"}, tok, None)
+    assert ids == p + c + [eos] and mask == [False] * len(p) + [True] * (len(c) + 1)
+    ids, mask = to_example({"text": "abc"}, tok, None)
+    assert ids == tok("abc", add_special_tokens=False)["input_ids"] + [eos] and all(mask)
+    ids, mask = to_example({"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, None, None)
+    assert ids == [5, 6, 7] and mask == [False, True, True]
+    ids, _ = to_example({"body": "abc"}, tok, "body")
+    assert ids == tok("abc", add_special_tokens=False)["input_ids"] + [eos]
+    with pytest.raises(TrainError, match="no chat template"):
+        chat_example([{"role": "user", "content": "x"}], type("T", (), {"chat_template": None})())
+
+
+def test_every_file_format_gives_the_same_stream(tok, tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lines = ["the first line", "a second one", "and a third"]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    (tmp_path / "a.txt").write_text("\n".join(lines) + "\n\n")
+    pq.write_table(pa.table({"text": lines}), tmp_path / "a.parquet")
+    datasets.Dataset.from_dict({"text": lines}).save_to_disk(str(tmp_path / "hf"))
+    datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"body": lines})}).save_to_disk(str(tmp_path / "hfdict"))
+    expect = [t for line in lines for t in tok(line, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    cases = [("a.jsonl", "train", None), ("a.txt", "train", None), ("a.parquet", "train", None), ("hf", "train", None), ("hfdict", "validation", "body")]
+    for name, split, field in cases:
+        src = resolve(str(tmp_path / name))
+        stream = tokenize(records(src, split), tok, field, 0, 1, 128, show=False)
+        assert stream.tokens.tolist() == expect, name
+        assert stream.doc.unique().numel() == 3 and stream.mask.all()
+    with pytest.raises(TrainError, match="no split 'train'"):
+        list(records(resolve(str(tmp_path / "hfdict")), "train"))
+    assert resolve("some-org/some-dataset").kind == "hf_hub"
+
+
+def test_packing_restarts_positions_and_never_crosses_documents():
+    # two documents of 4 and 5 tokens, the second with a prompt (untrained) token
+    tokens = torch.tensor([10, 11, 12, 13, 20, 21, 22, 23, 24])
+    mask = torch.tensor([True, True, True, True, False, True, True, True, True])
+    doc = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1])
+    w = window_fields(tokens, mask, doc)
+    assert w["input_ids"].tolist() == [10, 11, 12, 13, 20, 21, 22, 23]
+    assert w["position_ids"].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    # 13 -> 20 crosses the boundary; 20 -> 21 is trained (21 is a target token); no target is the untrained 20
+    assert w["shift_labels"].tolist() == [11, 12, 13, -100, 21, 22, 23, 24]
+    assert w["doc_ids"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+def test_packed_position_is_global_and_resumable():
+    n, seq = 12, 3
+    stream = Stream(torch.arange(n * (seq + 1)), torch.ones(n * (seq + 1), dtype=torch.bool), torch.zeros(n * (seq + 1), dtype=torch.long))
+    one = Packed(stream, seq, 2, 0, 1, seed=3)
+    ref = [one.next_batch()["input_ids"] for _ in range(4)]  # world 1, batch 2: windows 0..7 of the order
+    two = [Packed(stream, seq, 1, r, 2, seed=3) for r in range(2)]  # world 2, batch 1: the same windows, split
+    got = [torch.cat([p.next_batch()["input_ids"] for p in two]) for _ in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    resumed = Packed(stream, seq, 2, 0, 1, seed=3)
+    resumed.load_state_dict({"position": 4})
+    assert torch.equal(resumed.next_batch()["input_ids"], ref[2])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_document_masking_equals_each_document_alone(attn):
+    from automodel_convert.models import AutoModelForCausalLM
+    from automodel_convert.train.masking import DocumentMasking
+
+    model = AutoModelForCausalLM.from_pretrained(fixture_path("qwen3_moe"), dtype=torch.float32, backend=f"attn={attn}", device="cpu")
+    a, b = torch.randint(0, 100, (1, 7), generator=torch.Generator().manual_seed(0)), torch.randint(0, 100, (1, 9), generator=torch.Generator().manual_seed(1))
+    masking = DocumentMasking(model)
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=a).logits, model(input_ids=b).logits], dim=1)
+        packed_ids = torch.cat([a, b], dim=1)
+        pos = torch.cat([torch.arange(7), torch.arange(9)])[None]
+        docs = torch.tensor([[0] * 7 + [1] * 9])
+        with masking.documents(docs):
+            packed = model(input_ids=packed_ids, position_ids=pos).logits
+        leaky = model(input_ids=packed_ids, position_ids=pos).logits  # plain causal: the second document sees the first
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(leaky[:, 7:], alone[:, 7:], atol=1e-3)
+
+
+def _tokenize_worker(rank: int, world: int, path: str) -> dict:
+    from transformers import AutoTokenizer
+
+    init_gloo()
+    tok = AutoTokenizer.from_pretrained(CHAT)
+    s = tokenize(records(resolve(path)), tok, None, rank, world, 128, show=False)
+    return {"tokens": s.tokens, "mask": s.mask, "doc": s.doc}
+
+
+def test_tokenization_split_over_ranks_gives_every_rank_the_whole_stream(tok):
+    path = str(CHAT / "eval.jsonl")
+    ref = tokenize(records(resolve(path)), tok, None, 0, 1, 128, show=False)
+    for res in run_ranks(_tokenize_worker, 2, path):
+        assert torch.equal(res["tokens"], ref.tokens) and torch.equal(res["mask"], ref.mask) and torch.equal(res["doc"], ref.doc)
