@@ -39,15 +39,28 @@ def _local(g: torch.Tensor) -> torch.Tensor:
     return g.to_local() if isinstance(g, DTensor) else g
 
 
+def _grad_groups(params: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """This rank's (local) gradients, grouped by device and dtype for the fused multi-tensor kernels."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            g = _local(p.grad)
+            if g.numel():
+                groups.setdefault((g.device, g.dtype), []).append(g)
+    return list(groups.values())
+
+
 def global_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of every gradient over all ranks: local shards' squared norms (fp32, one multi-tensor kernel per
+    device and dtype, no host sync), summed over the world (shards and expert slices are disjoint across ranks)."""
     import torch.distributed as dist
 
-    grads = [_local(p.grad) for p in params if p.grad is not None]
-    device = grads[0].device if grads else torch.device("cpu")
+    groups = _grad_groups(params)
+    device = groups[0][0].device if groups else torch.device("cpu")
     sq = torch.zeros((), dtype=torch.float32, device=device)
-    for g in grads:
-        if g.numel():
-            sq += g.detach().float().pow(2).sum()
+    for grads in groups:
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        sq = sq + torch.stack(norms).to(device).square().sum()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(sq)
     return sq.sqrt()
@@ -57,9 +70,6 @@ def clip_grads(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
     params = list(params)
     norm = global_grad_norm(params)
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for p in params:
-        if p.grad is not None:
-            g = _local(p.grad)
-            if g.numel():
-                g.mul_(scale.to(g.device, g.dtype))
+    for grads in _grad_groups(params):
+        torch._foreach_mul_(grads, scale.to(grads[0].device, grads[0].dtype))
     return norm
