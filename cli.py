@@ -162,9 +162,9 @@ def merge(
     layout: Annotated[
         str,
         typer.Option(
-            "--layout", help="fused layout: hf ([E, 2I, H], transformers v5) or transposed ([E, H, 2I], x @ W)"
+            "--layout", help="fused layout: fused ([E, 2I, H], transformers v5; alias hf) or transposed ([E, H, 2I], x @ W)"
         ),
-    ] = "hf",
+    ] = "fused",
     model_type: ModelType = None,
     revision: Revision = None,
     dry_run: DryRun = False,
@@ -210,7 +210,7 @@ def split(
         str | None,
         typer.Option(
             "--layout",
-            help="target: per_expert, hf or transposed (default: the recorded original, else the hub layout)",
+            help="target: per_expert, fused (alias hf) or transposed (default: the recorded original, else the hub layout)",
         ),
     ] = None,
     model_type: ModelType = None,

@@ -183,6 +183,12 @@ def swiglu_groups(
     )
 
 
+def tensor_fusion(fused: str, parts: tuple[str, ...], fused_ops: tuple[Op, ...] | None = None) -> ExpertGroup:
+    """A fusion that has nothing to do with experts: `parts` (no `{expert}`) concatenated into `fused` once per layer,
+    e.g. kimi_linear's `q_conv1d|k_conv1d|v_conv1d -> conv1d` (an `ExpertGroup` with `stacked=False`)."""
+    return ExpertGroup(fused, parts, fused_ops, companions=(), stacked=False)
+
+
 @dataclass(frozen=True)
 class MoEMapping:
     """Everything the converter knows about one model type.
@@ -193,8 +199,9 @@ class MoEMapping:
     - `expert_tensors`: model-naming templates of other tensors with a leading expert dim (biases, MXFP4 blocks),
       which expert parallelism shards like the fused weights.
     - `num_experts_fields` / `intermediate_fields`: config fields giving E and I (first present wins).
-    - `extra`: descriptive data (`prefix`, `fused` for the catalog) and `known`: model-naming templates of tensors
-      under an `experts.` module that are not expert weights (a dry run reports any other unclaimed one).
+    - `not_experts`: model-naming templates of tensors under an `experts.` module that are not expert weights
+      (a shared bias, a router); key coverage (dry runs) reports any other unclaimed `experts.` tensor.
+    - `extra`: descriptive data for the catalog (`prefix`, `fused`).
     """
 
     model_type: str
@@ -208,6 +215,7 @@ class MoEMapping:
     aliases: tuple[str, ...] = ()
     text_config_field: str | None = None  # multimodal configs keep the MoE fields under e.g. `text_config`
     notes: str = ""
+    not_experts: tuple[str, ...] = ()
     extra: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
 
     def to_model_key(self, disk_key: str) -> str:

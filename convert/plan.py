@@ -479,7 +479,7 @@ def key_coverage(keys: list[str], mapping: MoEMapping, config: dict, *, model_ty
     cov = KeyCoverage(model_type, None, len(keys))
     groups = mapping.all_groups
     expert_tpls = [Template(t) for t in mapping.expert_tensors]
-    known_tpls = [Template(t) for t in mapping.extra.get("known", ())]
+    known_tpls = [Template(t) for t in mapping.not_experts]
     per_expert: dict[tuple[int, tuple], dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
     fused: dict[tuple[int, tuple], str] = {}
     seen: dict[str, str] = {}

@@ -33,7 +33,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .mapping import ExpertGroup, Layout, MoEMapping
+from .mapping import ExpertGroup, Layout, MoEMapping, tensor_fusion
 from .ops import Concat, Op, Transpose
 
 FAMILY = "transformers"
@@ -205,7 +205,7 @@ def _group(conv: Any) -> ExpertGroup:
     if len(ops) == 1 and type(ops[0]).__name__ == "Concatenate" and ops[0].num_shards_attribute is None:
         if any("{expert}" in p for p in parts + (fused,)):
             raise Untranslatable(f"converter {conv._original_source_patterns} concatenates per-expert keys")
-        return ExpertGroup(fused, parts, (Concat(ops[0].dim),), companions=(), stacked=False)
+        return tensor_fusion(fused, parts, (Concat(ops[0].dim),))
     raise Untranslatable(f"converter {conv._original_source_patterns} -> {targets} with {ops!r}")
 
 

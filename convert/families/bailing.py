@@ -6,7 +6,7 @@ concatenated along dim 0 into `conv1d.weight` (a non-stacked fusion here), `.sel
 `.mlp.gate.expert_bias` -> `.mlp.gate.e_score_correction_bias`, and qwen2_moe's expert converters.
 """
 
-from ..mapping import ExpertGroup, MoEMapping, Rename, swiglu_groups
+from ..mapping import MoEMapping, Rename, swiglu_groups, tensor_fusion
 from ..registry import register
 
 _L = "{prefix}layers.{layer}"
@@ -18,11 +18,9 @@ register(
         "bailing",
         swiglu_groups()
         + (
-            ExpertGroup(
+            tensor_fusion(
                 f"{_ATTN}.conv1d.weight",
                 tuple(f"{_ATTN}.{p}_conv1d.weight" for p in ("q", "k", "v")),
-                companions=(),
-                stacked=False,
             ),
         ),
         (

@@ -21,10 +21,8 @@ register(
         num_experts_fields=("num_local_experts",),
         intermediate_fields=("intermediate_size",),
         notes="disk equals model: mlp.input_linear [E,2I,H], output_linear [E,H,I]; attention experts too",
-        extra={
-            "fused": "input_linear [E,2I,H], output_linear [E,H,I] (mlp and attention experts)",
-            # under `experts.` but not per-expert tensors: the attention experts' shared bias and router
-            "known": (f"{_L}.self_attention.experts.bias", f"{_L}.self_attention.experts.router.layer.weight"),
-        },
+        # under `experts.` but not per-expert tensors: the attention experts' shared bias and router
+        not_experts=(f"{_L}.self_attention.experts.bias", f"{_L}.self_attention.experts.router.layer.weight"),
+        extra={"fused": "input_linear [E,2I,H], output_linear [E,H,I] (mlp and attention experts)"},
     ),
 )

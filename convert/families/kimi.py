@@ -6,15 +6,13 @@ here: no expert dim, split back exactly), `.block_sparse_moe.` -> `.mlp.` (dense
 its score bias too), then the usual `gate_up_proj [E, 2I, H]` / `down_proj [E, H, I]`.
 """
 
-from ..mapping import ExpertGroup, MoEMapping, Rename, swiglu_groups
+from ..mapping import MoEMapping, Rename, swiglu_groups, tensor_fusion
 from ..registry import register
 
 _ATTN = "{prefix}layers.{layer}.self_attn"
-_CONV = ExpertGroup(
+_CONV = tensor_fusion(
     f"{_ATTN}.conv1d.weight",
     tuple(f"{_ATTN}.{p}_conv1d.weight" for p in ("q", "k", "v")),
-    companions=(),
-    stacked=False,
 )
 
 register(
