@@ -166,19 +166,37 @@ def plan_conversion(
 
     `naming="model"` names outputs as transformers v5 holds them (merge); `naming="disk"` restores the hub's key
     names (split). A `per_expert` target always uses hub naming. `source_layout` is the user's word on how an
-    already-fused checkpoint is oriented (`--source-layout`); it must fit the shapes.
+    already-fused checkpoint is oriented (`--source-layout`); it must fit the shapes. Four named steps: rename every
+    key, match the keys to expert groups, decide the source layout, build and check the group instances; then emit
+    the outputs in source order.
     """
-    user_layout = source_layout
     if naming not in ("model", "disk"):
         raise ValueError(f"naming must be 'model' or 'disk', not {naming!r}")
     disk_names = naming == "disk" or target is Layout.PER_EXPERT
     model_type = model_type or mapping.model_type
     if target is Layout.TRANSPOSED and not any(g.stacked for g in mapping.groups):
         raise MappingError(
-            f"model type {model_type!r} stores its experts as the model holds them (no per-expert groups), so it has no transposed layout; use --layout hf"
+            f"model type {model_type!r} stores its experts as the model holds them (no per-expert groups), so it has no transposed layout; use --layout fused"
         )
-    groups = mapping.all_groups
-    # 1. rename every key into model naming; the renaming must be invertible on this key set
+    model_keys = _rename_keys(ckpt, mapping, model_type)
+    match = _match_groups(mapping.all_groups, model_keys)
+    layout = _source_layout(ckpt, mapping, match, model_type, source_layout)
+    instances, first_key_of_inst = _instances(ckpt, mapping, match, layout)
+    outputs, passthrough = _emit_outputs(ckpt, mapping, model_keys, match, instances, first_key_of_inst, layout, target, disk_names)
+    names = [t.name for t in outputs]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise MappingError(f"two outputs would be named {dup!r}; the {model_type} mapping does not fit this checkpoint")
+    for t in outputs:
+        _check_tiling(t)
+    plan = Plan(model_type, mapping, layout, target, outputs, instances, passthrough)
+    if layout is target:
+        plan.notes.append(f"the checkpoint is already in the {target} layout: tensors are copied through unchanged")
+    return plan
+
+
+def _rename_keys(ckpt: Checkpoint, mapping: MoEMapping, model_type: str) -> dict[str, str]:
+    """Disk key -> model key for every tensor; the renaming must be invertible on this key set."""
     model_keys: dict[str, str] = {}
     seen: dict[str, str] = {}
     for key in ckpt.tensors:
@@ -192,8 +210,20 @@ def plan_conversion(
             raise MappingError(f"keys {seen[mk]!r} and {key!r} both map to {mk!r}; the checkpoint mixes naming schemes")
         seen[mk] = key
         model_keys[key] = mk
+    return model_keys
 
-    # 2. match expert groups
+
+@dataclass
+class _GroupMatch:
+    """Keys matched to group instances `(group index, captures)`: per expert (expert -> part -> key) or fused."""
+
+    groups: tuple[ExpertGroup, ...]
+    per_expert: dict[tuple[int, tuple], dict[int, dict[int, str]]]
+    fused_keys: dict[tuple[int, tuple], str]
+    group_of: dict[str, tuple[int, tuple]]
+
+
+def _match_groups(groups: tuple[ExpertGroup, ...], model_keys: dict[str, str]) -> _GroupMatch:
     per_expert: dict[tuple[int, tuple], dict[int, dict[int, str]]] = defaultdict(lambda: defaultdict(dict))
     fused_keys: dict[tuple[int, tuple], str] = {}
     group_of: dict[str, tuple[int, tuple]] = {}
@@ -222,15 +252,19 @@ def plan_conversion(
                 fused_keys[inst] = key
                 group_of[key] = inst
                 break
+    return _GroupMatch(groups, per_expert, fused_keys, group_of)
 
-    # only stacked (expert) groups decide the layout; non-stacked fusions follow their own keys
-    stacked_pe = [i for i in per_expert if groups[i[0]].stacked]
-    stacked_fk = [i for i in fused_keys if groups[i[0]].stacked]
+
+def _source_layout(ckpt: Checkpoint, mapping: MoEMapping, match: _GroupMatch, model_type: str, user_layout: Layout | None) -> Layout:
+    """Only stacked (expert) groups decide the layout; non-stacked fusions follow their own keys."""
+    groups = match.groups
+    stacked_pe = [i for i in match.per_expert if groups[i[0]].stacked]
+    stacked_fk = [i for i in match.fused_keys if groups[i[0]].stacked]
     if stacked_pe and stacked_fk:
-        a = per_expert[stacked_pe[0]]
+        a = match.per_expert[stacked_pe[0]]
         a_key = next(iter(next(iter(a.values())).values()))
         raise MappingError(
-            f"the checkpoint mixes per-expert keys ({a_key!r}) and fused keys ({fused_keys[stacked_fk[0]]!r}); convert it from a consistent copy"
+            f"the checkpoint mixes per-expert keys ({a_key!r}) and fused keys ({match.fused_keys[stacked_fk[0]]!r}); convert it from a consistent copy"
         )
     recorded = _layout_from_records(ckpt)
     if stacked_pe:
@@ -238,122 +272,118 @@ def plan_conversion(
             raise MappingError(
                 f"--source-layout {user_layout}, but the checkpoint's expert keys are per-expert; drop --source-layout"
             )
-        source_layout = Layout.PER_EXPERT
-    elif stacked_fk:
-        shapes = [(groups[i[0]], ckpt.tensors[fused_keys[i]].shape[1:], fused_keys[i]) for i in stacked_fk]
+        return Layout.PER_EXPERT
+    if stacked_fk:
+        shapes = [(groups[i[0]], ckpt.tensors[match.fused_keys[i]].shape[1:], match.fused_keys[i]) for i in stacked_fk]
         record = None if recorded is None else recorded if recorded is not Layout.PER_EXPERT else Layout.FUSED
-        source_layout = mapping.orient_fused(record, ckpt.config, shapes, user=user_layout)
-    else:
-        source_layout = recorded or mapping.hub_layout
-        if any(g.stacked for g in mapping.groups):
-            raise MappingError(
-                f"no expert tensors of model_type {model_type!r} found (expected keys like {mapping.groups[0].parts[0]!r} or {mapping.groups[0].fused!r}); check --model-type"
-            )
+        return mapping.orient_fused(record, ckpt.config, shapes, user=user_layout)
+    if any(g.stacked for g in mapping.groups):
+        raise MappingError(
+            f"no expert tensors of model_type {model_type!r} found (expected keys like {mapping.groups[0].parts[0]!r} or {mapping.groups[0].fused!r}); check --model-type"
+        )
+    return recorded or mapping.hub_layout
 
+
+def _instances(
+    ckpt: Checkpoint, mapping: MoEMapping, match: _GroupMatch, layout: Layout
+) -> tuple[list[GroupInstance], dict[tuple[int, tuple], str]]:
+    """Every matched group instance, validated; and the first source key of each (where its outputs are emitted)."""
     cfg_experts = mapping.num_experts(ckpt.config)
     recorded_parts: dict[str, list] = (ckpt.sidecar or {}).get("parts", {}) if ckpt.sidecar else {}
-
-    # 3. group instances with validation
     instances: list[GroupInstance] = []
     first_key_of_inst: dict[tuple[int, tuple], str] = {}
-    if per_expert:
-        for inst, experts in per_expert.items():
-            g = groups[inst[0]]
-            caps = dict(inst[1])
-            fused_name = g.fused_template.format(**caps)
-            present = sorted(experts)
-            n_exp = 1 if not g.stacked else cfg_experts if cfg_experts is not None else present[-1] + 1
-            missing = _first_missing(experts, n_exp)
-            extra = [e for e in present if e >= n_exp]
-            if missing or extra:
-                what = (
-                    f"missing expert(s) {missing}"
-                    if missing
-                    else f"expert index(es) {extra[:5]} beyond num_experts={n_exp}"
-                )
-                raise MappingError(
-                    f"{fused_name!r}: {what} (found {len(present)} of num_experts={n_exp}); the checkpoint is incomplete or its config is wrong"
-                )
-            shapes: list[Shape] | None = None
-            dtype = None
-            for e in range(n_exp):
-                slot = experts[e]
-                if len(slot) != len(g.parts):
-                    miss = [g.part_templates[p].format(**caps, expert=e) for p in range(len(g.parts)) if p not in slot]
-                    raise MappingError(
-                        f"{fused_name!r}: expert {e} lacks {_fmt_keys(miss)}; the checkpoint is incomplete"
-                    )
-                infos = [ckpt.tensors[slot[p]] for p in range(len(g.parts))]
-                s = [t.shape for t in infos]
-                if shapes is None:
-                    shapes, dtype = s, infos[0].dtype
-                    ref_key = slot[0]
-                if s != shapes or any(t.dtype != dtype for t in infos):
-                    bad = next(t for t in infos if t.shape not in shapes or t.dtype != dtype)
-                    raise MappingError(
-                        f"experts of {fused_name!r} differ: {bad.name!r} is {bad.dtype}{list(bad.shape)} but {ref_key!r} is {dtype}{list(shapes[0])}; the checkpoint is inconsistent"
-                    )
-            try:
-                g.chain(Layout.FUSED, shapes)
-            except ValueError as e:
-                raise MappingError(f"{fused_name!r}: parts cannot be fused ({e})") from e
-            gi = GroupInstance(
-                g,
-                caps,
-                n_exp,
-                shapes,
-                dtype,
-                parts={e: [experts[e][p] for p in range(len(g.parts))] for e in range(n_exp)},
-            )
-            instances.append(gi)
-            first_key_of_inst[inst] = min((k for e in experts.values() for k in e.values()), key=_order_index(ckpt))
-    if fused_keys:
-        for inst, key in fused_keys.items():
-            g = groups[inst[0]]
-            caps = dict(inst[1])
-            info = ckpt.tensors[key]
-            fused_model_name = g.fused_template.format(**caps)
-            if not g.stacked:
-                shapes = _chunk_shapes(g, Layout.FUSED, info.shape, recorded_parts.get(fused_model_name), key)
-                instances.append(GroupInstance(g, caps, 1, shapes, info.dtype, fused_key=key))
-                first_key_of_inst[inst] = key
-                continue
-            if len(info.shape) < 2:
-                raise MappingError(f"fused tensor {key!r} has shape {list(info.shape)}; expected [experts, ...]")
-            n_exp = info.shape[0]
-            if cfg_experts is not None and n_exp != cfg_experts:
-                raise MappingError(
-                    f"fused tensor {key!r} holds {n_exp} experts but the config says {cfg_experts}; the checkpoint and config disagree"
-                )
-            shapes = _chunk_shapes(g, source_layout, info.shape[1:], recorded_parts.get(fused_model_name), key)
-            instances.append(GroupInstance(g, caps, n_exp, shapes, info.dtype, fused_key=key))
-            first_key_of_inst[inst] = key
+    for inst, experts in match.per_expert.items():
+        instances.append(_per_expert_instance(ckpt, match.groups[inst[0]], dict(inst[1]), experts, cfg_experts))
+        first_key_of_inst[inst] = min((k for e in experts.values() for k in e.values()), key=_order_index(ckpt))
+    for inst, key in match.fused_keys.items():
+        g, caps = match.groups[inst[0]], dict(inst[1])
+        instances.append(_fused_instance(ckpt, g, caps, key, layout, cfg_experts, recorded_parts))
+        first_key_of_inst[inst] = key
+    return instances, first_key_of_inst
 
-    # 4. outputs, in source order
-    order = _order_index(ckpt)
+
+def _per_expert_instance(
+    ckpt: Checkpoint, g: ExpertGroup, caps: dict, experts: dict[int, dict[int, str]], cfg_experts: int | None
+) -> GroupInstance:
+    fused_name = g.fused_template.format(**caps)
+    present = sorted(experts)
+    n_exp = 1 if not g.stacked else cfg_experts if cfg_experts is not None else present[-1] + 1
+    missing = _first_missing(experts, n_exp)
+    extra = [e for e in present if e >= n_exp]
+    if missing or extra:
+        what = f"missing expert(s) {missing}" if missing else f"expert index(es) {extra[:5]} beyond num_experts={n_exp}"
+        raise MappingError(
+            f"{fused_name!r}: {what} (found {len(present)} of num_experts={n_exp}); the checkpoint is incomplete or its config is wrong"
+        )
+    shapes: list[Shape] | None = None
+    dtype = None
+    for e in range(n_exp):
+        slot = experts[e]
+        if len(slot) != len(g.parts):
+            miss = [g.part_templates[p].format(**caps, expert=e) for p in range(len(g.parts)) if p not in slot]
+            raise MappingError(f"{fused_name!r}: expert {e} lacks {_fmt_keys(miss)}; the checkpoint is incomplete")
+        infos = [ckpt.tensors[slot[p]] for p in range(len(g.parts))]
+        s = [t.shape for t in infos]
+        if shapes is None:
+            shapes, dtype = s, infos[0].dtype
+            ref_key = slot[0]
+        if s != shapes or any(t.dtype != dtype for t in infos):
+            bad = next(t for t in infos if t.shape not in shapes or t.dtype != dtype)
+            raise MappingError(
+                f"experts of {fused_name!r} differ: {bad.name!r} is {bad.dtype}{list(bad.shape)} but {ref_key!r} is {dtype}{list(shapes[0])}; the checkpoint is inconsistent"
+            )
+    try:
+        g.chain(Layout.FUSED, shapes)
+    except ValueError as e:
+        raise MappingError(f"{fused_name!r}: parts cannot be fused ({e})") from e
+    parts = {e: [experts[e][p] for p in range(len(g.parts))] for e in range(n_exp)}
+    return GroupInstance(g, caps, n_exp, shapes, dtype, parts=parts)
+
+
+def _fused_instance(
+    ckpt: Checkpoint, g: ExpertGroup, caps: dict, key: str, layout: Layout, cfg_experts: int | None, recorded_parts: dict
+) -> GroupInstance:
+    info = ckpt.tensors[key]
+    fused_model_name = g.fused_template.format(**caps)
+    if not g.stacked:
+        shapes = _chunk_shapes(g, Layout.FUSED, info.shape, recorded_parts.get(fused_model_name), key)
+        return GroupInstance(g, caps, 1, shapes, info.dtype, fused_key=key)
+    if len(info.shape) < 2:
+        raise MappingError(f"fused tensor {key!r} has shape {list(info.shape)}; expected [experts, ...]")
+    n_exp = info.shape[0]
+    if cfg_experts is not None and n_exp != cfg_experts:
+        raise MappingError(
+            f"fused tensor {key!r} holds {n_exp} experts but the config says {cfg_experts}; the checkpoint and config disagree"
+        )
+    shapes = _chunk_shapes(g, layout, info.shape[1:], recorded_parts.get(fused_model_name), key)
+    return GroupInstance(g, caps, n_exp, shapes, info.dtype, fused_key=key)
+
+
+def _emit_outputs(
+    ckpt: Checkpoint,
+    mapping: MoEMapping,
+    model_keys: dict[str, str],
+    match: _GroupMatch,
+    instances: list[GroupInstance],
+    first_key_of_inst: dict[tuple[int, tuple], str],
+    layout: Layout,
+    target: Layout,
+    disk_names: bool,
+) -> tuple[list[OutTensor], list[str]]:
+    """Outputs in source order: a group's outputs where its first source key stood, other tensors copied through."""
     inst_by_first = {first_key_of_inst[i]: inst for i, inst in zip(first_key_of_inst, instances)}
     outputs: list[OutTensor] = []
     passthrough: list[str] = []
-    for key in sorted(ckpt.tensors, key=order):
-        if key in group_of:
+    for key in sorted(ckpt.tensors, key=_order_index(ckpt)):
+        if key in match.group_of:
             if key in inst_by_first:
-                outputs.extend(_emit_instance(mapping, inst_by_first[key], source_layout, target, disk_names))
+                outputs.extend(_emit_instance(mapping, inst_by_first[key], layout, target, disk_names))
             continue
         info = ckpt.tensors[key]
         name = mapping.to_disk_key(model_keys[key]) if disk_names else model_keys[key]
         outputs.append(OutTensor(name, info.dtype, info.shape, [Copy(key, 0, info.nbytes, 0)], sources=(key,)))
         passthrough.append(key)
-
-    names = [t.name for t in outputs]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise MappingError(f"two outputs would be named {dup!r}; the {model_type} mapping does not fit this checkpoint")
-    for t in outputs:
-        _check_tiling(t)
-    plan = Plan(model_type, mapping, source_layout, target, outputs, instances, passthrough)
-    if source_layout is target:
-        plan.notes.append(f"the checkpoint is already in the {target} layout: tensors are copied through unchanged")
-    return plan
+    return outputs, passthrough
 
 
 def _first_missing(present: Container[int], n: int, limit: int = 5) -> list[int]:
