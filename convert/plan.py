@@ -223,35 +223,41 @@ class _GroupMatch:
     group_of: dict[str, tuple[int, tuple]]
 
 
+def match_key(groups: tuple[ExpertGroup, ...], model_key: str) -> tuple[tuple[int, tuple], int | None, int] | None:
+    """The one key matcher (planning, key coverage, dry runs): the group instance `(group index, captures)` a model
+    key belongs to, with its expert and part index, or expert None for a fused tensor; None if no group claims it."""
+    for gi, g in enumerate(groups):
+        for pi, tpl in enumerate(g.part_templates):
+            caps = tpl.match(model_key)
+            if caps is not None:
+                e = int(caps.pop("expert", 0))  # a non-stacked group has one "expert"
+                return (gi, tuple(sorted(caps.items()))), e, pi
+        caps = g.fused_template.match(model_key)
+        if caps is not None:
+            return (gi, tuple(sorted(caps.items()))), None, 0
+    return None
+
+
 def _match_groups(groups: tuple[ExpertGroup, ...], model_keys: dict[str, str]) -> _GroupMatch:
     per_expert: dict[tuple[int, tuple], dict[int, dict[int, str]]] = defaultdict(lambda: defaultdict(dict))
     fused_keys: dict[tuple[int, tuple], str] = {}
     group_of: dict[str, tuple[int, tuple]] = {}
     for key, mk in model_keys.items():
-        for gi, g in enumerate(groups):
-            hit = False
-            for pi, tpl in enumerate(g.part_templates):
-                caps = tpl.match(mk)
-                if caps is not None:
-                    e = int(caps.pop("expert", 0))  # a non-stacked group has one "expert"
-                    inst = (gi, tuple(sorted(caps.items())))
-                    slot = per_expert[inst][e]
-                    if pi in slot:
-                        raise MappingError(
-                            f"expert {e} appears twice in {g.fused_template.format(**caps)!r}: {slot[pi]!r} and {key!r}; remove the duplicate"
-                        )
-                    slot[pi] = key
-                    group_of[key] = inst
-                    hit = True
-                    break
-            if hit:
-                break
-            caps = g.fused_template.match(mk)
-            if caps is not None:
-                inst = (gi, tuple(sorted(caps.items())))
-                fused_keys[inst] = key
-                group_of[key] = inst
-                break
+        hit = match_key(groups, mk)
+        if hit is None:
+            continue
+        inst, e, pi = hit
+        group_of[key] = inst
+        if e is None:
+            fused_keys[inst] = key
+            continue
+        slot = per_expert[inst][e]
+        if pi in slot:
+            g = groups[inst[0]]
+            raise MappingError(
+                f"expert {e} appears twice in {g.fused_template.format(**dict(inst[1]))!r}: {slot[pi]!r} and {key!r}; remove the duplicate"
+            )
+        slot[pi] = key
     return _GroupMatch(groups, per_expert, fused_keys, group_of)
 
 
@@ -520,23 +526,13 @@ def key_coverage(keys: list[str], mapping: MoEMapping, config: dict, *, model_ty
         if mk in seen:
             cov.problems.append(f"{seen[mk]!r} and {key!r} both map to {mk!r}")
         seen[mk] = key
-        hit = False
-        for gi, g in enumerate(groups):
-            for pi, tpl in enumerate(g.part_templates):
-                caps = tpl.match(mk)
-                if caps is not None:
-                    e = int(caps.pop("expert", 0))
-                    per_expert[(gi, tuple(sorted(caps.items())))][e].add(pi)
-                    hit = True
-                    break
-            if not hit:
-                caps = g.fused_template.match(mk)
-                if caps is not None:
-                    fused[(gi, tuple(sorted(caps.items())))] = key
-                    hit = True
-            if hit:
-                break
-        if hit:
+        hit = match_key(groups, mk)
+        if hit is not None:
+            inst, e, pi = hit
+            if e is None:
+                fused[inst] = key
+            else:
+                per_expert[inst][e].add(pi)
             continue
         if any(t.match(mk) is not None for t in expert_tpls):
             cov.expert_tensors += 1
