@@ -219,15 +219,22 @@ RENAME_EXCHANGE = 2
 AT_FDCWD = -100
 
 
-def _load_renameat2() -> Callable[[str, str, int], int] | None:
+def libc_function(name: str, argtypes: list, restype=ctypes.c_int):  # noqa: ANN001, ANN201
+    """A Linux libc function through ctypes (errno kept), or None elsewhere or where libc lacks it."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        f = ctypes.CDLL(None, use_errno=True).renameat2
+        f = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    f.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    f.restype = ctypes.c_int
+    f.argtypes, f.restype = argtypes, restype
+    return f
+
+
+def _load_renameat2() -> Callable[[str, str, int], int] | None:
+    f = libc_function("renameat2", [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint])
+    if f is None:
+        return None
 
     def call(a: str, b: str, flags: int) -> int:
         if f(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), flags) == 0:

@@ -30,7 +30,6 @@ import os
 import shutil
 import signal
 import stat
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +47,7 @@ from .destination import (
     commit,
     destination_lock,
     fsync_dir,
+    libc_function,
     remove_tree,
     signals_deferred,
     staging_path,
@@ -340,20 +340,7 @@ def _copy_in_kernel(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int
         src_off, dst_off, n = src_off + k, dst_off + k, n - k
 
 
-def _linux_fallocate() -> Callable[[int, int, int, int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        f = libc.fallocate
-    except (OSError, AttributeError):
-        return None
-    f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    f.restype = ctypes.c_int
-    return f
-
-
-_fallocate = _linux_fallocate()
+_fallocate = libc_function("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
 
 
 def preallocate(fd: int, size: int) -> None:
@@ -394,19 +381,7 @@ def fsync_fd(fd: int) -> None:
         os.fsync(fd)
 
 
-def _linux_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        f = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    f.restype = ctypes.c_int
-    return f
-
-
-_sync_file_range = _linux_sync_file_range()
+_sync_file_range = libc_function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
 SYNC_FILE_RANGE_WRITE = 2
 
 
