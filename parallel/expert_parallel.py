@@ -11,6 +11,16 @@ Contract:
   is "shard the weights and swap the dispatcher". Experts are then FSDP2-sharded
   over `ep_dp` when it has more than one rank (gradients reduced only among ranks holding the same experts; with
   ep == world nothing to reduce), dense parameters over `dp` (world > 1), with bf16 compute and fp32 gradient reduction. A single rank gets no FSDP wrapper.
+- Output head: a zoo model's untied head (`models.common.loss.LMHead`, whose `loss` method reads its own weight)
+  is an FSDP2 unit of its own with `loss` registered as a forward method, so its gradient (complete once the loss's
+  backward has run, the first thing backward does) is reduce-scattered while the decoder layers' backward computes,
+  instead of with the embeddings at the very end. Its gathered weight is kept until backward (no second gather);
+  the last decoder layer prefetches it.
+- Gradient reduce dtype (`reduce_dtype="auto"`): bf16 for a group of exactly 2 ranks when the parameters are stored
+  in bf16, else fp32. With 2 ranks FSDP2 averages with NCCL's AVG (each input times 0.5, exact in both dtypes, then
+  one addition): bf16 + bf16 correctly rounded to bf16 is the same number as the exact fp32 sum rounded to the bf16
+  gradient, so the bf16 reduce gives bit-identical gradients (tests/test_ep_multi_gpu.py checks it) with half the
+  bytes and half the staging memory. With more ranks the partial sums are rounded on the way: fp32 there.
 - Gradient scale: every rank's loss reaches the experts it routed to, so expert gradients sum W per-rank losses;
   FSDP averages over `ep_dp` (W/ep ranks), and `GroupedExperts.grad_scale = 1/ep` makes the result the
   gradient of the mean loss, like the dense parameters.
@@ -138,7 +148,7 @@ def parallelize(
     meshes: ParallelMesh,
     *,
     param_dtype: torch.dtype | None = torch.bfloat16,
-    reduce_dtype: torch.dtype = torch.float32,
+    reduce_dtype: torch.dtype | str = "auto",
     activation_checkpointing: bool = False,
     dispatcher: str = "auto",
     reshard_after_forward: bool = True,
@@ -148,8 +158,10 @@ def parallelize(
     `dispatcher` is resolved by `ep_dispatch.choose_dispatcher` (auto: DeepEP on CUDA with ep > 1 where deep_ep
     imports, else all-to-all); the name used is left in `model.ep_dispatcher`. `reshard_after_forward=False` keeps
     the dense layers' gathered parameters from forward to backward (no second all-gather, more memory).
+    `reduce_dtype`: a dtype, or "auto" (see the module docstring); the dtypes used are left in
+    `model.grad_reduce_dtypes` ({"dense": ..., "experts": ...}).
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     try:
         name = choose_dispatcher(dispatcher, meshes.ep, meshes.device_type)
@@ -166,7 +178,12 @@ def parallelize(
 
         for i, layer in enumerate(list(layers)):
             layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    stored = next(model.parameters()).dtype
+    dense_rd = grad_reduce_dtype(reduce_dtype, meshes.world, stored)
+    expert_rd = grad_reduce_dtype(reduce_dtype, meshes.world // meshes.ep, stored)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=dense_rd)
+    mp_experts = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=expert_rd)
+    model.grad_reduce_dtypes = {"dense": dense_rd, "experts": expert_rd}
     # Experts are FSDP-sharded over ep_dp (the ranks holding the same experts) only where that group has more than
     # one rank; with ep == world each expert lives on one rank, its gradient is complete after the all-to-all
     # backward and needs no reduction. A rank may also hold no experts (uneven Shard(0)); so do all ranks of its
@@ -177,9 +194,35 @@ def parallelize(
         if mod.gate_up_proj.shape[0] == 0 or meshes.world // meshes.ep == 1:
             skip.update(mod.parameters(recurse=False))
         else:
-            fully_shard(mod, mesh=meshes.ep_dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+            fully_shard(mod, mesh=meshes.ep_dp_mesh, mp_policy=mp_experts, reshard_after_forward=reshard_after_forward)
     if meshes.world > 1:
         for layer in layers:
             fully_shard(layer, mesh=meshes.dp_mesh, mp_policy=mp, ignored_params=skip or None, reshard_after_forward=reshard_after_forward)
+        head = separate_head(model)
+        if head is not None:
+            fully_shard(head, mesh=meshes.dp_mesh, mp_policy=mp, reshard_after_forward=False)
+            register_fsdp_forward_method(head, "loss")
         fully_shard(model, mesh=meshes.dp_mesh, mp_policy=mp, ignored_params=skip or None)
+        if head is not None and len(layers):
+            layers[-1].set_modules_to_forward_prefetch([head])
     return model
+
+
+def grad_reduce_dtype(requested: torch.dtype | str, group_size: int, stored: torch.dtype) -> torch.dtype:
+    """The gradient reduce dtype for a group of `group_size` ranks: "auto" is bf16 where that is bit-identical to
+    fp32 (2 ranks, bf16 parameters; see the module docstring), else fp32; a dtype is used as given."""
+    if requested != "auto":
+        return requested
+    return torch.bfloat16 if group_size == 2 and stored == torch.bfloat16 else torch.float32
+
+
+def separate_head(model: nn.Module) -> nn.Module | None:
+    """The output head when it can be an FSDP unit of its own: it computes the loss in a method of its own
+    (`LMHead.loss`) and is not tied to the input embeddings."""
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if head is None or not callable(getattr(head, "loss", None)):
+        return None
+    if embed is not None and getattr(embed, "weight", None) is head.weight:
+        return None
+    return head

@@ -102,3 +102,35 @@ def test_twenty_step_loss_curve_matches_between_dispatchers(tmp_path):
     assert len(a) == len(b) == 20 and len({round(x, 4) for x in a}) > 10, curves  # the updates change the loss
     for i, (x, y) in enumerate(zip(a, b)):
         assert abs(x - y) <= 2e-2 * abs(x), (i, curves)
+
+
+def _reduce_worker(rank: int, world: int, folder: str, reduce_dtype: str) -> dict:
+    import hashlib
+
+    from automodel_convert.train import TrainArgs, Trainer
+
+    t = Trainer(TrainArgs(model=folder, init="random", ep=2, seq=512, steps=6, lr=3e-4, warmup=1, dispatcher="alltoall", quiet=True,
+                          device="cuda", reduce_dtype=reduce_dtype))
+    losses = [m["loss"] for m in t.run()]
+    digests = {}
+    for n, p in t.model.named_parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        digests[n] = hashlib.sha256(local.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
+    return {"losses": losses, "params": digests, "reduce": {k: str(v) for k, v in t.model.grad_reduce_dtypes.items()}}
+
+
+def test_bf16_reduce_trains_bit_identically_to_fp32_on_two_gpus(tmp_path):
+    """NCCL: six EP=2 steps (bf16 parameters, the head its own FSDP unit) with the gradients reduced in bf16 ("auto"
+    at 2 ranks) and in fp32 give the same losses and the same parameters, bit for bit, on every rank."""
+    import transformers
+
+    cfg = transformers.Qwen3MoeConfig(vocab_size=2048, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=4,
+                                      norm_topk_prob=True, tie_word_embeddings=False, max_position_embeddings=1024)
+    cfg.save_pretrained(tmp_path)
+    runs = {r: run_ranks(_reduce_worker, 2, str(tmp_path), r, timeout_s=400) for r in ("float32", "auto")}
+    assert runs["auto"][0]["reduce"]["dense"] == "torch.bfloat16" and runs["float32"][0]["reduce"]["dense"] == "torch.float32"
+    for rank in range(2):
+        a, b = runs["float32"][rank], runs["auto"][rank]
+        assert a["losses"] == b["losses"], (rank, a["losses"], b["losses"])
+        assert a["params"] == b["params"], [n for n in a["params"] if a["params"][n] != b["params"][n]]

@@ -70,7 +70,9 @@ class TrainConfig:
     resume: str | None = opt(None, "a step-N folder, or RUN/latest")
     # execution
     device: str = opt("auto", "auto (cuda when available), cuda or cpu (gloo)", ("auto", "cuda", "cpu"))
-    dtype: str = opt("bfloat16", "parameter dtype (gradients are reduced in fp32)", tuple(DTYPES))
+    dtype: str = opt("bfloat16", "parameter dtype", tuple(DTYPES))
+    reduce_dtype: str = opt("auto", "gradient reduce dtype: auto (bf16 where bit-identical to fp32: groups of 2 ranks "
+                            "with bf16 parameters; else fp32), float32 or bfloat16", ("auto", "float32", "bfloat16"))
     init: str = opt("pretrained", "pretrained, or random (config only, benchmarks)", ("pretrained", "random"))
     num_layers: int | None = opt(None, "override num_hidden_layers (with --init random)")
     backend: str = opt("", "BackendConfig as key=value,...")

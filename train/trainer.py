@@ -7,7 +7,7 @@ Contract:
   the weights is one line, exit code 2.
 - Model: a zoo family, loaded with `from_pretrained(device_mesh=mesh)` (each rank reads only its experts' bytes;
   `--init random`: from config.json alone), then `parallel.expert_parallel.parallelize` (experts `Shard(0)` over
-  ep with token dispatch, FSDP2 over dp), parameters in `--dtype`, gradients reduced in fp32, AdamW (fused on CUDA).
+  ep with token dispatch, FSDP2 over dp), parameters in `--dtype`, gradients reduced in `--reduce-dtype` (auto: bf16 only where bit-identical to fp32), AdamW (fused on CUDA).
 - A step: `--grad-accum` micro-batches, each loss a sum over its targets divided by the rank's target count over
   the whole step (so accumulating k micro-batches of b equals one batch of k x b); then the global gradient norm and
   `--grad-clip` (`control.py`), the `--lr-schedule` learning rate, AdamW, and the aux-loss-free router bias update
@@ -129,7 +129,8 @@ class Trainer:
         self.load_seconds = time.perf_counter() - t0
         self.hf_source = getattr(self.model, "_sharded_source", None)
         mp_dtype = None if self.dtype == torch.float32 else self.dtype
-        parallelize(self.model, self.mesh, param_dtype=mp_dtype, reduce_dtype=torch.float32, activation_checkpointing=cfg.ac,
+        reduce = cfg.reduce_dtype if cfg.reduce_dtype == "auto" else getattr(torch, cfg.reduce_dtype)
+        parallelize(self.model, self.mesh, param_dtype=mp_dtype, reduce_dtype=reduce, activation_checkpointing=cfg.ac,
                     dispatcher=self.dispatcher if cfg.ep > 1 else "auto", reshard_after_forward=cfg.reshard_after_forward)
         self.model.train()
         self.masking = DocumentMasking(self.model) if cfg.packing_mask == "document" else None

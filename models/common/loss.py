@@ -11,12 +11,19 @@ once into this chunk's input gradient and its share of the weight gradient. Back
 gradients by the incoming one: no recomputation, and at most one chunk of logits is alive. The "triton" variant
 computes loss and logit gradient in one fused in-place pass over each chunk (models/common/kernels.py).
 "full": transformers' computation (full fp32 logits).
+
+`LMHead` is the output head (`nn.Linear`, parameter `weight`, so state dicts are unchanged) with a `loss(hidden,
+labels, ...)` method running `causal_lm_loss` on its own weight. The loss reads the weight inside a method of the
+module that owns it, so FSDP2 can make the head a unit of its own (`parallel.expert_parallel` registers `loss` as a
+forward method): the head is gathered when the loss starts and its gradient is reduced as soon as the loss's
+backward has run, overlapping the decoder's backward instead of ending it.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..backend import triton_ok
 
@@ -138,3 +145,14 @@ def causal_lm_loss(
     impl = "triton" if triton_ok(h, impl) else ("chunked" if impl in ("auto", "triton") else impl)
     chunk = chunk_tokens or auto_chunk_tokens(weight.shape[0], impl)
     return LinearCrossEntropy.apply(h, weight, targets, denom, chunk, impl, ignore_index)
+
+
+class LMHead(nn.Linear):
+    """The output head: `forward(hidden) -> logits` as `nn.Linear`; `loss(hidden, labels, ...)` is
+    `causal_lm_loss(hidden, self.weight, labels, ...)` (see the module docstring)."""
+
+    def __init__(self, hidden_size: int, vocab_size: int) -> None:
+        super().__init__(hidden_size, vocab_size, bias=False)
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> torch.Tensor:  # noqa: ANN003
+        return causal_lm_loss(hidden, self.weight, labels, **kwargs)

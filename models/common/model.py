@@ -33,7 +33,7 @@ from ..backend import BackendConfig, as_backend
 from .attention import GQAttention, Masks
 from .experts import GroupedExperts
 from .generation import ZooGenerationMixin, check_cache, default_generation_config
-from .loss import causal_lm_loss
+from .loss import LMHead
 from .norms import RMSNorm, make_rms_norm
 from .rotary import RotaryEmbedding
 from .router import SigmoidGroupRouter, SoftmaxTopKRouter, load_balancing_loss
@@ -111,7 +111,7 @@ class MoECausalLM(nn.Module, ZooGenerationMixin):
         for i, layer in enumerate(layers):
             layer.self_attn.layer_idx = i
         self.model = DecoderStack(embed, layers, self.norm(config.hidden_size), self.rotary())
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size)
         self.tie_weights()
         self.gradient_checkpointing = False
         self.generation_config = default_generation_config(config)
@@ -278,8 +278,8 @@ class MoECausalLM(nn.Module, ZooGenerationMixin):
         want_router = output_router_logits if output_router_logits is not None else getattr(self.config, "output_router_logits", False)
         loss = aux_loss = logits = None
         if labels is not None or shift_labels is not None:
-            loss = causal_lm_loss(
-                hidden, self.lm_head.weight, labels, impl=self.backend.loss, chunk_tokens=self.backend.loss_chunk_tokens,
+            loss = self.lm_head.loss(
+                hidden, labels, impl=self.backend.loss, chunk_tokens=self.backend.loss_chunk_tokens,
                 num_items_in_batch=num_items_in_batch, shift_labels=shift_labels,
             )
         if return_logits or (return_logits is None and loss is None):
