@@ -18,6 +18,7 @@ for L in ${DEPTHS:-8 16}; do
   timeout 240 torchrun --nproc_per_node 2 bench/train_bench.py --runs trainer --ep 2 --layers "$L" --seq 4096 --gate balanced --steps 8 --warmup 3 $OURS_ARGS 2>&1 | grep '^{"impl' | tee "$OUT/ep2_${L}l.txt"
   IFS='|' read -ra extras <<< "${EXTRA_OURS:-}"
   for extra in "${extras[@]}"; do
+    [ "$extra" = default ] && extra=""
     timeout 240 torchrun --nproc_per_node 2 bench/train_bench.py --runs trainer --ep 2 --layers "$L" --seq 4096 --gate balanced --steps 8 --warmup 3 $OURS_ARGS $extra 2>&1 | grep '^{"impl' | tee -a "$OUT/ep2_${L}l.txt"
   done
   CUDA_VISIBLE_DEVICES=0 timeout 150 python3 bench/train_bench.py --runs trainer --ep 1 --layers "$L" --seq 4096 --steps 8 --warmup 3 2>&1 | grep '^{"impl' | tee "$OUT/ep1_${L}l.txt"

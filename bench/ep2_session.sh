@@ -14,6 +14,7 @@ DEPTHS=${DEPTHS:-8} bash bench/ep2_compare.sh
 if [ -n "${PROFILE_LAYERS:-}" ]; then  # PROFILE_OPTS: '|'-separated argument sets, one profiled run each
   IFS='|' read -ra popts <<< "${PROFILE_OPTS:---dispatcher deepep --no-reshard}"
   for opts in "${popts[@]}"; do
+    [ "$opts" = default ] && opts=""
     timeout 150 torchrun --nproc_per_node 2 bench/train_bench.py --runs trainer --ep 2 --layers "$PROFILE_LAYERS" --seq 4096 --steps 4 --warmup 2 \
       --gate balanced --profile /tmp/prof.txt $opts 2>&1 | grep '^{"impl' | tee -a "$OUT/profile_ep2.txt"
   done

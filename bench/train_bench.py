@@ -191,10 +191,11 @@ def run_trainer(gate: str, args: argparse.Namespace, device: torch.device, dtype
                           cuda_graphs=args.cuda_graphs, overlap_optimizer=args.overlap_optimizer, dispatcher=args.dispatcher,
                           reshard_after_forward=args.reshard_after_forward, grad_clip=0.0,  # as the recorded runs: no clipping
                           reduce_dtype=args.reduce_dtype)
-        if args.head_in_root:  # the layout before the head got its own FSDP unit (for before/after figures)
+        if args.fsdp_before:  # the FSDP arrangement before: head in the root unit, implicit prefetch only
             from automodel_convert.parallel import expert_parallel
 
             expert_parallel.separate_head = lambda model: None
+            expert_parallel.prefetch_forward = lambda units: None
         trainer = Trainer(targs)
         if dist.is_initialized():
             dist.barrier()
@@ -213,7 +214,7 @@ def run_trainer(gate: str, args: argparse.Namespace, device: torch.device, dtype
     tps = args.batch * args.seq / step
     tflops = train_flops_per_token(cfg, args.seq) * tps / 1e12
     res = dict(
-        impl=f"trainer(ep={args.ep},world={trainer.world}" + (f",{trainer.dispatcher}" if args.ep > 1 else "") + ("" if args.reshard_after_forward else ",noreshard") + ("" if args.reduce_dtype == "auto" else f",reduce={args.reduce_dtype}") + (",head-in-root" if args.head_in_root else "") + ")" + ("+graphs" if args.cuda_graphs else "") + ("+overlap" if args.overlap_optimizer else "") + ("+balanced" if gate == "balanced" else ""), gate=gate,
+        impl=f"trainer(ep={args.ep},world={trainer.world}" + (f",{trainer.dispatcher}" if args.ep > 1 else "") + ("" if args.reshard_after_forward else ",noreshard") + ("" if args.reduce_dtype == "auto" else f",reduce={args.reduce_dtype}") + (",fsdp-before" if args.fsdp_before else "") + ")" + ("+graphs" if args.cuda_graphs else "") + ("+overlap" if args.overlap_optimizer else "") + ("+balanced" if gate == "balanced" else ""), gate=gate,
         layers=args.layers, seq=args.seq, batch=args.batch, params_b=round(trainer.total_params / 1e9, 3), adamw="fused" if device.type == "cuda" else "foreach",
         fwd_ms=round(med([m["forward_ms"] for m in hist]), 2), bwd_ms=round(med([m["backward_ms"] for m in hist]), 2),
         fb_ms=round(med([m["forward_ms"] + m["backward_ms"] for m in hist]), 2), opt_ms=round(med([m["optimizer_ms"] for m in hist]), 2),
@@ -222,7 +223,7 @@ def run_trainer(gate: str, args: argparse.Namespace, device: torch.device, dtype
         expert_load_max_over_mean=round(med([m.get("expert_load_max_over_mean", 0) for m in hist]), 3),
         torch=torch.__version__, transformers=__import__("transformers").__version__, dispatcher=trainer.dispatcher,
         reshard_after_forward=args.reshard_after_forward, grad_reduce={k: str(v).removeprefix("torch.") for k, v in getattr(trainer.model, "grad_reduce_dtypes", {}).items()},
-        head_unit=not args.head_in_root and trainer.world > 1, **exposure,
+        head_unit=not args.fsdp_before and trainer.world > 1, **exposure,
     )
     trainer = None
     gc.collect()
@@ -476,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dispatcher", default="auto", help="trainer runs with ep > 1: auto, alltoall or deepep")
     ap.add_argument("--no-reshard", dest="reshard_after_forward", action="store_false", help="trainer runs: FSDP2 reshard_after_forward=False")
     ap.add_argument("--reduce-dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="trainer runs: gradient reduce dtype")
-    ap.add_argument("--head-in-root", action="store_true", help="trainer runs: keep the output head in the root FSDP unit (the layout before)")
+    ap.add_argument("--fsdp-before", action="store_true", help="trainer runs: the FSDP arrangement before (head in the root unit, no explicit forward prefetch)")
     ap.add_argument("--cuda-graphs", action="store_true", help="trainer runs: CUDA graphs per decoder layer (one GPU)")
     ap.add_argument("--overlap-optimizer", action="store_true", help="trainer runs: AdamW stepped inside backward (one GPU)")
     ap.add_argument("--backend", default="", help="our BackendConfig as key=value,... (default: all auto)")

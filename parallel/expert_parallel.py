@@ -14,8 +14,8 @@ Contract:
 - Output head: a zoo model's untied head (`models.common.loss.LMHead`, whose `loss` method reads its own weight)
   is an FSDP2 unit of its own with `loss` registered as a forward method, so its gradient (complete once the loss's
   backward has run, the first thing backward does) is reduce-scattered while the decoder layers' backward computes,
-  instead of with the embeddings at the very end. Its gathered weight is kept until backward (no second gather);
-  the last decoder layer prefetches it.
+  instead of with the embeddings at the very end. Its gathered weight is kept until backward (no second gather).
+  Each decoder layer prefetches the next unit's parameters in forward (`prefetch_forward`).
 - Gradient reduce dtype (`reduce_dtype="auto"`): bf16 for a group of exactly 2 ranks when the parameters are stored
   in bf16, else fp32. With 2 ranks FSDP2 averages with NCCL's AVG (each input times 0.5, exact in both dtypes, then
   one addition): bf16 + bf16 correctly rounded to bf16 is the same number as the exact fp32 sum rounded to the bf16
@@ -203,9 +203,16 @@ def parallelize(
             fully_shard(head, mesh=meshes.dp_mesh, mp_policy=mp, reshard_after_forward=False)
             register_fsdp_forward_method(head, "loss")
         fully_shard(model, mesh=meshes.dp_mesh, mp_policy=mp, ignored_params=skip or None)
-        if head is not None and len(layers):
-            layers[-1].set_modules_to_forward_prefetch([head])
+        prefetch_forward(list(layers) + ([head] if head is not None else []))
     return model
+
+
+def prefetch_forward(units: list[nn.Module]) -> None:
+    """Each FSDP unit starts gathering the next one's parameters when its own forward starts. FSDP2's implicit
+    prefetch issues a gather only when the CPU reaches the next module, and the EP dispatchers' host syncs keep the
+    CPU close behind the GPU; the explicit one gives each gather a whole layer of compute to hide behind."""
+    for unit, nxt in zip(units, units[1:]):
+        unit.set_modules_to_forward_prefetch([nxt])
 
 
 def grad_reduce_dtype(requested: torch.dtype | str, group_size: int, stored: torch.dtype) -> torch.dtype:
