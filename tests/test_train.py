@@ -94,9 +94,9 @@ def test_overlap_optimizer_matches_and_resumes(ckpt, tmp_path, monkeypatch, caps
     """--overlap-optimizer (AdamW inside backward) follows the standard loop's losses; save/resume stays exact."""
     from automodel_convert.train import TrainArgs, Trainer
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
     assert main(["--model", ckpt, "--seq", "16", "--steps", "1", "--ep", "2", "--overlap-optimizer", "--grad-clip", "0"]) == 2
-    assert "--overlap-optimizer needs one rank" in capsys.readouterr().err
+    assert "--overlap-optimizer with 4 ranks needs --ep 4" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "1")
     common = dict(model=ckpt, data=os.path.join(ckpt, "train.jsonl"), seq=16, steps=4, lr=3e-3, warmup=2, dtype="float32", quiet=True, device="cpu", grad_clip=0.0)
     ref = [m["loss"] for m in Trainer(TrainArgs(**common)).run()]

@@ -3,7 +3,7 @@
 Contract:
 - `load_config(cfg)`: the model's `config.json` (`--num-layers` applied), or a one-line error.
 - `check_run(cfg, config, world)`: ep divides the world, the type has a zoo model with EP support, `--seq` fits
-  `max_position_embeddings`, `--device cuda` has CUDA, `--overlap-optimizer` runs on one rank.
+  `max_position_embeddings`, `--device cuda` has CUDA, `--overlap-optimizer` runs on one rank or with ep equal to the world size.
 - `load_tokenizer(cfg, vocab_size)`: `--tokenizer` or the model's tokenizer; missing, degenerate (a vocabulary of one,
   a probe text that tokenizes to nothing or to one repeated id) or larger than the model's vocabulary is an error.
 - `count_params`, `flops_per_token`, `check_memory`: parameter counts, model FLOPs, predicted per-GPU state memory.
@@ -57,8 +57,9 @@ def check_run(cfg: TrainConfig, config: Any, world: int) -> None:
         raise TrainError(f"--seq {cfg.seq} is longer than the model allows (max_position_embeddings={limit}); use --seq {limit} or less")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise TrainError("--device cuda: no CUDA GPU is visible here; use --device cpu (or auto)")
-    if cfg.overlap_optimizer and world != 1:
-        raise TrainError("--overlap-optimizer needs one rank (run without torchrun): with FSDP/EP the gradients are reduced after backward")
+    if cfg.overlap_optimizer and world != 1 and cfg.ep != world:
+        raise TrainError(f"--overlap-optimizer with {world} ranks needs --ep {world} (experts on one rank each need no gradient reduction, "
+                         "so they are updated inside backward); or drop --overlap-optimizer")
     if cfg.cuda_graphs and cfg.data != "synthetic" and cfg.packing_mask == "document":
         raise TrainError("--cuda-graphs replays plain causal attention: add --packing-mask causal or use synthetic data")
 

@@ -79,7 +79,7 @@ class TrainConfig:
     dispatcher: str = opt("auto", "token dispatcher for ep > 1: auto, alltoall, deepep (checked with the mesh)")
     ac: bool = opt(False, "activation checkpointing per decoder layer")
     cuda_graphs: bool = opt(False, "experimental: CUDA graphs per decoder layer (one GPU, ep=1)")
-    overlap_optimizer: bool = opt(False, "step AdamW per parameter inside backward (one rank; needs --grad-clip 0 and "
+    overlap_optimizer: bool = opt(False, "step AdamW per parameter inside backward (one rank, or the experts at ep = world; needs --grad-clip 0 and "
                                   "--grad-accum 1)")
     reshard_after_forward: bool = opt(True, "FSDP2: free gathered dense parameters after forward")
     # logging

@@ -213,3 +213,73 @@ def input_side_modules(model: torch.nn.Module, layers: int | None = None) -> lis
     n = len(inner.layers) // 2 if layers is None else layers
     return [inner.embed_tokens, *list(inner.layers)[:n]]
 
+
+
+class _SplitState(MutableMapping):
+    """`Optimizer.state`-like view over the two optimizers of `SplitOverlappedAdamW`."""
+
+    def __init__(self, owner: SplitOverlappedAdamW) -> None:
+        self._owner = owner
+
+    def _state(self, p: torch.Tensor) -> MutableMapping:
+        o = self._owner
+        if p in o.overlapped.optimizers:
+            return o.overlapped.state
+        if p in o.dense_params:
+            return o.dense.state
+        raise KeyError("not a parameter of this optimizer")
+
+    def __getitem__(self, p: torch.Tensor) -> dict:
+        st = self._state(p)
+        if p not in st:  # AdamW.state is a defaultdict: a lookup must not create an empty entry
+            raise KeyError("no state yet for this parameter")
+        return st[p]
+
+    def __setitem__(self, p: torch.Tensor, value: dict) -> None:
+        self._state(p)[p] = value
+
+    def __delitem__(self, p: torch.Tensor) -> None:
+        del self._state(p)[p]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        yield from self._owner.overlapped.state
+        yield from self._owner.dense.state
+
+    def __len__(self) -> int:
+        return len(self._owner.overlapped.state) + len(self._owner.dense.state)
+
+
+class SplitOverlappedAdamW:
+    """AdamW for expert parallelism with the update inside backward where it can be: `overlapped` (an
+    `OverlappedAdamW`) steps the plain-tensor parameters, i.e. the experts when ep equals the world size (nothing
+    reduces their gradients, so each is complete the moment autograd accumulates it), during backward on its side
+    stream; `dense` (one fused/foreach AdamW) steps the FSDP2 (DTensor) parameters in `step()`, after FSDP has
+    reduce-scattered their gradients, on the current stream, so the next forward's all-gathers read updated shards.
+    Both run AdamW's per-element arithmetic, so the result equals one AdamW over all parameters bit for bit
+    (tests/test_ep_overlap_optimizer.py). Same interface as `OverlappedAdamW` (`param_groups`, `state`, `defaults`,
+    `step`, `zero_grad`, `finish`)."""
+
+    def __init__(self, plain: list[torch.Tensor], dense: list[torch.Tensor], **kw: Any) -> None:
+        self.overlapped = OverlappedAdamW(plain, **kw)
+        fused = kw.pop("fused", None)
+        self.dense_params = set(dense)
+        self.dense = torch.optim.AdamW(dense, **kw, fused=fused, foreach=None if fused else True) if dense else None
+        self.defaults = dict(self.overlapped.defaults)
+        self.state = _SplitState(self)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.overlapped.param_groups + (self.dense.param_groups if self.dense is not None else [])
+
+    def step(self) -> None:
+        self.overlapped.step()
+        if self.dense is not None:
+            self.dense.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.overlapped.zero_grad(set_to_none)
+        if self.dense is not None:
+            self.dense.zero_grad(set_to_none)
+
+    def finish(self) -> None:
+        self.overlapped.finish()

@@ -157,6 +157,12 @@ class Trainer:
 
         cfg, fused = self.cfg, self.device.type == "cuda"
         params = list(self.model.parameters())
+        if cfg.overlap_optimizer and self.world > 1:  # experts inside backward, FSDP parameters after it (optim.py)
+            from .optim import SplitOverlappedAdamW
+
+            plain, dense = [p for p in params if not isinstance(p, DTensor)], [p for p in params if isinstance(p, DTensor)]
+            self.optimizer = SplitOverlappedAdamW(plain, dense, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=fused)
+            return
         if cfg.overlap_optimizer:  # the same AdamW, stepped per parameter inside backward (optim.py)
             from .optim import OverlappedAdamW
 
