@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED=1
 L=${LAYERS:-8}
 BASE=${BASE_ARGS:---dispatcher deepep --no-reshard}
 if [ -z "${SKIP_TESTS:-}" ]; then
-  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -m gpu -rA tests/test_ep_multi_gpu.py > "$OUT/gpu_tests.txt" 2>&1
+  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -m gpu -rA tests/test_ep_multi_gpu.py ${TEST_K:+-k "$TEST_K"} > "$OUT/gpu_tests.txt" 2>&1
   grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/gpu_tests.txt" | tail -8
 fi
 IFS='|' read -ra sets <<< "${OPTIONS:-}"
