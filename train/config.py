@@ -45,6 +45,10 @@ class TrainConfig:
     eval_every: int = opt(0, "evaluate every N steps (and after the last; needs --eval-data)")
     packing_mask: str = opt("document", "document: attention stays inside each packed document (block-causal); causal: "
                             "plain causal over the window", ("document", "causal"))
+    doc_attention: str = opt("auto", "the kernel of --packing-mask document: auto (varlen_attn, flash per document, on CUDA in "
+                             "bf16/fp16 for layers without sliding window or sinks; else sdpa with an explicit block-causal "
+                             "mask; the trainer says which), varlen (refuse where it cannot run), mask (the explicit mask)",
+                             ("auto", "varlen", "mask"))
     # shape of the run
     ep: int = opt(1, "expert-parallel degree (divides the number of ranks)")
     seq: int = opt(4096, "sequence length")
@@ -111,6 +115,11 @@ class TrainConfig:
                              "exists: add --grad-clip 0 (or drop --overlap-optimizer)")
         if self.overlap_optimizer and self.grad_accum > 1:
             raise TrainError("--overlap-optimizer cannot accumulate gradients: use --grad-accum 1")
+        if self.doc_attention != "auto" and self.packing_mask != "document":
+            raise TrainError(f"--doc-attention {self.doc_attention} is the kernel of --packing-mask document: drop one of them")
+        if self.doc_attention == "varlen" and (DTYPES[self.dtype] == "float32" or self.device == "cpu"):
+            raise TrainError("--doc-attention varlen runs varlen_attn, a CUDA kernel for bf16/fp16: use --dtype bfloat16 on "
+                             "CUDA, or --doc-attention auto")
         if self.eval_every and not self.eval_data:
             raise TrainError("--eval-every needs --eval-data")
         if self.save and self.init == "random":
@@ -153,7 +162,7 @@ TrainArgs = TrainConfig
 RESUME_FIXED = ("model", "tokenizer", "data", "data_split", "data_field", "packing_mask", "seq", "batch", "grad_accum",
                 "lr", "lr_schedule", "warmup", "min_lr", "weight_decay", "grad_clip", "aux_loss_coef", "router_bias_rate",
                 "seed", "dtype", "init", "num_layers", "save_layout", "eval_data")
-RESUME_TAKEN = RESUME_FIXED + ("save", "steps", "save_every", "keep_last", "eval_every", "log_every")
+RESUME_TAKEN = RESUME_FIXED + ("save", "steps", "save_every", "keep_last", "eval_every", "log_every", "doc_attention")
 
 
 def dash(name: str) -> str:

@@ -62,6 +62,7 @@ class Trainer:
         self.dtype = getattr(torch, DTYPES[cfg.dtype])
         meta = meta_model(self.config, backend)
         self.total_params, self.expert_params, self.active_params = count_params(meta)
+        self.doc_plan = self._plan_documents(meta)
         del meta
         self.flops_per_token = flops_per_token(self.config, self.active_params, cfg.seq)
         self.state_gib = check_memory(self.total_params, self.world, self.dtype.itemsize, self.device)
@@ -100,6 +101,20 @@ class Trainer:
         cuda = self.mesh.device_type == "cuda"
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
+    def _plan_documents(self, meta: Any) -> tuple[dict[str, int], list[str]] | None:
+        """Which kernel keeps packed documents apart in each attention layer (`masking.plan`); an impossible one (e.g.
+        `--doc-attention varlen` on CPU, attn=flash with a sliding-window layer) is one line before the weights load."""
+        from .masking import plan
+
+        cfg = self.cfg
+        packed = any(s is not None and s.kind != "synthetic" for s in (self.source, self.eval_source))
+        if cfg.packing_mask != "document" or not packed:
+            return None
+        try:
+            return plan(meta, self.device.type, self.dtype, cfg.doc_attention)
+        except NotImplementedError as e:
+            raise TrainError(f"--packing-mask document: {e}") from None
+
     def _make_data(self, source: Any, spec: str) -> Any:
         from .data import Packed, Synthetic, tokenize
 
@@ -132,7 +147,7 @@ class Trainer:
         parallelize(self.model, self.mesh, param_dtype=mp_dtype, reduce_dtype=torch.float32, activation_checkpointing=cfg.ac,
                     dispatcher=self.dispatcher if cfg.ep > 1 else "auto", reshard_after_forward=cfg.reshard_after_forward)
         self.model.train()
-        self.masking = DocumentMasking(self.model) if cfg.packing_mask == "document" else None
+        self.masking = DocumentMasking(self.model, cfg.doc_attention) if cfg.packing_mask == "document" else None
         if cfg.cuda_graphs:
             self._graph_layers()
 
@@ -228,6 +243,8 @@ class Trainer:
                      peak_mem_gib=torch.cuda.max_memory_allocated(self.device) / 2**30)
         else:
             m["peak_rss_gib"] = _rss_gib()
+        if self.masking is not None and micro[0].get("doc_ids") is not None:
+            m["doc_attention"] = self.masking.short()  # what the layers ran: "varlen", "sdpa-mask", ...
         if load is not None:
             lf = load.float()
             m["expert_load_max_over_mean"] = (lf.max(1).values / lf.mean(1).clamp_min(1e-9)).mean().item()
@@ -329,6 +346,8 @@ class Trainer:
         try:
             while self.step_index < cfg.steps:
                 m = self.step()
+                if self.step_index == first + 1 and "doc_attention" in m and self.rank == 0 and not cfg.quiet:
+                    print(f"packed documents kept apart by {self.masking.describe()}", flush=True)
                 last = self.step_index == cfg.steps
                 if self.eval_data is not None and (last or (cfg.eval_every and self.step_index % cfg.eval_every == 0)):
                     m["eval_loss"] = self.evaluate()
