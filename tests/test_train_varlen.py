@@ -56,7 +56,9 @@ def test_cu_seqlens_agree_with_the_packed_windows_positions():
     assert len(lengths) > 4  # several documents per window
 
 
-def test_trainer_passes_positions_that_restart_per_document(monkeypatch):
+def test_trainer_passes_positions_that_restart_per_document(monkeypatch, request):
+    import torch.distributed as dist
+
     from automodel_convert.train.config import TrainConfig
     from automodel_convert.train.trainer import Trainer
 
@@ -64,6 +66,7 @@ def test_trainer_passes_positions_that_restart_per_document(monkeypatch):
     cfg = TrainConfig(model=str(fixture_path("qwen3_moe")), tokenizer=str(CHAT), data=str(CHAT / "chat.jsonl"), seq=64, batch=2,
                       steps=2, dtype="float32", device="cpu", quiet=True)
     trainer = Trainer(cfg)
+    request.addfinalizer(lambda: dist.destroy_process_group() if dist.is_initialized() else None)
     trainer.model.register_forward_pre_hook(lambda mod, args, kw: seen.append((kw["position_ids"].clone(), kw["input_ids"].shape)), with_kwargs=True)
     batches = []
     real = trainer.data.next_batch

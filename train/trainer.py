@@ -31,7 +31,7 @@ from typing import Any
 
 from . import checkpoint as ckpt
 from .checks import check_memory, check_run, count_params, flops_per_token, load_config, load_tokenizer, meta_model
-from .config import DTYPES, TrainConfig, TrainError, merge_resumed
+from .config import DTYPES, TrainConfig, TrainError, merge_resumed, restored_shape
 from .control import clip_grads, lr_at
 from .sources import records, resolve
 
@@ -43,20 +43,32 @@ class Trainer:
         import torch
 
         self.resume_path, self.resume_meta = (None, None)
+        self.restored: dict[str, Any] = {}  # run-shape arguments taken from trainer.json
+        world = int(os.environ.get("WORLD_SIZE", "1"))
         if cfg.resume:
             self.resume_path, self.resume_meta = ckpt.resolve_resume(cfg.resume)
+            self.restored = restored_shape(cfg, self.resume_meta["args"])
             cfg = merge_resumed(cfg, self.resume_meta["args"], cfg.resume)
+            if "ep" in self.restored and world % cfg.ep:
+                raise TrainError(f"--resume {cfg.resume}: the run was trained with --ep {cfg.ep}, which does not divide the world "
+                                 f"size {world} here; give --ep from {[d for d in range(1, world + 1) if world % d == 0]} (the "
+                                 "train state reshards to any ep)")
         self.cfg = self.args = cfg
         self.run_id = self.resume_meta.get("run_id", "") if self.resume_meta else uuid.uuid4().hex[:12]
         self.config = load_config(cfg)
         self._configure_aux_loss()
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        check_run(cfg, self.config, world)
+        try:
+            check_run(cfg, self.config, world)
+        except TrainError as e:
+            raise TrainError(str(e) + self._restored_note()) from None
         self.tokenizer = load_tokenizer(cfg, self.config.vocab_size)
         self.source = resolve(cfg.data)
         self.eval_source = resolve(cfg.eval_data, "--eval-data") if cfg.eval_data else None
         backend = cfg.backend_config()
         self._build_mesh()
+        if cfg.cuda_graphs and (self.device.type != "cuda" or self.world != 1):  # before the weights
+            raise TrainError("--cuda-graphs needs one CUDA GPU (ep=1, no torchrun): EP dispatch sizes its all-to-all on the host"
+                             + self._restored_note())
         if cfg.save:
             self._claim(Path(cfg.save))
         self.dtype = getattr(torch, DTYPES[cfg.dtype])
@@ -78,6 +90,18 @@ class Trainer:
             self.step_index = int(self.resume_meta["step"])
 
     # ------------------------------------------------------------ construction
+    def _restored_note(self) -> str:
+        """For an error about the run's shape: which of it came from trainer.json, and how to change it."""
+        usual = {"ep": 1}
+        moved = {n: v for n, v in self.restored.items() if v != usual.get(n, TrainConfig.__dataclass_fields__[n].default)}
+        if not moved:
+            return ""
+        def flag(name: str, value: Any) -> str:
+            d = name.replace("_", "-")
+            return f"--{d}" if value is True else f"--no-{d}" if value is False else f"--{d} {value}"
+
+        return f" (restored from the resumed run: {', '.join(flag(n, v) for n, v in moved.items())}; give another value to change it)"
+
     def _configure_aux_loss(self) -> None:
         coef = self.cfg.aux_loss_coef
         if coef is not None:
