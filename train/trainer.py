@@ -33,7 +33,7 @@ from . import checkpoint as ckpt
 from .checks import check_memory, check_run, count_params, flops_per_token, load_config, load_tokenizer, meta_model
 from .config import DTYPES, TrainConfig, TrainError, merge_resumed, restored_shape
 from .control import clip_grads, lr_at
-from .sources import records, resolve
+from .sources import resolve, shard
 
 
 class Trainer:
@@ -146,7 +146,7 @@ class Trainer:
         if source.kind == "synthetic":
             return Synthetic(self.config.vocab_size, cfg.seq, cfg.batch, cfg.seed, self.rank, self.world, self.device)
         show = self.rank == 0 and not cfg.quiet
-        recs = records(source, cfg.data_split, cfg.data_streaming)
+        recs = shard(source, cfg.data_split, cfg.data_streaming, self.rank, self.world)  # this rank's records only
         stream = tokenize(recs, self.tokenizer, cfg.data_field, self.rank, self.world, self.config.vocab_size, show)
         return Packed(stream, cfg.seq, cfg.batch, self.rank, self.world, cfg.seed, self.device, shuffle=spec == cfg.data)
 
