@@ -48,6 +48,28 @@ def test_chat_labels_are_the_assistant_tokens_of_transformers(tok):
         assert any(mask) and not all(mask)
 
 
+def test_packed_labels_are_transformers_assistant_tokens_end_to_end(tok):
+    """The trainer's path (JSONL -> tokenize -> packed windows) against a stream built only from transformers'
+    `apply_chat_template(return_assistant_tokens_mask=True)`: every window's inputs and `shift_labels` (the next
+    token where transformers marks it an assistant token of the same conversation, else -100)."""
+    convs = [json.loads(line)["messages"] for line in (CHAT / "eval.jsonl").read_text().splitlines()]
+    ref_ids, ref_target, ref_doc = [], [], []
+    for d, messages in enumerate(convs):
+        ref = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ref_ids += list(ref["input_ids"])
+        ref_target += [bool(m) for m in ref["assistant_masks"]]
+        ref_doc += [d] * len(ref["input_ids"])
+    stream = tokenize(records(resolve(str(CHAT / "eval.jsonl"))), tok, None, 0, 1, 128, show=False)
+    seq = 40
+    packed = Packed(stream, seq, 1, 0, 1, shuffle=False)
+    for k in range(packed.n):
+        w = packed.window(k)
+        s = slice(k * (seq + 1), (k + 1) * (seq + 1))
+        ids, target, doc = ref_ids[s], ref_target[s], ref_doc[s]
+        expect = [ids[t + 1] if target[t + 1] and doc[t + 1] == doc[t] else -100 for t in range(seq)]
+        assert w["input_ids"].tolist() == ids[:-1] and w["shift_labels"].tolist() == expect, k
+
+
 def test_prompt_completion_text_and_pretokenized(tok):
     eos = tok.eos_token_id
     p, c = tok("What is 2 + 2?", add_special_tokens=False)["input_ids"], tok(" 4", add_special_tokens=False)["input_ids"]
