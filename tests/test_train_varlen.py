@@ -234,3 +234,21 @@ def test_varlen_kernel_refused_where_it_cannot_run():
     assert masks.kernels == {"sdpa-mask": 1} and "CUDA only" in masks.why[0]
     alone = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], q[:, :, a:b], q[:, :, a:b], is_causal=True, scale=0.3) for a, b in ((0, 3), (3, 6))], 2)
     torch.testing.assert_close(out, alone.transpose(1, 2))
+
+
+def test_layers_without_zoo_masks_are_refused_not_run_across_documents():
+    from automodel_convert.train.masking import DocumentMasking
+
+    class Plain(torch.nn.Module):  # decoder layers that take no Masks (as transformers' own classes)
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
+
+        def forward(self, x):  # noqa: ANN001, ANN201
+            return self.layers[0](x)
+
+    model = Plain()
+    masking = DocumentMasking(model)
+    model(torch.zeros(1, 3, 4))  # outside the context: untouched
+    with pytest.raises(NotImplementedError, match="takes no zoo attention masks"), masking.documents(torch.tensor([[0, 0, 1]])):
+        model(torch.zeros(1, 3, 4))

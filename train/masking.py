@@ -11,9 +11,10 @@ a document boundary. Which kernel does it is decided per layer call by `attentio
   `attn` flash and te refuse such a layer (one-line NotImplementedError) rather than attend across documents.
 `kernel` "auto" (the above), "varlen" (refuse where varlen cannot run), "mask" (always the explicit mask).
 `plan(model, device_type, dtype, kernel)` predicts the same per layer before the weights load (the trainer refuses
-an impossible one there). `last_kernels` / `last_why` hold what the latest `documents` forward ran (per kernel: how many layer calls) and why
-varlen did not; `describe()` says it in one line. A model whose decoder layers take no `Masks` (transformers' own
-classes) is refused at its first document forward, never run with cross-document attention.
+an impossible one there). `last_kernels` / `last_why` hold what the latest `documents` forward ran (per kernel: how
+many layer calls) and why varlen did not; `describe()` says it in one line. A model whose decoder layers take no
+`Masks` (transformers' own classes) is refused at its first document forward, never run with cross-document
+attention.
 CUDA-graphed layers (`--cuda-graphs`) fall back to the eager layer for such a call (the trainer refuses the
 combination). Outside the context (synthetic data, `--packing-mask causal`) the layers see the model's own masks,
 except that activation checkpointing's recomputation of a forward made inside it gets that forward's masks again.
