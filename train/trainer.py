@@ -11,8 +11,12 @@ Contract:
 - A step: `--grad-accum` micro-batches, each loss a sum over its targets divided by the rank's target count over
   the whole step (so accumulating k micro-batches of b equals one batch of k x b); then the global gradient norm and
   `--grad-clip` (`control.py`), the `--lr-schedule` learning rate, AdamW, and the aux-loss-free router bias update
-  (`--router-bias-rate`, loads summed over ranks so replicas stay equal). Packed documents get block-causal
-  attention (`masking.py`) unless `--packing-mask causal`.
+  (`--router-bias-rate`, loads summed over ranks so replicas stay equal). Packed documents get attention inside
+  each document (`masking.py`: varlen_attn on CUDA in bf16, else an explicit block-causal mask; `--doc-attention`;
+  planned per layer before the weights load, then shown in the banner and each metrics row) unless
+  `--packing-mask causal`.
+- Resume: the run's arguments come from `trainer.json` (`config.merge_resumed`), its shape (`--ep`, dispatcher,
+  backend, ...) too unless given; a restored value that cannot run here is one line naming the option.
 - Saving (`--save RUN`, `--save-every N`, after the last step, on SIGINT/SIGTERM): `RUN/step-N/model` is a standard
   HF checkpoint (`parallel.save_sharded`, the tokenizer beside it), `train_state/` a DCP checkpoint and
   `trainer.json` the step, data position and arguments (`checkpoint.py`). Each save prints "saved step-N to PATH".
