@@ -2,7 +2,7 @@
 
 References: an uninterrupted run (losses, parameters and AdamW state bit for bit at the same shape; metrics.jsonl
 rows 1..N once each); the saving run's own full state (gathered) for a resharded resume, 2 ranks ep=2 -> 1 rank and
-back, compared exactly right after loading.
+back, compared exactly right after loading; a resume without --ep takes the run's ep (2) from trainer.json.
 """
 
 from __future__ import annotations
@@ -72,15 +72,21 @@ def _ep2_worker(rank: int, world: int, out: str, phase: str) -> dict | None:
     if phase == "save":
         t = Trainer(TrainConfig(**COMMON, ep=2, steps=2, save=f"{out}/run"))
         t.run()
-    else:
-        t = Trainer(TrainConfig(resume=f"{out}/run/step-3", ep=2, steps=4, quiet=True))
+    elif phase == "resume":
+        t = Trainer(TrainConfig(resume=f"{out}/run/step-3", ep=2, steps=4, quiet=True))  # saved at ep 1: reshard to ep 2
+    else:  # "restore": no ep given, the run's ep 2 comes back from trainer.json
+        t = Trainer(TrainConfig(resume=f"{out}/run/step-2", steps=4, quiet=True))
     state = full_state(t)
-    return {"state": state, "step": t.step_index, "position": t.data.position} if rank == 0 else None
+    return {"state": state, "step": t.step_index, "position": t.data.position, "ep": t.cfg.ep, "restored": t.restored} if rank == 0 else None
 
 
 def test_resharded_resume_2_ranks_ep2_to_1_rank_and_back(tmp_path):
     saved = run_ranks(_ep2_worker, 2, str(tmp_path), "save")[0]
-    one = Trainer(TrainConfig(resume=str(tmp_path / "run" / "step-2"), steps=3, quiet=True))
+    restored = run_ranks(_ep2_worker, 2, str(tmp_path), "restore")[0]  # --ep not given: the run's ep 2, same state
+    assert restored["ep"] == 2 and restored["restored"]["ep"] == 2 and restored["step"] == 2
+    for k, v in saved["state"].items():
+        assert torch.equal(restored["state"][k], v), k
+    one = Trainer(TrainConfig(resume=str(tmp_path / "run" / "step-2"), ep=1, steps=3, quiet=True))  # ep 1 given: reshard
     assert one.step_index == 2 and one.data.position == saved["position"] == 4
     loaded = full_state(one)
     assert loaded.keys() == saved["state"].keys()

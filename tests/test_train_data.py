@@ -3,12 +3,14 @@
 References: transformers' own `apply_chat_template(..., return_assistant_tokens_mask=True)` (the bundled template
 carries `{% generation %}` markers, which the trainer does not use); prompt/completion labels built by hand from
 the tokenizer; the same records read as JSONL, .txt, parquet and a saved HF dataset give the same stream; a packed
-window under block-causal masking gives the same logits as each document run alone.
+window under block-causal masking gives the same logits as each document run alone; 2 ranks each reading and
+tokenizing only their share train on the 1-rank run's batches, also after a resume.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,6 +46,28 @@ def test_chat_labels_are_the_assistant_tokens_of_transformers(tok):
         assert ids == list(ref["input_ids"])
         assert mask == [bool(m) for m in ref["assistant_masks"]], messages
         assert any(mask) and not all(mask)
+
+
+def test_packed_labels_are_transformers_assistant_tokens_end_to_end(tok):
+    """The trainer's path (JSONL -> tokenize -> packed windows) against a stream built only from transformers'
+    `apply_chat_template(return_assistant_tokens_mask=True)`: every window's inputs and `shift_labels` (the next
+    token where transformers marks it an assistant token of the same conversation, else -100)."""
+    convs = [json.loads(line)["messages"] for line in (CHAT / "eval.jsonl").read_text().splitlines()]
+    ref_ids, ref_target, ref_doc = [], [], []
+    for d, messages in enumerate(convs):
+        ref = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ref_ids += list(ref["input_ids"])
+        ref_target += [bool(m) for m in ref["assistant_masks"]]
+        ref_doc += [d] * len(ref["input_ids"])
+    stream = tokenize(records(resolve(str(CHAT / "eval.jsonl"))), tok, None, 0, 1, 128, show=False)
+    seq = 40
+    packed = Packed(stream, seq, 1, 0, 1, shuffle=False)
+    for k in range(packed.n):
+        w = packed.window(k)
+        s = slice(k * (seq + 1), (k + 1) * (seq + 1))
+        ids, target, doc = ref_ids[s], ref_target[s], ref_doc[s]
+        expect = [ids[t + 1] if target[t + 1] and doc[t + 1] == doc[t] else -100 for t in range(seq)]
+        assert w["input_ids"].tolist() == ids[:-1] and w["shift_labels"].tolist() == expect, k
 
 
 def test_prompt_completion_text_and_pretokenized(tok):
@@ -82,6 +106,44 @@ def test_every_file_format_gives_the_same_stream(tok, tmp_path):
     with pytest.raises(TrainError, match="no split 'train'"):
         list(records(resolve(str(tmp_path / "hfdict")), "train"))
     assert resolve("some-org/some-dataset").kind == "hf_hub"
+
+
+def _dataset_folder(root: Path) -> list[dict]:
+    """A local dataset folder as on the hub: data/train-*.jsonl (two files) and data/test.jsonl, chat records."""
+    recs = [json.loads(line) for line in (CHAT / "chat.jsonl").read_text().splitlines()[:30]]
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "train-00000-of-00002.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[:17]))
+    (root / "data" / "train-00001-of-00002.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[17:]))
+    (root / "data" / "test-00000-of-00001.jsonl").write_text(json.dumps(recs[0]) + "\n")
+    return recs
+
+
+def test_local_dataset_folder_with_and_without_streaming(tok, tmp_path, monkeypatch, capsys):
+    """`--data FOLDER` (hub layout) goes through `datasets.load_dataset(FOLDER, split, streaming)`: downloaded-style and
+    streamed it gives the records of its files in order, the same stream as the JSONL itself; `--data-split` picks
+    the split; an unknown split is one line; the trainer runs on it with --data-streaming."""
+    import datasets
+
+    from automodel_convert.train import main
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    recs = _dataset_folder(tmp_path / "ds")
+    src = resolve(str(tmp_path / "ds"))
+    assert src.kind == "hf_folder"
+    (tmp_path / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    ref = tokenize(records(resolve(str(tmp_path / "all.jsonl"))), tok, None, 0, 1, 128, show=False)
+    for streaming in (False, True):
+        assert [r["messages"] for r in records(src, "train", streaming)] == [r["messages"] for r in recs]
+        stream = tokenize(records(src, "train", streaming), tok, None, 0, 1, 128, show=False)
+        assert torch.equal(stream.tokens, ref.tokens) and torch.equal(stream.mask, ref.mask) and torch.equal(stream.doc, ref.doc)
+        assert [r["messages"] for r in records(src, "test", streaming)] == [recs[0]["messages"]]
+    with pytest.raises(TrainError, match="cannot load the dataset"):
+        list(records(src, "validation"))
+    metrics = tmp_path / "m.jsonl"
+    argv = ["--model", str(fixture_path("qwen3_moe")), "--tokenizer", str(CHAT), "--data", str(tmp_path / "ds"), "--data-streaming",
+            "--seq", "32", "--steps", "2", "--dtype", "float32", "--device", "cpu", "--quiet", "--metrics", str(metrics)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
 
 
 def test_packing_restarts_positions_and_never_crosses_documents():
@@ -144,3 +206,86 @@ def test_tokenization_split_over_ranks_gives_every_rank_the_whole_stream(tok):
     ref = tokenize(records(resolve(path)), tok, None, 0, 1, 128, show=False)
     for res in run_ranks(_tokenize_worker, 2, path):
         assert torch.equal(res["tokens"], ref.tokens) and torch.equal(res["mask"], ref.mask) and torch.equal(res["doc"], ref.doc)
+
+
+def _sharded_worker(rank: int, world: int, folder: str, names: list[str], seq: int, batch: int) -> dict:
+    """Each source read through `sources.shard` (this rank's records only), tokenized, packed: 3 steps of batches, then
+    a `Packed` resumed at global position `world * batch` (after one step) and its next batch."""
+    from transformers import AutoTokenizer
+
+    from automodel_convert.train import data as data_mod
+    from automodel_convert.train.sources import shard
+
+    init_gloo()
+    tok = AutoTokenizer.from_pretrained(CHAT)
+    seen: list[int] = []
+    real = data_mod.to_example
+    data_mod.to_example = lambda rec, *a: seen.append(1) or real(rec, *a)
+    out = {}
+    import datasets
+
+    datasets.config.HF_DATASETS_CACHE = f"{folder}/cache"
+    for name in names:
+        seen.clear()
+        src, streaming = resolve(f"{folder}/{name}"), name == "ds"
+        own = [i for i, _ in shard(src, streaming=streaming, rank=rank, world=world)]
+        stream = tokenize(shard(src, streaming=streaming, rank=rank, world=world), tok, None, rank, world, 128, show=False)
+        packed = Packed(stream, seq, batch, rank, world, seed=5)
+        steps = [packed.next_batch() for _ in range(3)]
+        resumed = Packed(stream, seq, batch, rank, world, seed=5)
+        resumed.load_state_dict({"position": world * batch})
+        out[name] = {"own": own, "tokenized": len(seen), "steps": steps, "resumed": resumed.next_batch()}
+    import torch.distributed as dist
+
+    if rank == 0:
+        (Path(folder) / "bad.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"nothing": 1}\n{"text": "c"}\n')
+    dist.barrier()
+    try:  # record 2 (rank 0's of 2) is not a record: both ranks must raise, the other must not hang in the exchange
+        tokenize(shard(resolve(f"{folder}/bad.jsonl"), rank=rank, world=world), tok, None, rank, world, 128, show=False)
+        out["error"] = None
+    except TrainError as e:
+        out["error"] = str(e)
+    return out
+
+
+def test_each_rank_reads_and_tokenizes_its_share_and_trains_on_the_1_rank_order(tmp_path):
+    """2 ranks through tests/spawn_ranks.py against 1 rank: every rank converts only records i % 2 == rank (JSONL,
+    parquet, a saved HF dataset, a dataset folder streamed), and the packed batches of the two ranks, side by side, are the 1-rank run's batches
+    (world 2 x batch 2 = world 1 x batch 4 windows per step), also after a resume from the global position."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from automodel_convert.train.sources import shard
+
+    recs = [json.loads(line) for line in (CHAT / "chat.jsonl").read_text().splitlines()[:61]]
+    _dataset_folder(tmp_path / "ds")  # its own 30 records, streamed
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" + ("\n" if k % 7 == 3 else "") for k, r in enumerate(recs)))  # blank lines too
+    table = pa.Table.from_pylist(recs)
+    (tmp_path / "pq").mkdir()
+    pq.write_table(table.slice(0, 25), tmp_path / "pq" / "a.parquet")
+    pq.write_table(table.slice(25), tmp_path / "pq" / "b.parquet", row_group_size=10)
+    datasets.Dataset.from_list(recs).save_to_disk(str(tmp_path / "hf"))
+    names, seq, world, batch = ["c.jsonl", "pq", "hf", "ds"], 48, 2, 2
+    results = run_ranks(_sharded_worker, world, str(tmp_path), names, seq, batch)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(CHAT)
+    datasets.config.HF_DATASETS_CACHE = str(tmp_path / "cache")
+    for name in names:
+        src, streaming = resolve(str(tmp_path / name)), name == "ds"
+        every = [r for _, r in shard(src, streaming=streaming)]
+        if name != "ds":
+            assert every == recs, name  # one rank: every record, in file order
+        ref = Packed(tokenize(records(src, streaming=streaming), tok, None, 0, 1, 128, show=False), seq, world * batch, 0, 1, seed=5)
+        ref_steps = [ref.next_batch() for _ in range(3)]
+        for r, res in enumerate(results):
+            got = res[name]
+            assert got["own"] == list(range(r, len(every), world)) and got["tokenized"] == len(got["own"]), name
+        for k in range(3):
+            for field in ("input_ids", "shift_labels", "position_ids", "doc_ids"):
+                both = torch.cat([res[name]["steps"][k][field] for res in results])
+                assert torch.equal(both, ref_steps[k][field]), (name, k, field)
+        both = torch.cat([res[name]["resumed"]["input_ids"] for res in results])
+        assert torch.equal(both, ref_steps[1]["input_ids"]), name
+    assert results[0]["error"] == results[1]["error"] and "expected text, messages" in results[0]["error"]

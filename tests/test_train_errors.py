@@ -129,3 +129,37 @@ def test_resume_without_data_reuses_the_runs_arguments(run_dir, tmp_path):
     import torch.distributed as dist
 
     dist.destroy_process_group()
+
+
+def _edited_step(run_dir, tmp_path, **args):  # noqa: ANN001, ANN003
+    """A copy of the run's step-2 whose trainer.json records other run-shape arguments."""
+    step = tmp_path / "edited" / "step-2"
+    shutil.copytree(run_dir / "step-2", step)
+    meta = json.loads((step / "trainer.json").read_text())
+    meta["args"].update(args)
+    meta["args"]["save"] = str(tmp_path / "edited")
+    (step / "trainer.json").write_text(json.dumps(meta))
+    (tmp_path / "edited" / "run.json").write_text(json.dumps({"run_id": meta["run_id"]}))
+    return step
+
+
+def test_resume_restores_the_runs_shape_and_refuses_what_cannot_run(run_dir, tmp_path, capsys, monkeypatch, no_model_load):
+    from automodel_convert.train.config import parse
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    step = _edited_step(run_dir, tmp_path, ep=2, ac=True, dispatcher="alltoall")
+    one_line_error(capsys, ["--resume", str(step)], f"--resume {step}: the run was trained with --ep 2, which does not divide the "
+                   "world size 1 here; give --ep from [1]")
+    step = _edited_step(run_dir, tmp_path / "b", cuda_graphs=True)
+    one_line_error(capsys, ["--resume", str(step)], "--cuda-graphs replays plain causal attention: add --packing-mask causal or use "
+                   "synthetic data (restored from the resumed run: --cuda-graphs; give another value to change it)")
+    # restored where not given; a given value (--ep 1, --no-ac) wins
+    from automodel_convert.train.config import merge_resumed
+
+    saved = json.loads((_edited_step(run_dir, tmp_path / "c", ep=2, ac=True, backend="attn=eager", doc_attention="mask",
+                                     reshard_after_forward=False) / "trainer.json").read_text())["args"]
+    cfg = merge_resumed(parse(["--resume", "x"])[0], saved, "x")
+    assert (cfg.ep, cfg.ac, cfg.backend, cfg.doc_attention, cfg.reshard_after_forward) == (2, True, "attn=eager", "mask", False)
+    cfg = merge_resumed(parse(["--resume", "x", "--ep", "1", "--no-ac", "--reshard-after-forward"])[0], saved, "x")
+    assert (cfg.ep, cfg.ac, cfg.reshard_after_forward) == (1, False, True)
+    assert merge_resumed(parse(["--resume", "x"])[0], {"seq": 32}, "x").ep == 1  # a trainer.json without ep

@@ -24,6 +24,10 @@ def banner(trainer) -> str:  # noqa: ANN001 - a Trainer
              f"loaded in {trainer.load_seconds:.1f} s"]
     if dev == "cuda":
         parts.append(f"predicted state {trainer.state_gib:.1f} GiB/GPU")
+    if trainer.doc_plan is not None:
+        counts, why = trainer.doc_plan
+        kernels = " + ".join(f"{k} {n}/{sum(counts.values())} layers" for k, n in counts.items())
+        parts.append(f"documents: {kernels}" + (f" (not varlen: {'; '.join(why)})" if why else ""))
     if trainer.resume_path is not None:
         parts.append(f"resumed from {trainer.resume_path} at step {trainer.step_index}")
     return ", ".join(parts)

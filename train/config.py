@@ -2,13 +2,16 @@
 
 Contract:
 - Every field is one `--option` of `automodel-train` (underscores become dashes); its `help` (and `choices`) live in
-  the field's metadata, so the CLI is generated, never retyped (torchtitan's `config/` shape). Booleans are flags
-  (`--ac`), or `--x/--no-x` pairs when their default is true.
+  the field's metadata, so the CLI is generated, never retyped (torchtitan's `config/` shape). Booleans are
+  `--x/--no-x` pairs (a flag restored on resume can be turned off).
 - `__post_init__` checks everything that needs neither the model's config nor the world: a bad value is a
   `TrainError` (one line, exit code 2, before any weight is read). Checks that need the model (ep dividing the world,
   sequence length, memory) run in `train/checks.py`.
-- `RESUME_FIXED` are the fields a resumed run takes from `trainer.json`; `explicit(cfg)` are the fields set away from
-  their default, i.e. what the user asked for. `merge_resumed` refuses a conflicting one in one line.
+- `RESUME_TAKEN` are the fields a resumed run takes from `trainer.json` where not given; of them `RESUME_FIXED` may
+  not change (`merge_resumed` refuses a conflicting one in one line) and `RESUME_SHAPE` (ep, dispatcher, backend,
+  ac, ...) may (the trainer refuses a restored one that cannot run here, e.g. an ep not dividing the world, in one
+  line naming the flag that changes it). `explicit(cfg)` are the options given on the command line, else the fields
+  set away from their default (`ep` defaults to None: "1, or the resumed run's").
 - `TrainArgs` is the same class (older name).
 """
 
@@ -45,8 +48,12 @@ class TrainConfig:
     eval_every: int = opt(0, "evaluate every N steps (and after the last; needs --eval-data)")
     packing_mask: str = opt("document", "document: attention stays inside each packed document (block-causal); causal: "
                             "plain causal over the window", ("document", "causal"))
+    doc_attention: str = opt("auto", "the kernel of --packing-mask document: auto (varlen_attn, flash per document, on CUDA in "
+                             "bf16/fp16 for layers without sliding window or sinks; else sdpa with an explicit block-causal "
+                             "mask; the trainer says which), varlen (refuse where it cannot run), mask (the explicit mask)",
+                             ("auto", "varlen", "mask"))
     # shape of the run
-    ep: int = opt(1, "expert-parallel degree (divides the number of ranks)")
+    ep: int | None = opt(None, "expert-parallel degree, dividing the number of ranks (default 1, or on --resume the run's)")
     seq: int = opt(4096, "sequence length")
     batch: int = opt(1, "sequences per rank per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
@@ -92,8 +99,10 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
 
     def __post_init__(self) -> None:
+        if self.ep is None and not self.resume:
+            self.ep = 1  # on --resume it stays None until `merge_resumed` takes the run's
         for name in ("ep", "seq", "batch", "steps", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise TrainError(f"--{dash(name)} {getattr(self, name)}: must be at least 1")
         for name in ("warmup", "save_every", "keep_last", "eval_every"):
             if getattr(self, name) < 0:
@@ -113,6 +122,11 @@ class TrainConfig:
                              "exists: add --grad-clip 0 (or drop --overlap-optimizer)")
         if self.overlap_optimizer and self.grad_accum > 1:
             raise TrainError("--overlap-optimizer cannot accumulate gradients: use --grad-accum 1")
+        if self.doc_attention != "auto" and self.packing_mask != "document":
+            raise TrainError(f"--doc-attention {self.doc_attention} is the kernel of --packing-mask document: drop one of them")
+        if self.doc_attention == "varlen" and (DTYPES[self.dtype] == "float32" or self.device == "cpu"):
+            raise TrainError("--doc-attention varlen runs varlen_attn, a CUDA kernel for bf16/fp16: use --dtype bfloat16 on "
+                             "CUDA, or --doc-attention auto")
         if self.eval_every and not self.eval_data:
             raise TrainError("--eval-every needs --eval-data")
         if self.save and self.init == "random":
@@ -151,11 +165,16 @@ class TrainConfig:
 
 TrainArgs = TrainConfig
 
-# what a resumed run takes from trainer.json (the rest, e.g. --steps, --save-every, --ep, --device, may change)
+# what a resumed run takes from trainer.json: RESUME_FIXED may not change (a conflicting value is refused), the rest
+# of RESUME_TAKEN is taken where not given; RESUME_SHAPE is how the run executes (the ep degree, dispatcher, kernels,
+# activation checkpointing, ...), restored like the rest and changeable (DCP reshards the train state to any ep).
+# Not restored: --device, --resume, and the logging sinks (--metrics, --tensorboard, --wandb, --quiet, --peak-tflops).
 RESUME_FIXED = ("model", "tokenizer", "data", "data_split", "data_field", "packing_mask", "seq", "batch", "grad_accum",
                 "lr", "lr_schedule", "warmup", "min_lr", "weight_decay", "grad_clip", "aux_loss_coef", "router_bias_rate",
                 "seed", "dtype", "init", "num_layers", "save_layout", "eval_data")
-RESUME_TAKEN = RESUME_FIXED + ("save", "steps", "save_every", "keep_last", "eval_every", "log_every")
+RESUME_SHAPE = ("ep", "dispatcher", "backend", "ac", "cuda_graphs", "overlap_optimizer", "reshard_after_forward", "doc_attention",
+                "data_streaming")
+RESUME_TAKEN = RESUME_FIXED + ("save", "steps", "save_every", "keep_last", "eval_every", "log_every") + RESUME_SHAPE
 
 
 def dash(name: str) -> str:
@@ -178,7 +197,15 @@ def merge_resumed(cfg: TrainConfig, saved: dict[str, Any], where: str) -> TrainC
             raise TrainError(f"--resume {where}: the run was trained with --{dash(name)} {saved[name]}, not "
                              f"{getattr(cfg, name)}; drop --{dash(name)} (a resumed run keeps it) or start a new run")
     updates = {n: saved[n] for n in RESUME_TAKEN if n in saved and n not in given}
+    if updates.get("ep", cfg.ep) is None:
+        updates["ep"] = 1  # a trainer.json without ep
     return dataclasses.replace(cfg, **updates)
+
+
+def restored_shape(cfg: TrainConfig, saved: dict[str, Any]) -> dict[str, Any]:
+    """The run-shape arguments a resume takes from trainer.json (not given), with the run's values."""
+    given = explicit(cfg)
+    return {n: saved[n] for n in RESUME_SHAPE if n in saved and n not in given}
 
 
 # ---------------------------------------------------------------- CLI generated from the dataclass
@@ -196,9 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
         if not f.metadata.get("cli", True):
             continue
         name, meta = f"--{dash(f.name)}", f.metadata
-        if f.type in ("bool", bool):
-            action = argparse.BooleanOptionalAction if f.default else "store_true"
-            p.add_argument(name, action=action, default=f.default, help=meta["help"])
+        if f.type in ("bool", bool):  # --x/--no-x: a resumed run's restored flag can be turned off
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
             continue
         kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
         p.add_argument(name, type=kind, default=f.default, choices=meta.get("choices"), help=meta["help"])

@@ -8,8 +8,12 @@ Contract:
     are needed);
   - `{"prompt": ..., "completion": ...}`: prompt + completion + EOS, targets on completion + EOS;
   - `{"text": ...}` (and .txt lines): text + EOS, all targets. `--data-field` names the field to read instead.
-- `tokenize(records, ...)`: rank r tokenizes records r, r + W, ... (a progress bar on rank 0), the ranks exchange
-  their parts, and every rank holds the same `Stream` (tokens, target mask, document index) in record order.
+- `tokenize(records, ...)`: rank r tokenizes records r, r + W, ... only (a progress bar on rank 0): `records` is
+  either `sources.shard(...)` (`(index, record)` pairs of this rank's share, the others never read) or every record
+  (the rank keeps its share). The ranks exchange their parts as compact tensors (ids int32/int64, target mask, record
+  lengths and indices) and every rank holds the same `Stream` (tokens, target mask, document index) in record order:
+  the stream, hence the windows and their order, is the same at every world size. A mistake in any rank's records
+  (bad JSON, an unknown record shape) is raised on every rank, with the first rank's message, never a hang.
 - `Packed(stream, seq, batch, rank, world, seed)`: windows of `seq + 1` tokens (inputs the first `seq`, targets the
   last `seq`). A target counts only if its token is a target and belongs to the same document as its input, so no
   loss crosses a boundary; `position_ids` restart at every document start; `doc_ids` give the block-causal mask
@@ -87,29 +91,73 @@ def tokenize(recs: Any, tok: Any, field: str | None, rank: int, world: int, voca
     """Every rank's copy of the whole stream, each rank having tokenized 1/W of the records (see module docstring)."""
     from tqdm import tqdm
 
-    mine: list[tuple[int, list[int], list[bool]]] = []
-    bar = tqdm(desc="tokenizing", unit=" records", disable=not show, mininterval=0.5)
-    for i, rec in enumerate(recs):
-        if i % world == rank:
+    index: list[int] = []
+    lengths: list[int] = []
+    ids_all: list[int] = []
+    mask_all: list[bool] = []
+    error = None
+    bar = tqdm(desc="tokenizing" + (f" (each of {world} ranks its share)" if world > 1 else ""), unit=" records", disable=not show,
+               mininterval=0.5)
+    try:
+        for i, rec in _indexed(recs, rank, world):
             ids, mask = to_example(rec, tok, field)
             if ids:
-                mine.append((i, ids, mask))
-        bar.update(1)
-    bar.close()
+                index.append(i)
+                lengths.append(len(ids))
+                ids_all += ids
+                mask_all += mask
+            bar.update(1)
+    except Exception as e:  # every rank must hear of it: the others would wait in the exchange
+        if world == 1:
+            raise
+        error = str(e) if isinstance(e, TrainError) else f"rank {rank} could not tokenize its records: {type(e).__name__}: {e}"
+    finally:
+        bar.close()
+    wide = max(ids_all, default=0) >= 2**31 or min(ids_all, default=0) < 0
+    mine = {"error": error, "index": torch.tensor(index, dtype=torch.long), "lengths": torch.tensor(lengths, dtype=torch.long),
+            "tokens": torch.tensor(ids_all, dtype=torch.long if wide else torch.int32), "mask": torch.tensor(mask_all, dtype=torch.bool)}
     parts = _gather(mine, world)
-    examples = sorted((e for p in parts for e in p), key=lambda e: e[0])
-    if not examples:
+    errors = [p["error"] for p in parts if p["error"]]
+    if errors:
+        raise TrainError(errors[0])
+    index_t = torch.cat([p["index"] for p in parts])
+    if index_t.numel() == 0:
         raise TrainError("the data holds no records")
-    tokens = torch.tensor([t for _, ids, _ in examples for t in ids], dtype=torch.long)
+    order = torch.argsort(index_t)
+    lengths_t = torch.cat([p["lengths"] for p in parts])[order]
+    pieces = [(t, m) for p in parts for t, m in zip(p["tokens"].long().split(p["lengths"].tolist()), p["mask"].split(p["lengths"].tolist()))]
+    pieces = [pieces[k] for k in order.tolist()]
+    tokens = torch.cat([t for t, _ in pieces])
     top = int(tokens.max())
     if top >= vocab_size or int(tokens.min()) < 0:
         raise TrainError(f"token id {top} is outside the model's vocabulary of {vocab_size}; does the tokenizer belong to the model?")
-    mask = torch.tensor([m for _, _, ms in examples for m in ms], dtype=torch.bool)
-    doc = torch.repeat_interleave(torch.arange(len(examples)), torch.tensor([len(ids) for _, ids, _ in examples]))
+    mask = torch.cat([m for _, m in pieces])
+    doc = torch.repeat_interleave(torch.arange(len(pieces)), lengths_t)
     return Stream(tokens, mask, doc)
 
 
-def _gather(mine: list, world: int) -> list[list]:
+def _indexed(recs: Any, rank: int, world: int) -> Any:
+    """`(index, record)` of this rank's share: `recs` as `sources.shard` gives them, or every record (then kept by
+    index % world)."""
+    it = iter(recs)
+    first = next(it, None)
+    if first is None:
+        return
+    if isinstance(first, tuple) and len(first) == 2 and isinstance(first[0], int):
+        yield first
+        yield from it
+        return
+    for i, rec in enumerate(_chain(first, it)):
+        if i % world == rank:
+            yield i, rec
+
+
+def _chain(first: Any, rest: Any) -> Any:
+    yield first
+    yield from rest
+
+
+def _gather(mine: Any, world: int) -> list:
     import torch.distributed as dist
 
     if world == 1 or not dist.is_initialized():

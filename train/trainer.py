@@ -11,8 +11,12 @@ Contract:
 - A step: `--grad-accum` micro-batches, each loss a sum over its targets divided by the rank's target count over
   the whole step (so accumulating k micro-batches of b equals one batch of k x b); then the global gradient norm and
   `--grad-clip` (`control.py`), the `--lr-schedule` learning rate, AdamW, and the aux-loss-free router bias update
-  (`--router-bias-rate`, loads summed over ranks so replicas stay equal). Packed documents get block-causal
-  attention (`masking.py`) unless `--packing-mask causal`.
+  (`--router-bias-rate`, loads summed over ranks so replicas stay equal). Packed documents get attention inside
+  each document (`masking.py`: varlen_attn on CUDA in bf16, else an explicit block-causal mask; `--doc-attention`;
+  planned per layer before the weights load, then shown in the banner and each metrics row) unless
+  `--packing-mask causal`.
+- Resume: the run's arguments come from `trainer.json` (`config.merge_resumed`), its shape (`--ep`, dispatcher,
+  backend, ...) too unless given; a restored value that cannot run here is one line naming the option.
 - Saving (`--save RUN`, `--save-every N`, after the last step, on SIGINT/SIGTERM): `RUN/step-N/model` is a standard
   HF checkpoint (`parallel.save_sharded`, the tokenizer beside it), `train_state/` a DCP checkpoint and
   `trainer.json` the step, data position and arguments (`checkpoint.py`). Each save prints "saved step-N to PATH".
@@ -31,9 +35,9 @@ from typing import Any
 
 from . import checkpoint as ckpt
 from .checks import check_memory, check_run, count_params, flops_per_token, load_config, load_tokenizer, meta_model
-from .config import DTYPES, TrainConfig, TrainError, merge_resumed
+from .config import DTYPES, TrainConfig, TrainError, merge_resumed, restored_shape
 from .control import clip_grads, lr_at
-from .sources import records, resolve
+from .sources import resolve, shard
 
 
 class Trainer:
@@ -43,25 +47,38 @@ class Trainer:
         import torch
 
         self.resume_path, self.resume_meta = (None, None)
+        self.restored: dict[str, Any] = {}  # run-shape arguments taken from trainer.json
+        world = int(os.environ.get("WORLD_SIZE", "1"))
         if cfg.resume:
             self.resume_path, self.resume_meta = ckpt.resolve_resume(cfg.resume)
+            self.restored = restored_shape(cfg, self.resume_meta["args"])
             cfg = merge_resumed(cfg, self.resume_meta["args"], cfg.resume)
+            if "ep" in self.restored and world % cfg.ep:
+                raise TrainError(f"--resume {cfg.resume}: the run was trained with --ep {cfg.ep}, which does not divide the world "
+                                 f"size {world} here; give --ep from {[d for d in range(1, world + 1) if world % d == 0]} (the "
+                                 "train state reshards to any ep)")
         self.cfg = self.args = cfg
         self.run_id = self.resume_meta.get("run_id", "") if self.resume_meta else uuid.uuid4().hex[:12]
         self.config = load_config(cfg)
         self._configure_aux_loss()
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        check_run(cfg, self.config, world)
+        try:
+            check_run(cfg, self.config, world)
+        except TrainError as e:
+            raise TrainError(str(e) + self._restored_note()) from None
         self.tokenizer = load_tokenizer(cfg, self.config.vocab_size)
         self.source = resolve(cfg.data)
         self.eval_source = resolve(cfg.eval_data, "--eval-data") if cfg.eval_data else None
         backend = cfg.backend_config()
         self._build_mesh()
+        if cfg.cuda_graphs and (self.device.type != "cuda" or self.world != 1):  # before the weights
+            raise TrainError("--cuda-graphs needs one CUDA GPU (ep=1, no torchrun): EP dispatch sizes its all-to-all on the host"
+                             + self._restored_note())
         if cfg.save:
             self._claim(Path(cfg.save))
         self.dtype = getattr(torch, DTYPES[cfg.dtype])
         meta = meta_model(self.config, backend)
         self.total_params, self.expert_params, self.active_params = count_params(meta)
+        self.doc_plan = self._plan_documents(meta)
         del meta
         self.flops_per_token = flops_per_token(self.config, self.active_params, cfg.seq)
         self.state_gib = check_memory(self.total_params, self.world, self.dtype.itemsize, self.device)
@@ -77,6 +94,18 @@ class Trainer:
             self.step_index = int(self.resume_meta["step"])
 
     # ------------------------------------------------------------ construction
+    def _restored_note(self) -> str:
+        """For an error about the run's shape: which of it came from trainer.json, and how to change it."""
+        usual = {"ep": 1}
+        moved = {n: v for n, v in self.restored.items() if v != usual.get(n, TrainConfig.__dataclass_fields__[n].default)}
+        if not moved:
+            return ""
+        def flag(name: str, value: Any) -> str:
+            d = name.replace("_", "-")
+            return f"--{d}" if value is True else f"--no-{d}" if value is False else f"--{d} {value}"
+
+        return f" (restored from the resumed run: {', '.join(flag(n, v) for n, v in moved.items())}; give another value to change it)"
+
     def _configure_aux_loss(self) -> None:
         coef = self.cfg.aux_loss_coef
         if coef is not None:
@@ -100,6 +129,20 @@ class Trainer:
         cuda = self.mesh.device_type == "cuda"
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
+    def _plan_documents(self, meta: Any) -> tuple[dict[str, int], list[str]] | None:
+        """Which kernel keeps packed documents apart in each attention layer (`masking.plan`); an impossible one (e.g.
+        `--doc-attention varlen` on CPU, attn=flash with a sliding-window layer) is one line before the weights load."""
+        from .masking import plan
+
+        cfg = self.cfg
+        packed = any(s is not None and s.kind != "synthetic" for s in (self.source, self.eval_source))
+        if cfg.packing_mask != "document" or not packed:
+            return None
+        try:
+            return plan(meta, self.device.type, self.dtype, cfg.doc_attention)
+        except NotImplementedError as e:
+            raise TrainError(f"--packing-mask document: {e}") from None
+
     def _make_data(self, source: Any, spec: str) -> Any:
         from .data import Packed, Synthetic, tokenize
 
@@ -107,7 +150,7 @@ class Trainer:
         if source.kind == "synthetic":
             return Synthetic(self.config.vocab_size, cfg.seq, cfg.batch, cfg.seed, self.rank, self.world, self.device)
         show = self.rank == 0 and not cfg.quiet
-        recs = records(source, cfg.data_split, cfg.data_streaming)
+        recs = shard(source, cfg.data_split, cfg.data_streaming, self.rank, self.world)  # this rank's records only
         stream = tokenize(recs, self.tokenizer, cfg.data_field, self.rank, self.world, self.config.vocab_size, show)
         return Packed(stream, cfg.seq, cfg.batch, self.rank, self.world, cfg.seed, self.device, shuffle=spec == cfg.data)
 
@@ -133,7 +176,7 @@ class Trainer:
         parallelize(self.model, self.mesh, param_dtype=mp_dtype, reduce_dtype=reduce, activation_checkpointing=cfg.ac,
                     dispatcher=self.dispatcher if cfg.ep > 1 else "auto", reshard_after_forward=cfg.reshard_after_forward)
         self.model.train()
-        self.masking = DocumentMasking(self.model) if cfg.packing_mask == "document" else None
+        self.masking = DocumentMasking(self.model, cfg.doc_attention) if cfg.packing_mask == "document" else None
         if cfg.cuda_graphs:
             self._graph_layers()
 
@@ -235,6 +278,8 @@ class Trainer:
                      peak_mem_gib=torch.cuda.max_memory_allocated(self.device) / 2**30)
         else:
             m["peak_rss_gib"] = _rss_gib()
+        if self.masking is not None and micro[0].get("doc_ids") is not None:
+            m["doc_attention"] = self.masking.short()  # what the layers ran: "varlen", "sdpa-mask", ...
         if load is not None:
             lf = load.float()
             m["expert_load_max_over_mean"] = (lf.max(1).values / lf.mean(1).clamp_min(1e-9)).mean().item()
@@ -336,6 +381,8 @@ class Trainer:
         try:
             while self.step_index < cfg.steps:
                 m = self.step()
+                if self.step_index == first + 1 and "doc_attention" in m and self.rank == 0 and not cfg.quiet:
+                    print(f"packed documents kept apart by {self.masking.describe()}", flush=True)
                 last = self.step_index == cfg.steps
                 if self.eval_data is not None and (last or (cfg.eval_every and self.step_index % cfg.eval_every == 0)):
                     m["eval_loss"] = self.evaluate()

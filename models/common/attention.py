@@ -11,6 +11,14 @@ Contract:
   (transformers' eager math), "flash" (flash-attn, no padding mask), "te" (transformer-engine).
   Sinks (GPT-OSS, one logit per head that takes probability mass and contributes nothing) run in "eager" and "sdpa"
   (an extra all-zero key/value column whose additive mask is the sink logit: exact, but it needs an explicit mask).
+- `DocumentMasks(doc_ids [B, S])`: a `Masks` for packed documents (runs of equal ids in a row; rows never share a
+  document): causal AND same-document. `attention()` then runs `torch.nn.attention.varlen.varlen_attn` (flash,
+  causal per document, the rows concatenated, `cu_seqlens` from the ids) when `varlen_blocker` finds nothing against
+  it (CUDA, fp16/bf16, no sliding window, no sinks, no dropout, no KV cache, head dims the kernel takes) and impl is
+  "auto", "sdpa" or "flash". Otherwise "auto"/"sdpa" and "eager" take the explicit block-causal mask, and "flash"/"te"
+  refuse (one-line NotImplementedError): documents never see each other. `kernel` "auto" | "varlen" (refuse where varlen cannot run) | "mask" (always the
+  explicit mask); `kernels` counts what each call ran ("varlen", "sdpa-mask", "eager-mask") and `why` holds the
+  reasons varlen did not.
 - `GQAttention`: parameters `q_proj, k_proj, v_proj, o_proj[, q_norm, k_norm][, sinks]` named as in transformers.
   qk_norm "head" normalises each head (Qwen3, GLM, dots1), "full" the whole projection (OLMoE). Rotary in the
   "half" style runs as one fused Triton kernel on CUDA when `rope_impl` is "triton"/"auto" (kernels.rope_half).
@@ -18,6 +26,8 @@ Contract:
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import TYPE_CHECKING
 
 import torch
@@ -107,6 +117,159 @@ class Masks:
         return allowed
 
 
+DOCUMENT_KERNELS = ("auto", "varlen", "mask")
+
+
+def cu_seqlens(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`doc_ids [B, S]` -> (`cu_seqlens` int32 `[N + 1]`, longest document) over the rows concatenated: a document is
+    a run of equal ids in a row, and a row start always starts one. Ids that decrease along a row (a document in two
+    runs, which the explicit mask would join) are a ValueError. On the ids' device; one host sync."""
+    b, s = doc_ids.shape
+    step = doc_ids[:, 1:] - doc_ids[:, :-1]
+    start = torch.ones(b, s, dtype=torch.bool, device=doc_ids.device)
+    start[:, 1:] = step != 0
+    first = start.reshape(-1).nonzero().reshape(-1)  # the sync
+    cu = torch.cat([first, first.new_tensor([b * s])]).to(torch.int32)
+    longest, decreasing = torch.stack([(cu[1:] - cu[:-1]).max(), (step < 0).any().to(cu.dtype)]).tolist()
+    if decreasing:
+        raise ValueError("doc_ids decrease along a row: a packed document must be one run of equal ids")
+    return cu, longest
+
+
+class DocumentMasks(Masks):
+    """Causal + same-document masks of packed rows (see the module docstring); `padding` is all true, so a kernel
+    that cannot take a mask (flash, te) refuses instead of attending across documents."""
+
+    def __init__(self, doc_ids: torch.Tensor, device: torch.device | None = None, kernel: str = "auto") -> None:
+        if kernel not in DOCUMENT_KERNELS:
+            raise ValueError(f"DocumentMasks(kernel={kernel!r}): choose one of {', '.join(DOCUMENT_KERNELS)}")
+        if doc_ids.dim() != 2:
+            raise ValueError(f"doc_ids must be [batch, seq], not {tuple(doc_ids.shape)}")
+        device = doc_ids.device if device is None else torch.device(device)
+        super().__init__(torch.ones_like(doc_ids, dtype=torch.bool), doc_ids.shape[1], device)
+        self.doc_ids = doc_ids.to(device)
+        self.kernel = kernel
+        self.kernels: dict[str, int] = {}
+        self.why: list[str] = []
+        self._cu: tuple[torch.Tensor, int] | None = None
+
+    def _build(self, window: int | None, kv_len: int) -> torch.Tensor:
+        """The causal (+ window) mask AND same-document: `[B, 1, S, kv_len]` bool."""
+        same = self.doc_ids[:, :, None] == self.doc_ids[:, None, -kv_len:]
+        return super()._build(window, kv_len) & same[:, None]
+
+    def cu_seqlens(self) -> tuple[torch.Tensor, int]:
+        """`(cu_seqlens, max_len)` of the rows concatenated, built once per pass (one host sync)."""
+        if self._cu is None:
+            self._cu = cu_seqlens(self.doc_ids)
+        return self._cu
+
+    def ran(self, kernel: str, why: str | None = None) -> None:
+        self.kernels[kernel] = self.kernels.get(kernel, 0) + 1
+        if why and why not in self.why:
+            self.why.append(why)
+
+
+@functools.cache
+def varlen_api() -> tuple | None:
+    """(`torch.nn.attention.varlen.varlen_attn`, its keyword names) or None where this torch has none (< 2.9)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: PLC0415 - torch >= 2.9
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def varlen_blocker(
+    device_type: str, dtype: torch.dtype, qk_dim: int, v_dim: int, *, sliding_window: int | None = None,
+    sinks: bool = False, dropout: float = 0.0, cached: bool = False,
+) -> str | None:
+    """Why `varlen_attn` cannot run a document-masked call with these properties, or None when it can."""
+    if varlen_api() is None:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    if device_type != "cuda":
+        return f"varlen_attn runs on CUDA only, not {device_type}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"varlen_attn needs float16/bfloat16, not {str(dtype).removeprefix('torch.')}"
+    if sliding_window is not None:
+        return "a sliding-window layer"
+    if sinks:
+        return "attention sinks"
+    if dropout > 0:
+        return "attention dropout"
+    if cached:
+        return "a KV cache"
+    if v_dim > qk_dim or qk_dim > 256 or qk_dim % 8:
+        return f"head dims {qk_dim}/{v_dim} (flash takes v <= qk <= 256, a multiple of 8)"
+    return None
+
+
+def _varlen(q, k, v, masks: DocumentMasks, scale: float) -> torch.Tensor:  # noqa: ANN001
+    """Causal attention inside each document: the `B` rows concatenated into one `[B*S, H, D]` sequence cut by
+    `cu_seqlens`. GQA through `enable_gqa` where this torch has it, else repeated key/value heads; a value head dim
+    below the query's is zero-padded (and cut from the output)."""
+    fn, params = varlen_api()
+    b, hq, s, d = q.shape
+    hkv, dv = k.shape[1], v.shape[-1]
+    cu, longest = masks.cu_seqlens()
+    qf = q.transpose(1, 2).reshape(b * s, hq, d)
+    kf = k.transpose(1, 2).reshape(b * s, hkv, d)
+    vf = v.transpose(1, 2).reshape(b * s, hkv, dv)
+    if dv < d:
+        vf = F.pad(vf, (0, d - dv))
+    kw: dict = {}
+    if "window_size" in params:  # torch >= 2.10: causal is window (-1, 0)
+        kw["window_size"] = (-1, 0)
+    else:
+        kw["is_causal"] = True
+    if "scale" in params:
+        kw["scale"] = scale
+    else:
+        qf = qf * (scale * d**0.5)
+    if hq != hkv:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            n_rep = hq // hkv
+            kf = kf[:, :, None].expand(b * s, hkv, n_rep, d).reshape(b * s, hq, d)
+            vf = vf[:, :, None].expand(b * s, hkv, n_rep, vf.shape[-1]).reshape(b * s, hq, vf.shape[-1])
+    out = fn(qf, kf, vf, cu, cu, longest, longest, **kw)
+    return out[..., :dv].reshape(b, s, hq, dv)
+
+
+def document_kernel(
+    kernel: str, impl: str, device_type: str, dtype: torch.dtype, qk_dim: int, v_dim: int, *,
+    sliding_window: int | None = None, sinks: bool = False, dropout: float = 0.0, cached: bool = False,
+) -> tuple[str, str | None]:
+    """(kernel, why not varlen) for a document-masked attention call with these properties: "varlen" (impl auto, sdpa
+    or flash, where `varlen_blocker` finds nothing against it), else "sdpa-mask" (impl auto/sdpa) or "eager-mask"
+    with the explicit block-causal mask. NotImplementedError (one line) where neither can run: `kernel` "varlen"
+    that cannot, or impl "flash"/"te", which cannot take a mask."""
+    if kernel == "mask":
+        why = "the explicit mask was asked for"
+    elif impl in ("eager", "te"):
+        why = f"attn={impl}"
+    else:
+        why = varlen_blocker(device_type, dtype, qk_dim, v_dim, sliding_window=sliding_window, sinks=sinks,
+                             dropout=dropout, cached=cached)
+        if why is None:
+            return "varlen", None
+    if kernel == "varlen":
+        raise NotImplementedError(f"packed documents through varlen_attn cannot run here: {why}")
+    if impl in ("flash", "te"):
+        raise NotImplementedError(f"attn={impl!r} cannot keep packed documents apart ({why}): use attn='sdpa' or "
+                                  "--packing-mask causal")
+    return ("eager-mask" if impl == "eager" else "sdpa-mask"), why
+
+
+def _documents(q, k, v, masks: DocumentMasks, impl: str, window, sinks, dropout) -> str:  # noqa: ANN001
+    """Run `document_kernel` for this call, record it on `masks`; "varlen" or the impl that takes the mask."""
+    name, why = document_kernel(masks.kernel, impl, q.device.type, q.dtype, q.shape[-1], v.shape[-1], sliding_window=window,
+                                sinks=sinks is not None, dropout=dropout, cached=k.shape[2] != q.shape[2] or masks.cache is not None)
+    masks.ran(name, why)
+    return "varlen" if name == "varlen" else impl
+
+
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     if n_rep == 1:
         return x
@@ -180,6 +343,10 @@ def attention(
 ) -> torch.Tensor:
     """`[B, S, Hq, Dv]`; see the module docstring."""
     dropout = dropout if training else 0.0
+    if isinstance(masks, DocumentMasks):
+        impl = _documents(q, k, v, masks, impl, sliding_window, sinks, dropout)
+        if impl == "varlen":
+            return _varlen(q, k, v, masks, scale)
     plain = sinks is None and not masks.needs_mask(sliding_window, k.shape[2]) and q.shape[-1] == v.shape[-1]
     impl = pick_attn(impl, q, plain)
     if impl == "te" and k.shape[2] != q.shape[2]:
