@@ -7,8 +7,8 @@
     model.save_pretrained("./out")               # per-expert original layout; layout="fused" on request
 
 Zoo families (`zoo_types()`, each named by its type's record `convert.spec.ModelSpec.zoo`; parity with transformers
-tested for every one): qwen3_moe, qwen2_moe, olmoe, mixtral, deepseek_v3, glm4_moe, dots1, gpt_oss (one file each
-under models/, shared parts under models/common/). Other MoE types load as transformers' own class with our grouped
+tested for every one): qwen3_moe, qwen2_moe, olmoe, mixtral, deepseek_v3, glm4_moe, glm4_moe_lite, dots1, gpt_oss
+(one file each under models/, shared parts under models/common/). Other MoE types load as transformers' own class with our grouped
 experts registered through its experts interface.
 """
 

@@ -21,7 +21,10 @@ register(
         mapping=MoEMapping(model_type="glm4_moe", **_FIELDS),
         zoo="automodel_convert.models.glm4_moe.Glm4MoeForCausalLM",
     ),
-    MoEMapping(model_type="glm4_moe_lite", **_FIELDS, notes="MLA attention passes through"),
+    ModelSpec(
+        mapping=MoEMapping(model_type="glm4_moe_lite", **_FIELDS, notes="MLA attention passes through"),
+        zoo="automodel_convert.models.glm4_moe_lite.Glm4MoeLiteForCausalLM",
+    ),
     MoEMapping(
         model_type="glm4v_moe",
         **_FIELDS,
