@@ -7,9 +7,10 @@ A hand-written type is `verified` only when its own fixture exists, as recorded 
 `convert/verified.json` (`verified.py`; generated from `fixtures/manifest.json`, never read from the repository at
 runtime): tests/test_families.py runs the bit-exact and transformers checks on exactly those fixtures, and
 tests/test_registry.py fails when a registered type has none. Quantized fixtures of a type (`deepseek_v3_fp8`,
-`gpt_oss_mxfp4`, tested by tests/test_quant.py) are named in its status. A translated type says `translated from transformers X`; tests/test_transformers_coverage.py builds each
-from transformers' own class at test time. `unsupported_rows()` lists the transformers types with fused experts
-that nothing covers, with the reason. Everything here is derived from the mapping data; nothing is typed twice.
+`gpt_oss_mxfp4`, tested by tests/test_quant.py) are named in its status. A translated type says `translated from
+transformers X`; tests/test_transformers_coverage.py builds each from transformers' own class at test time.
+`unsupported_rows()` lists the transformers types with fused experts that nothing covers, with the reason.
+Everything here is derived from the records; nothing is typed twice.
 
 `python -m automodel_convert.convert.catalog --write docs/MODELS.md` regenerates `convert/verified.json` from
 `fixtures/`, then both tables in the docs: the one generator of both.

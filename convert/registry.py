@@ -55,7 +55,8 @@ def specs() -> dict[str, ModelSpec]:
 
 def declared_spec(model_type: str) -> ModelSpec | None:
     """The hand-written record of `model_type`, or None (no translation from transformers is attempted)."""
-    return specs().get(model_type)
+    _load_families()
+    return _SPECS.get(model_type)
 
 
 def registry() -> dict[str, MoEMapping]:
