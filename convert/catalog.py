@@ -1,53 +1,47 @@
 """The table of registered model types (`automodel-convert list`, docs/MODELS.md).
 
-Contract: one row per supported model type (`registry.all_mappings()`: hand-written families, aliases marked, plus
-every type translated from the installed transformers): family, hub (on-disk) expert layout, fused layout (what
-transformers v5 holds), config fields used, and status. A hand-written type is `verified` only when its own fixture
-exists (`fixtures/<model_type>/` listed in `fixtures/manifest.json`): tests/test_families.py runs the bit-exact and
-transformers checks on exactly those fixtures, and tests/test_registry.py fails when a registered type has none.
-Quantized fixtures of a type (`deepseek_v3_fp8`, `gpt_oss_mxfp4`, tested by tests/test_quant.py) are named in its
-status. A translated type says `translated from transformers X`; tests/test_transformers_coverage.py builds each
-from transformers' own class at test time. `unsupported_rows()` lists the transformers types with fused experts
-that nothing covers, with the reason. Everything here is derived from the mapping data; nothing is typed twice.
+Contract: one row per supported model type, read from its record (`registry.all_specs()`: hand-written families,
+aliases marked, plus every type translated from the installed transformers): family, hub (on-disk) expert layout,
+fused layout (what transformers v5 holds), config fields used, zoo class and expert-parallel support, and status.
+A hand-written type is `verified` only when its own fixture exists, as recorded in the package data
+`convert/verified.json` (`verified.py`; generated from `fixtures/manifest.json`, never read from the repository at
+runtime): tests/test_families.py runs the bit-exact and transformers checks on exactly those fixtures, and
+tests/test_registry.py fails when a registered type has none. Quantized fixtures of a type (`deepseek_v3_fp8`,
+`gpt_oss_mxfp4`, tested by tests/test_quant.py) are named in its status. A translated type says `translated from
+transformers X`; tests/test_transformers_coverage.py builds each from transformers' own class at test time.
+`unsupported_rows()` lists the transformers types with fused experts that nothing covers, with the reason.
+Everything here is derived from the records; nothing is typed twice.
 
-`python -m automodel_convert.convert.catalog --write docs/MODELS.md` regenerates both tables in the docs.
+`python -m automodel_convert.convert.catalog --write docs/MODELS.md` regenerates `convert/verified.json` from
+`fixtures/`, then both tables in the docs: the one generator of both.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
 
+from . import verified
 from .mapping import ExpertGroup, Layout, MoEMapping
 from .ops import Chain
-from .registry import all_mappings
+from .registry import all_mappings, all_specs
+from .spec import ModelSpec
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "MODELS.md"
 BEGIN, END = "<!-- catalog:begin -->", "<!-- catalog:end -->"
 UBEGIN, UEND = "<!-- unsupported:begin -->", "<!-- unsupported:end -->"
 GENERIC = "transformers"  # family of the mappings translated from transformers (`transformers_mapping.FAMILY`)
-COLUMNS = ("model type", "family", "on-disk experts", "fused (model)", "config fields", "status")
+COLUMNS = ("model type", "family", "on-disk experts", "fused (model)", "config fields", "zoo model", "status")
 
 # symbolic sizes: distinct small numbers that the shapes of a bound chain map back to names
 _I, _H = 3, 5
 _SYMBOLS = {_I: "I", 2 * _I: "2I", 3 * _I: "3I", _H: "H"}
 
 
-def fixtures() -> dict[str, dict]:
-    """Fixture name -> manifest entry, for fixtures that exist on disk."""
-    manifest = FIXTURES / "manifest.json"
-    if not manifest.exists():
-        return {}
-    data = json.loads(manifest.read_text())
-    return {k: v for k, v in data.items() if not v.get("error") and (FIXTURES / k / "config.json").exists()}
-
-
 def verified_types() -> set[str]:
     """Types with their own fixture (name == model_type): the ones tests/test_families.py checks."""
-    return {k for k, v in fixtures().items() if v.get("model_type") == k}
+    return set(verified.verified())
 
 
 def _symbolic(shape: tuple[int, ...]) -> str:
@@ -136,31 +130,40 @@ def _config_fields(m: MoEMapping) -> str:
     return f"E: {e}; I: {i}"
 
 
+def _zoo(spec: ModelSpec) -> str:
+    """The zoo class the record names and its expert-parallel support, or `-` (transformers' own class)."""
+    if spec.zoo is None:
+        return "-"
+    cls = spec.zoo.rsplit(".", 1)[-1]
+    return f"{cls} (no EP: {spec.ep_unsupported})" if spec.ep_unsupported else f"{cls} (EP)"
+
+
+def _status(name: str, m: MoEMapping) -> str:
+    if name != m.model_type:
+        return f"alias of {m.model_type}"
+    if m.family == GENERIC:
+        return f"translated from transformers {m.extra.get('transformers', '?')}"
+    quant = verified.verified().get(name)
+    if quant is None:
+        return "unverified (no fixture)"
+    return "verified" + (f" (+{', +'.join(quant)})" if quant else "")
+
+
+def _layouts(m: MoEMapping) -> tuple[str, str]:
+    """(on-disk experts, fused (model)) texts of a mapping."""
+    if not m.groups:
+        return "as the model (disk equals model)", str(m.extra.get("fused", "unchanged"))
+    disk = _layout_text(m, m.disk_layout, "disk")
+    if m.disk_layout is not Layout.PER_EXPERT:
+        disk = f"{m.disk_layout}: {disk}"
+    return disk, _layout_text(m, Layout.FUSED, "model")
+
+
 def catalog_rows() -> list[dict]:
-    fx = fixtures()
-    verified = verified_types()
     rows = []
-    for name, m in all_mappings().items():
-        if not m.groups:
-            disk, fused = "as the model (disk equals model)", str(m.extra.get("fused", "unchanged"))
-        else:
-            disk = _layout_text(m, m.disk_layout, "disk")
-            if m.disk_layout is not Layout.PER_EXPERT:
-                disk = f"{m.disk_layout}: {disk}"
-            fused = _layout_text(m, Layout.FUSED, "model")
-        if name != m.model_type:
-            status = f"alias of {m.model_type}"
-        elif m.family == GENERIC:
-            status = f"translated from transformers {m.extra.get('transformers', '?')}"
-        elif name in verified:
-            quant = sorted(
-                v.get("quantization")
-                for k, v in fx.items()
-                if k != name and v.get("model_type") == name and v.get("quantization")
-            )
-            status = "verified" + (f" (+{', +'.join(quant)})" if quant else "")
-        else:
-            status = "unverified (no fixture)"
+    for name, spec in all_specs().items():
+        m = spec.mapping
+        disk, fused = _layouts(m)
         rows.append(
             {
                 "model_type": name,
@@ -168,7 +171,8 @@ def catalog_rows() -> list[dict]:
                 "disk_layout": disk,
                 "fused_layout": fused,
                 "config_fields": _config_fields(m),
-                "verified": status,
+                "zoo": _zoo(spec),
+                "verified": _status(name, m),
             }
         )
     return rows
@@ -209,8 +213,14 @@ def _supported_table(rows: list[dict]):
     for c in COLUMNS:
         t.add_column(c, overflow="fold", no_wrap=c in ("model type", "family", "status"))
     for r in rows:
-        t.add_row(r["model_type"], r["family"], r["disk_layout"], r["fused_layout"], r["config_fields"], r["verified"])
+        t.add_row(*_cells(r))
     return t
+
+
+def _cells(r: dict) -> tuple[str, ...]:
+    """A row's cells in `COLUMNS` order."""
+    keys = ("model_type", "family", "disk_layout", "fused_layout", "config_fields", "zoo", "verified")
+    return tuple(r[k] for k in keys)
 
 
 def render_unsupported(rows: list[dict]):
@@ -227,8 +237,7 @@ def render_unsupported(rows: list[dict]):
 def markdown_table(rows: list[dict]) -> str:
     lines = [f"{title(rows)}:", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
-        cells = (r["model_type"], r["family"], r["disk_layout"], r["fused_layout"], r["config_fields"], r["verified"])
-        lines.append("| " + " | ".join(f"`{c}`" if i in (2, 3) else c for i, c in enumerate(cells)) + " |")
+        lines.append("| " + " | ".join(f"`{c}`" if i in (2, 3) else c for i, c in enumerate(_cells(r))) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -258,7 +267,8 @@ def _replace_block(text: str, begin: str, end: str, body: str) -> str:
 
 
 def write_docs(path: Path = DOCS) -> None:
-    """Regenerate both generated blocks of docs/MODELS.md from the registry."""
+    """Regenerate the shipped `verified.json` from fixtures/, then both generated blocks of docs/MODELS.md."""
+    verified.write()
     text = _replace_block(path.read_text(), BEGIN, END, markdown_table(catalog_rows()))
     if UBEGIN not in text:
         text += f"\n## transformers types with fused experts that are not supported\n\n{UBEGIN}\n{UEND}\n"

@@ -112,7 +112,7 @@ class KeyRenaming(Protocol):
     def to_disk(self, key: str) -> str: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ExpertGroup:
     """Per-expert `parts` (model naming, with `{expert}`) that fuse into one `fused` key.
 
@@ -177,19 +177,20 @@ def swiglu_groups(
     """The common pair: `gate|up -> gate_up_proj [E, 2I, H]`, `down -> down_proj [E, H, I]`."""
     return (
         ExpertGroup(
-            f"{experts}.gate_up_proj", (f"{experts}.{{expert}}.{gate}.weight", f"{experts}.{{expert}}.{up}.weight")
+            fused=f"{experts}.gate_up_proj",
+            parts=(f"{experts}.{{expert}}.{gate}.weight", f"{experts}.{{expert}}.{up}.weight"),
         ),
-        ExpertGroup(f"{experts}.down_proj", (f"{experts}.{{expert}}.{down}.weight",)),
+        ExpertGroup(fused=f"{experts}.down_proj", parts=(f"{experts}.{{expert}}.{down}.weight",)),
     )
 
 
 def tensor_fusion(fused: str, parts: tuple[str, ...], fused_ops: tuple[Op, ...] | None = None) -> ExpertGroup:
     """A fusion that has nothing to do with experts: `parts` (no `{expert}`) concatenated into `fused` once per layer,
     e.g. kimi_linear's `q_conv1d|k_conv1d|v_conv1d -> conv1d` (an `ExpertGroup` with `stacked=False`)."""
-    return ExpertGroup(fused, parts, fused_ops, companions=(), stacked=False)
+    return ExpertGroup(fused=fused, parts=parts, fused_ops=fused_ops, companions=(), stacked=False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MoEMapping:
     """Everything the converter knows about one model type.
 

@@ -201,7 +201,7 @@ def _group(conv: Any) -> ExpertGroup:
             raise Untranslatable(f"converter {conv._original_source_patterns} merges modules without an expert index")
         fused_ops = _expert_ops(ops[1:])
         default = (Concat(0),) if len(parts) > 1 else ()
-        return ExpertGroup(fused, parts, None if fused_ops == default else fused_ops)
+        return ExpertGroup(fused=fused, parts=parts, fused_ops=None if fused_ops == default else fused_ops)
     if len(ops) == 1 and type(ops[0]).__name__ == "Concatenate" and ops[0].num_shards_attribute is None:
         if any("{expert}" in p for p in parts + (fused,)):
             raise Untranslatable(f"converter {conv._original_source_patterns} concatenates per-expert keys")
@@ -322,10 +322,10 @@ def generic_mapping(model_type: str) -> MoEMapping:
     first = stacked[0].fused if stacked else expert_tensors[0]
     prefix = _prefix_of(model, first)
     return MoEMapping(
-        model_type,
-        FAMILY,
-        tuple(groups),
-        (TransformersRenames(tuple(renames), model_keys),) if renames else (),
+        model_type=model_type,
+        family=FAMILY,
+        groups=tuple(groups),
+        renames=(TransformersRenames(tuple(renames), model_keys),) if renames else (),
         disk_layout=Layout.PER_EXPERT if stacked else Layout.FUSED,
         expert_tensors=expert_tensors,
         num_experts_fields=(),

@@ -6,23 +6,23 @@
     out = model.generate(input_ids, max_new_tokens=32)   # transformers' GenerationMixin, DynamicCache KV cache
     model.save_pretrained("./out")               # per-expert original layout; layout="fused" on request
 
-Verified families (parity with transformers tested): qwen3_moe, qwen2_moe, olmoe, mixtral, deepseek_v3, glm4_moe,
-dots1, gpt_oss (one file each under models/, shared parts under models/common/). Other MoE types load as
-transformers' own class with our grouped experts registered through its experts interface.
+Zoo families (`zoo_types()`, each named by its type's record `convert.spec.ModelSpec.zoo`; parity with transformers
+tested for every one): qwen3_moe, qwen2_moe, olmoe, mixtral, deepseek_v3, glm4_moe, glm4_moe_lite, dots1, gpt_oss
+(one file each under models/, shared parts under models/common/). Other MoE types load as transformers' own class with our grouped
+experts registered through its experts interface.
 """
 
 from .auto import AutoModelForCausalLM
 from .backend import BackendConfig, MissingPackageError
 from .common.model import MoECausalLM
-from .registry import MODEL_REGISTRY, VERIFIED, get_model_class, register
+from .registry import VERIFIED, get_model_class, zoo_types
 
 __all__ = [
-    "MODEL_REGISTRY",
     "VERIFIED",
     "AutoModelForCausalLM",
     "BackendConfig",
     "MissingPackageError",
     "MoECausalLM",
     "get_model_class",
-    "register",
+    "zoo_types",
 ]

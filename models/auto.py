@@ -2,7 +2,7 @@
 
 Contract:
 - `from_pretrained(src, dtype=None, backend=None, device=None, device_mesh=None, revision=None)`: reads config.json
-  with transformers' AutoConfig; for a registered type (models/registry.py) builds our model on the meta device and
+  with transformers' AutoConfig; for a type whose record names a zoo class (models/registry.py) builds our model on the meta device and
   assigns every tensor of the checkpoint (per-expert or fused, via models/common/io.py), strict: a missing or
   unexpected key is an error (extra decoder layers beyond `num_hidden_layers`, e.g. DeepSeek's MTP layer, and
   stale `rotary_emb.inv_freq` entries are dropped). dtype None keeps the checkpoint's dtype; sigmoid routers stay
@@ -154,7 +154,7 @@ def _from_pretrained_sharded(
     if cls is None:
         raise NotImplementedError(
             f"model type {config.model_type!r} has no zoo model; sharded loading (device_mesh=) needs one of "
-            "the zoo's families (automodel_convert.models.MODEL_REGISTRY)"
+            "the zoo's families (automodel_convert.models.zoo_types())"
         )
     with torch.device("meta"):
         model = cls(config, backend)

@@ -18,7 +18,6 @@ from .common.mla import MLAttention
 from .common.model import MoECausalLM, is_sparse_layer
 from .common.moe import DenseMLP, MoEBlock
 from .common.router import SigmoidGroupRouter
-from .registry import register
 
 
 def sigmoid_moe(model: MoECausalLM) -> MoEBlock:
@@ -33,8 +32,8 @@ def sigmoid_moe(model: MoECausalLM) -> MoEBlock:
     return MoEBlock(router, model.experts(c.n_routed_experts, c.moe_intermediate_size), shared=shared)
 
 
-@register("deepseek_v3")
 class DeepseekV3ForCausalLM(MoECausalLM):
+    model_type = "deepseek_v3"  # its record: convert/families (ModelSpec.zoo names this class)
     def build_layer(self, layer_idx: int) -> nn.Module:
         c, be = self.config, self.backend
         attn = MLAttention(c, impl=be.attn, linear_impl=be.linear, norm_impl=be.rms_norm)

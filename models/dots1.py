@@ -14,11 +14,10 @@ from torch import nn
 from .common.model import MoECausalLM, is_sparse_layer
 from .common.moe import DenseMLP
 from .deepseek_v3 import sigmoid_moe
-from .registry import register
 
 
-@register("dots1")
 class Dots1ForCausalLM(MoECausalLM):
+    model_type = "dots1"  # its record: convert/families (ModelSpec.zoo names this class)
     def build_layer(self, layer_idx: int) -> nn.Module:
         c = self.config
         attn = self.gqa(layer_idx, qkv_bias=c.attention_bias, o_bias=c.attention_bias, qk_norm="head")

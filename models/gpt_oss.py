@@ -17,11 +17,10 @@ from torch import nn
 from .common.model import MoECausalLM
 from .common.moe import MoEBlock
 from .common.router import SoftmaxTopKRouter
-from .registry import register
 
 
-@register("gpt_oss")
 class GptOssForCausalLM(MoECausalLM):
+    model_type = "gpt_oss"  # its record: convert/families (ModelSpec.zoo names this class)
     has_aux_loss = True
     rope_style = "gpt_oss"
     norm_cast_before_weight = False

@@ -14,11 +14,10 @@ from torch import nn
 from .common.model import MoECausalLM
 from .common.moe import MoEBlock
 from .common.router import SoftmaxTopKRouter
-from .registry import register
 
 
-@register("olmoe")
 class OlmoeForCausalLM(MoECausalLM):
+    model_type = "olmoe"  # its record: convert/families (ModelSpec.zoo names this class)
     has_aux_loss = True
 
     def build_layer(self, layer_idx: int) -> nn.Module:

@@ -16,11 +16,10 @@ from torch import nn
 from .common.model import MoECausalLM, is_sparse_layer
 from .common.moe import DenseMLP, MoEBlock
 from .common.router import SoftmaxTopKRouter
-from .registry import register
 
 
-@register("qwen2_moe")
 class Qwen2MoeForCausalLM(MoECausalLM):
+    model_type = "qwen2_moe"  # its record: convert/families (ModelSpec.zoo names this class)
     has_aux_loss = True
 
     def build_layer(self, layer_idx: int) -> nn.Module:

@@ -15,11 +15,10 @@ from torch import nn
 from .common.model import MoECausalLM, is_sparse_layer
 from .common.moe import DenseMLP, MoEBlock
 from .common.router import SoftmaxTopKRouter
-from .registry import register
 
 
-@register("qwen3_moe")
 class Qwen3MoeForCausalLM(MoECausalLM):
+    model_type = "qwen3_moe"  # its record: convert/families (ModelSpec.zoo names this class)
     has_aux_loss = True
 
     def build_layer(self, layer_idx: int) -> nn.Module:

@@ -1,28 +1,34 @@
-"""Registry of the zoo's model classes keyed by transformers' `model_type`.
+"""The zoo's model classes, read from the one record per model type (`convert.spec.ModelSpec.zoo`).
 
-Contract: `@register("qwen3_moe")` on a `MoECausalLM` subclass adds it; `get_model_class(model_type)` returns it or
-None (the caller then falls back to transformers' own class with our experts implementation, see hf_experts.py);
-`VERIFIED` lists the types whose parity with transformers is tested (tests/test_models_parity.py).
+Contract: `get_model_class(model_type)` imports and returns the class the type's record names, or None (no record,
+or a conversion-only record: the caller then falls back to transformers' own class with our experts
+implementation, see hf_experts.py). `zoo_types()` lists the types whose record names a zoo class; `VERIFIED` is that
+tuple: every zoo class's parity with transformers is tested (tests/test_models_parity.py). Nothing is registered
+here: adding a zoo class is naming it in its type's record (`convert/families/<family>.py`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from functools import cache
+from importlib import import_module
 
-MODEL_REGISTRY: dict[str, type] = {}
-VERIFIED = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "glm4_moe", "dots1", "gpt_oss")
+from ..convert.registry import declared_spec, specs
 
 
-def register(model_type: str) -> Callable[[type], type]:
-    def wrap(cls: type) -> type:
-        cls.model_type = model_type
-        MODEL_REGISTRY[model_type] = cls
-        return cls
+def zoo_types() -> tuple[str, ...]:
+    """Model types whose record names a zoo class, sorted."""
+    return tuple(name for name, spec in specs().items() if spec.zoo)
 
-    return wrap
+
+@cache
+def _import_class(path: str) -> type:
+    module, _, name = path.rpartition(".")
+    return getattr(import_module(module), name)
 
 
 def get_model_class(model_type: str) -> type | None:
-    from . import families  # noqa: F401 - populates the registry
+    spec = declared_spec(model_type)
+    return None if spec is None or spec.zoo is None else _import_class(spec.zoo)
 
-    return MODEL_REGISTRY.get(model_type)
+
+VERIFIED = zoo_types()

@@ -39,6 +39,11 @@ ZOO = {
         intermediate_size=96, moe_intermediate_size=40, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
         topk_group=1, first_k_dense_replace=1, head_dim=24, use_qk_norm=True, n_shared_experts=1, attention_bias=True,
     ),
+    "glm4_moe_lite": dict(
+        intermediate_size=96, moe_intermediate_size=40, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+        topk_group=1, q_lora_rank=32, kv_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12,
+        n_shared_experts=1, num_key_value_heads=4, routed_scaling_factor=1.8,
+    ),
     "dots1": dict(
         intermediate_size=96, moe_intermediate_size=40, n_routed_experts=8, num_experts_per_tok=2, n_group=4,
         topk_group=2, first_k_dense_replace=1, n_shared_experts=1, sliding_window=6, max_window_layers=1,

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..convert.registry import declared_spec
 from ..models.common.dispatch import TokenDispatcher
 from ..models.common.experts import GroupedExperts
 from ..models.common.hf_experts import default_gate
@@ -50,10 +51,22 @@ def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, mod in model.named_modules():
         gu, dn = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
         if isinstance(gu, nn.Parameter) and isinstance(dn, nn.Parameter) and gu.dim() == 3 and dn.dim() == 3:
-            if getattr(mod, "has_bias", False) or getattr(mod, "is_transposed", False) or hasattr(mod, "gate_up_proj_bias"):
-                raise ExpertParallelError(f"{name}: experts with biases or a transposed layout (gpt_oss style) have no expert-parallel support yet; use --ep 1")
+            why = _ep_refusal(model, mod)
+            if why:
+                raise ExpertParallelError(f"{name}: {why}: no expert-parallel support yet; use --ep 1")
             found.append((name, mod))
     return found
+
+
+def _ep_refusal(model: nn.Module, mod: nn.Module) -> str | None:
+    """Why expert parallelism refuses `mod`: its type's record (`ModelSpec.ep_unsupported`), else, for a type no
+    record refuses (transformers' own classes, e.g. aria), experts with biases or a transposed layout."""
+    spec = declared_spec(getattr(getattr(model, "config", None), "model_type", None) or "")
+    if spec is not None and spec.ep_unsupported:
+        return spec.ep_unsupported
+    if getattr(mod, "has_bias", False) or getattr(mod, "is_transposed", False) or hasattr(mod, "gate_up_proj_bias"):
+        return "experts with biases or a transposed layout"
+    return None
 
 
 def as_grouped_experts(name: str, mod: nn.Module) -> GroupedExperts:

@@ -2,11 +2,14 @@
 
 Contract:
 - `load_config(cfg)`: the model's `config.json` (`--num-layers` applied), or a one-line error.
-- `check_run(cfg, config, world)`: ep divides the world, the type has a zoo model with EP support, `--seq` fits
-  `max_position_embeddings`, `--device cuda` has CUDA, `--overlap-optimizer` runs on one rank or with ep equal to the world size.
+- `check_run(cfg, config, world)`: ep divides the world, the type's record (`convert.spec.ModelSpec`) names a zoo
+  model and no EP refusal (`ep_unsupported`), `--seq` fits
+  `max_position_embeddings`, `--device cuda` has CUDA, `--overlap-optimizer` runs on one rank or with
+  ep equal to the world size.
 - `load_tokenizer(cfg, vocab_size)`: `--tokenizer` or the model's tokenizer; missing, degenerate (a vocabulary of one,
   a probe text that tokenizes to nothing or to one repeated id) or larger than the model's vocabulary is an error.
-- `count_params`, `flops_per_token`, `check_memory`: parameter counts, model FLOPs, predicted per-GPU state memory.
+- `count_params`, `flops_per_token`, `check_memory`: parameter counts (E from the record's `num_experts`), model
+  FLOPs, predicted per-GPU state memory.
 - `human(n)`: a count as 1.2K / 3.4M / 5.6B.
 """
 
@@ -17,7 +20,6 @@ from typing import Any
 
 from .config import TrainConfig, TrainError
 
-EP_UNSUPPORTED = {"gpt_oss": "experts with biases and an interleaved layout"}
 PROBE = "The quick brown fox jumps over the lazy dog. 0123456789"
 
 
@@ -43,15 +45,9 @@ def load_config(cfg: TrainConfig) -> Any:
 def check_run(cfg: TrainConfig, config: Any, world: int) -> None:
     import torch
 
-    from ..models import MODEL_REGISTRY, get_model_class
-
     if world % cfg.ep:
         raise TrainError(f"--ep {cfg.ep} does not divide the world size {world}; choose ep from {[d for d in range(1, world + 1) if world % d == 0]}")
-    mt = config.model_type
-    if get_model_class(mt) is None:
-        raise TrainError(f"model type {mt!r} has no zoo model for expert-parallel training; supported: {', '.join(sorted(set(MODEL_REGISTRY) - set(EP_UNSUPPORTED)))}")
-    if mt in EP_UNSUPPORTED:
-        raise TrainError(f"model type {mt!r} has no expert-parallel support yet ({EP_UNSUPPORTED[mt]})")
+    _check_zoo_ep(config.model_type)
     limit = getattr(config, "max_position_embeddings", None)
     if limit and cfg.seq > limit:
         raise TrainError(f"--seq {cfg.seq} is longer than the model allows (max_position_embeddings={limit}); use --seq {limit} or less")
@@ -62,6 +58,18 @@ def check_run(cfg: TrainConfig, config: Any, world: int) -> None:
                          "so they are updated inside backward); or drop --overlap-optimizer")
     if cfg.cuda_graphs and cfg.data != "synthetic" and cfg.packing_mask == "document":
         raise TrainError("--cuda-graphs replays plain causal attention: add --packing-mask causal or use synthetic data")
+
+
+def _check_zoo_ep(model_type: str) -> None:
+    """The type's record names a zoo model and does not refuse expert parallelism."""
+    from ..convert.registry import declared_spec, specs
+
+    spec = declared_spec(model_type)
+    if spec is None or spec.zoo is None:
+        ok = sorted(name for name, s in specs().items() if s.zoo and not s.ep_unsupported)
+        raise TrainError(f"model type {model_type!r} has no zoo model for expert-parallel training; supported: {', '.join(ok)}")
+    if spec.ep_unsupported:
+        raise TrainError(f"model type {model_type!r} has no expert-parallel support yet ({spec.ep_unsupported})")
 
 
 def load_tokenizer(cfg: TrainConfig, vocab_size: int) -> Any:
@@ -100,11 +108,13 @@ def meta_model(config: Any, backend: Any) -> Any:
 
 def count_params(model: Any) -> tuple[int, int, int]:
     """(total, expert, active-for-FLOPs) parameter counts of a (meta) model; embeddings are not FLOPs."""
+    from ..convert.registry import declared_spec
     from ..parallel.expert_parallel import experts_modules
 
     experts = {id(p) for _, m in experts_modules(model) for p in m.parameters(recurse=False)}
     c = model.config
-    e = getattr(c, "num_experts", None) or getattr(c, "n_routed_experts", None) or getattr(c, "num_local_experts", 1)
+    spec = declared_spec(c.model_type)
+    e = (spec.num_experts(c) if spec is not None else None) or 1
     k = getattr(c, "num_experts_per_tok", 1)
     total = expert = active = 0
     for name, p in model.named_parameters():

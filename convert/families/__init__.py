@@ -1,4 +1,7 @@
-"""Hand-written model-type mappings, one small data module per family (loaded by `convert.registry`).
+"""Hand-written model-type records, one small data module per family (every module is loaded by `convert.registry`).
+
+Each module registers its types' records: a `ModelSpec` (mapping, zoo class path, EP refusal) or, for a
+conversion-only type, a bare `MoEMapping`.
 
 Each module's docstring names its on-disk layout group (from ../shared/docs/moe-layouts.md):
 - G1: per expert, `model.layers.L.mlp.experts.e.{gate,up,down}_proj.weight` (G1': the same under `feed_forward.`);

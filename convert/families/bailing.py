@@ -14,16 +14,16 @@ _ATTN = f"{_L}.self_attn"
 
 register(
     MoEMapping(
-        "bailing_hybrid",
-        "bailing",
-        swiglu_groups()
+        model_type="bailing_hybrid",
+        family="bailing",
+        groups=swiglu_groups()
         + (
             tensor_fusion(
                 f"{_ATTN}.conv1d.weight",
                 tuple(f"{_ATTN}.{p}_conv1d.weight" for p in ("q", "k", "v")),
             ),
         ),
-        (
+        renames=(
             Rename("model.word_embeddings.{rest}", "model.embed_tokens.{rest}"),
             Rename(f"{_L}.attention.{{rest}}", f"{_ATTN}.{{rest}}"),
             Rename(f"{_ATTN}.f_proj.{{rest}}", f"{_ATTN}.forget_gate.f_proj.{{rest}}"),

@@ -11,8 +11,8 @@ _X = "{prefix}blocks.{layer}.ffn.experts.mlp"
 
 register(
     MoEMapping(
-        "dbrx",
-        "dbrx",
+        model_type="dbrx",
+        family="dbrx",
         disk_layout=Layout.FUSED,
         expert_tensors=(f"{_X}.w1", f"{_X}.v1", f"{_X}.w2"),
         num_experts_fields=("moe_num_experts",),

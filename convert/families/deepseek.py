@@ -10,11 +10,20 @@ Block-FP8 checkpoints carry `weight_scale_inv` grids per expert; they fuse by th
 
 from ..mapping import MoEMapping, swiglu_groups
 from ..registry import register
+from ..spec import ModelSpec
 
-_FIELDS = {"num_experts_fields": ("n_routed_experts",), "intermediate_fields": ("moe_intermediate_size",)}
+_FIELDS = {
+    "family": "deepseek",
+    "groups": swiglu_groups(),
+    "num_experts_fields": ("n_routed_experts",),
+    "intermediate_fields": ("moe_intermediate_size",),
+}
 
 register(
-    MoEMapping("deepseek_v3", "deepseek", swiglu_groups(), **_FIELDS),
-    MoEMapping("deepseek_v2", "deepseek", swiglu_groups(), **_FIELDS),
-    MoEMapping("deepseek_v32", "deepseek", swiglu_groups(), **_FIELDS, notes="lightning indexer passes through"),
+    ModelSpec(
+        mapping=MoEMapping(model_type="deepseek_v3", **_FIELDS),
+        zoo="automodel_convert.models.deepseek_v3.DeepseekV3ForCausalLM",
+    ),
+    MoEMapping(model_type="deepseek_v2", **_FIELDS),
+    MoEMapping(model_type="deepseek_v32", **_FIELDS, notes="lightning indexer passes through"),
 )

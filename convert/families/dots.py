@@ -6,13 +6,17 @@ bias pass through.
 
 from ..mapping import MoEMapping, swiglu_groups
 from ..registry import register
+from ..spec import ModelSpec
 
 register(
-    MoEMapping(
-        "dots1",
-        "dots",
-        swiglu_groups(),
-        num_experts_fields=("n_routed_experts",),
-        intermediate_fields=("moe_intermediate_size",),
+    ModelSpec(
+        mapping=MoEMapping(
+            model_type="dots1",
+            family="dots",
+            groups=swiglu_groups(),
+            num_experts_fields=("n_routed_experts",),
+            intermediate_fields=("moe_intermediate_size",),
+        ),
+        zoo="automodel_convert.models.dots1.Dots1ForCausalLM",
     ),
 )

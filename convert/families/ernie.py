@@ -10,10 +10,10 @@ from ..registry import register
 
 register(
     MoEMapping(
-        "ernie4_5_moe",
-        "ernie",
-        swiglu_groups(),
-        (Rename("{prefix}layers.{layer}.mlp.moe_statics.{rest}", "{prefix}layers.{layer}.mlp.gate.moe_statics.{rest}"),),
+        model_type="ernie4_5_moe",
+        family="ernie",
+        groups=swiglu_groups(),
+        renames=(Rename("{prefix}layers.{layer}.mlp.moe_statics.{rest}", "{prefix}layers.{layer}.mlp.gate.moe_statics.{rest}"),),
         num_experts_fields=("moe_num_experts",),
         intermediate_fields=("moe_intermediate_size",),
         notes="mlp.moe_statics.* -> mlp.gate.moe_statics.*",

@@ -9,10 +9,10 @@ from ..registry import register
 
 register(
     MoEMapping(
-        "exaone_moe",
-        "exaone",
-        swiglu_groups(),
-        (Rename("{prefix}layers.{layer}.mlp.e_score_correction_bias", "{prefix}layers.{layer}.mlp.gate.e_score_correction_bias"),),
+        model_type="exaone_moe",
+        family="exaone",
+        groups=swiglu_groups(),
+        renames=(Rename("{prefix}layers.{layer}.mlp.e_score_correction_bias", "{prefix}layers.{layer}.mlp.gate.e_score_correction_bias"),),
         num_experts_fields=("num_experts",),
         intermediate_fields=("moe_intermediate_size",),
         notes="mlp.e_score_correction_bias -> mlp.gate.e_score_correction_bias",

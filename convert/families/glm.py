@@ -7,16 +7,26 @@ it); the vision tower `model.visual.*` passes through untouched.
 
 from ..mapping import MoEMapping, swiglu_groups
 from ..registry import register
+from ..spec import ModelSpec
 
-_FIELDS = {"num_experts_fields": ("n_routed_experts",), "intermediate_fields": ("moe_intermediate_size",)}
+_FIELDS = {
+    "family": "glm",
+    "groups": swiglu_groups(),
+    "num_experts_fields": ("n_routed_experts",),
+    "intermediate_fields": ("moe_intermediate_size",),
+}
 
 register(
-    MoEMapping("glm4_moe", "glm", swiglu_groups(), **_FIELDS),
-    MoEMapping("glm4_moe_lite", "glm", swiglu_groups(), **_FIELDS, notes="MLA attention passes through"),
+    ModelSpec(
+        mapping=MoEMapping(model_type="glm4_moe", **_FIELDS),
+        zoo="automodel_convert.models.glm4_moe.Glm4MoeForCausalLM",
+    ),
+    ModelSpec(
+        mapping=MoEMapping(model_type="glm4_moe_lite", **_FIELDS, notes="MLA attention passes through"),
+        zoo="automodel_convert.models.glm4_moe_lite.Glm4MoeLiteForCausalLM",
+    ),
     MoEMapping(
-        "glm4v_moe",
-        "glm",
-        swiglu_groups(),
+        model_type="glm4v_moe",
         **_FIELDS,
         text_config_field="text_config",
         notes="vision tower passes through",

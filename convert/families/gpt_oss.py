@@ -8,20 +8,25 @@ hold `*_blocks [E, out, in/32, 16]` / `*_scales [E, out, in/32]` instead of the 
 
 from ..mapping import Layout, MoEMapping
 from ..registry import register
+from ..spec import ModelSpec
 
 _X = "{prefix}layers.{layer}.mlp.experts"
 
 register(
-    MoEMapping(
-        "gpt_oss",
-        "gpt_oss",
-        disk_layout=Layout.FUSED,
-        expert_tensors=tuple(
-            f"{_X}.{n}{s}" for n in ("gate_up_proj", "down_proj") for s in ("", "_bias", "_blocks", "_scales")
+    ModelSpec(
+        mapping=MoEMapping(
+            model_type="gpt_oss",
+            family="gpt_oss",
+            disk_layout=Layout.FUSED,
+            expert_tensors=tuple(
+                f"{_X}.{n}{s}" for n in ("gate_up_proj", "down_proj") for s in ("", "_bias", "_blocks", "_scales")
+            ),
+            num_experts_fields=("num_local_experts",),
+            intermediate_fields=("intermediate_size",),
+            notes="disk equals model: gate_up_proj [E, H, 2I] interleaved, down_proj [E, I, H], biases; MXFP4 blocks/scales",
+            extra={"fused": "gate_up_proj [E,H,2I] (interleaved), down_proj [E,I,H], biases"},
         ),
-        num_experts_fields=("num_local_experts",),
-        intermediate_fields=("intermediate_size",),
-        notes="disk equals model: gate_up_proj [E, H, 2I] interleaved, down_proj [E, I, H], biases; MXFP4 blocks/scales",
-        extra={"fused": "gate_up_proj [E,H,2I] (interleaved), down_proj [E,I,H], biases"},
+        zoo="automodel_convert.models.gpt_oss.GptOssForCausalLM",
+        ep_unsupported="experts with biases and an interleaved layout",
     ),
 )

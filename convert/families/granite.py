@@ -21,7 +21,15 @@ _FIELDS = {"num_experts_fields": ("num_local_experts",), "intermediate_fields": 
 
 register(
     *(
-        MoEMapping(mt, "granite", swiglu_groups(f"{_M}.experts"), _RENAMES, disk_layout=Layout.FUSED, **_FIELDS, notes=note)
+        MoEMapping(
+            model_type=mt,
+            family="granite",
+            groups=swiglu_groups(f"{_M}.experts"),
+            renames=_RENAMES,
+            disk_layout=Layout.FUSED,
+            **_FIELDS,
+            notes=note,
+        )
         for mt, note in (
             ("granitemoe", "input_linear/output_linear -> experts.gate_up_proj/down_proj"),
             ("granitemoeshared", "as granitemoe; shared_mlp passes through"),

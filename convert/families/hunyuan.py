@@ -8,9 +8,9 @@ from ..registry import register
 
 register(
     MoEMapping(
-        "hunyuan_v1_moe",
-        "hunyuan",
-        swiglu_groups(),
+        model_type="hunyuan_v1_moe",
+        family="hunyuan",
+        groups=swiglu_groups(),
         num_experts_fields=("num_experts",),
         intermediate_fields=("intermediate_size",),
     ),

@@ -10,9 +10,9 @@ from ..registry import register
 
 register(
     MoEMapping(
-        "jamba",
-        "jamba",
-        swiglu_groups("{prefix}layers.{layer}.feed_forward.experts"),
+        model_type="jamba",
+        family="jamba",
+        groups=swiglu_groups("{prefix}layers.{layer}.feed_forward.experts"),
         num_experts_fields=("num_experts",),
         intermediate_fields=("intermediate_size",),
     ),

@@ -12,8 +12,8 @@ _L = "{prefix}layers.{layer}"
 
 register(
     MoEMapping(
-        "jetmoe",
-        "jetmoe",
+        model_type="jetmoe",
+        family="jetmoe",
         disk_layout=Layout.FUSED,
         expert_tensors=tuple(
             f"{_L}.{m}.{p}.weight" for m in ("mlp", "self_attention.experts") for p in ("input_linear", "output_linear")

@@ -17,10 +17,10 @@ _CONV = tensor_fusion(
 
 register(
     MoEMapping(
-        "kimi_linear",
-        "kimi",
-        swiglu_groups(gate="w1", up="w3", down="w2") + (_CONV,),
-        (
+        model_type="kimi_linear",
+        family="kimi",
+        groups=swiglu_groups(gate="w1", up="w3", down="w2") + (_CONV,),
+        renames=(
             Rename(f"{_ATTN}.f_a_proj.{{rest}}", f"{_ATTN}.forget_gate.f_a_proj.{{rest}}"),
             Rename(f"{_ATTN}.f_b_proj.{{rest}}", f"{_ATTN}.forget_gate.f_b_proj.{{rest}}"),
             Rename(f"{_ATTN}.dt_bias", f"{_ATTN}.forget_gate.dt_bias"),

@@ -10,9 +10,9 @@ from ..registry import register
 
 register(
     MoEMapping(
-        "lfm2_moe",
-        "lfm2",
-        swiglu_groups("{prefix}layers.{layer}.feed_forward.experts", gate="w1", up="w3", down="w2"),
+        model_type="lfm2_moe",
+        family="lfm2",
+        groups=swiglu_groups("{prefix}layers.{layer}.feed_forward.experts", gate="w1", up="w3", down="w2"),
         num_experts_fields=("num_experts",),
         intermediate_fields=("moe_intermediate_size",),
     ),

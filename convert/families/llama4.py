@@ -12,8 +12,8 @@ _X = "{prefix}layers.{layer}.feed_forward.experts"
 
 register(
     MoEMapping(
-        "llama4",
-        "llama4",
+        model_type="llama4",
+        family="llama4",
         disk_layout=Layout.FUSED,
         expert_tensors=(f"{_X}.gate_up_proj", f"{_X}.down_proj"),
         num_experts_fields=("num_local_experts",),

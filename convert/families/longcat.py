@@ -17,9 +17,9 @@ from ..registry import register
 
 register(
     MoEMapping(
-        "longcat_flash",
-        "longcat",
-        swiglu_groups(),
+        model_type="longcat_flash",
+        family="longcat",
+        groups=swiglu_groups(),
         num_experts_fields=(),  # gate/up may hold E or E + zero_expert_num experts (see above); E from the keys
         intermediate_fields=("expert_ffn_hidden_size",),
         notes="hub: real experts only; transformers 5.24 writes gate/up for E + zero experts, down for E: both kept as they are",

@@ -8,20 +8,32 @@ minimax_m2's `block_sparse_moe.e_score_correction_bias` follows the same rename;
 
 from ..mapping import MoEMapping, Rename, swiglu_groups
 from ..registry import register
+from ..spec import ModelSpec
 
 _TO_MLP = (Rename("{prefix}layers.{layer}.block_sparse_moe.{rest}", "{prefix}layers.{layer}.mlp.{rest}"),)
 _W_GROUPS = swiglu_groups(gate="w1", up="w3", down="w2")
-_FIELDS = {"num_experts_fields": ("num_local_experts",), "intermediate_fields": ("intermediate_size",)}
+_FIELDS = {
+    "family": "mixtral",
+    "groups": _W_GROUPS,
+    "num_experts_fields": ("num_local_experts",),
+    "intermediate_fields": ("intermediate_size",),
+}
 
 register(
-    MoEMapping("mixtral", "mixtral", _W_GROUPS, _TO_MLP, **_FIELDS),
-    MoEMapping("minimax", "mixtral", _W_GROUPS, _TO_MLP, **_FIELDS, notes="lightning-attention layers pass through"),
-    MoEMapping("minimax_m2", "mixtral", _W_GROUPS, _TO_MLP, **_FIELDS, notes="router score bias block_sparse_moe.e_score_correction_bias -> mlp."),
+    ModelSpec(
+        mapping=MoEMapping(model_type="mixtral", renames=_TO_MLP, **_FIELDS),
+        zoo="automodel_convert.models.mixtral.MixtralForCausalLM",
+    ),
+    MoEMapping(model_type="minimax", renames=_TO_MLP, **_FIELDS, notes="lightning-attention layers pass through"),
     MoEMapping(
-        "phimoe",
-        "mixtral",
-        _W_GROUPS,
-        _TO_MLP + (Rename("{prefix}layers.{layer}.mlp.gate.weight", "{prefix}layers.{layer}.mlp.router.weight"),),
+        model_type="minimax_m2",
+        renames=_TO_MLP,
+        **_FIELDS,
+        notes="router score bias block_sparse_moe.e_score_correction_bias -> mlp.",
+    ),
+    MoEMapping(
+        model_type="phimoe",
+        renames=_TO_MLP + (Rename("{prefix}layers.{layer}.mlp.gate.weight", "{prefix}layers.{layer}.mlp.router.weight"),),
         **_FIELDS,
         notes="router block_sparse_moe.gate.weight -> mlp.router.weight",
     ),

@@ -12,13 +12,13 @@ _X = "{prefix}layers.{layer}.mixer.experts"
 
 register(
     MoEMapping(
-        "nemotron_h",
-        "nemotron",
-        (
-            ExpertGroup(f"{_X}.up_proj", (f"{_X}.{{expert}}.up_proj.weight",)),
-            ExpertGroup(f"{_X}.down_proj", (f"{_X}.{{expert}}.down_proj.weight",)),
+        model_type="nemotron_h",
+        family="nemotron",
+        groups=(
+            ExpertGroup(fused=f"{_X}.up_proj", parts=(f"{_X}.{{expert}}.up_proj.weight",)),
+            ExpertGroup(fused=f"{_X}.down_proj", parts=(f"{_X}.{{expert}}.down_proj.weight",)),
         ),
-        (Rename("backbone.{rest}", "model.{rest}"),),
+        renames=(Rename("backbone.{rest}", "model.{rest}"),),
         num_experts_fields=("n_routed_experts",),
         intermediate_fields=("moe_intermediate_size",),
         notes="backbone. -> model.; no gate projection",

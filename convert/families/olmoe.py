@@ -5,10 +5,16 @@ transformers 5.24 maps both to qwen2_moe's converters; no renames.
 
 from ..mapping import MoEMapping, swiglu_groups
 from ..registry import register
+from ..spec import ModelSpec
 
-_FIELDS = {"num_experts_fields": ("num_experts",), "intermediate_fields": ("intermediate_size",)}
+_FIELDS = {
+    "family": "olmoe",
+    "groups": swiglu_groups(),
+    "num_experts_fields": ("num_experts",),
+    "intermediate_fields": ("intermediate_size",),
+}
 
 register(
-    MoEMapping("olmoe", "olmoe", swiglu_groups(), **_FIELDS),
-    MoEMapping("flex_olmo", "olmoe", swiglu_groups(), **_FIELDS),
+    ModelSpec(mapping=MoEMapping(model_type="olmoe", **_FIELDS), zoo="automodel_convert.models.olmoe.OlmoeForCausalLM"),
+    MoEMapping(model_type="flex_olmo", **_FIELDS),
 )

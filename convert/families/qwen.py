@@ -18,8 +18,9 @@ are shared by qwen3_moe, qwen3_next, qwen3_omni_moe (and its thinker/talker text
 
 from ..mapping import Layout, MoEMapping, Rename, swiglu_groups
 from ..registry import register
+from ..spec import ModelSpec
 
-_QWEN = {"intermediate_fields": ("moe_intermediate_size",)}
+_QWEN = {"family": "qwen", "groups": swiglu_groups(), "intermediate_fields": ("moe_intermediate_size",)}
 _THINKER = tuple(
     Rename(disk, model)
     for disk, model in (
@@ -32,14 +33,20 @@ _THINKER = tuple(
 )
 
 register(
-    MoEMapping("qwen3_moe", "qwen", swiglu_groups(), num_experts_fields=("num_experts", "num_local_experts"), **_QWEN),
-    MoEMapping("qwen2_moe", "qwen", swiglu_groups(), num_experts_fields=("num_experts",), **_QWEN),
-    MoEMapping("qwen3_next", "qwen", swiglu_groups(), num_experts_fields=("num_experts",), **_QWEN),
+    ModelSpec(
+        mapping=MoEMapping(model_type="qwen3_moe", num_experts_fields=("num_experts", "num_local_experts"), **_QWEN),
+        zoo="automodel_convert.models.qwen3_moe.Qwen3MoeForCausalLM",
+    ),
+    ModelSpec(
+        mapping=MoEMapping(model_type="qwen2_moe", num_experts_fields=("num_experts",), **_QWEN),
+        zoo="automodel_convert.models.qwen2_moe.Qwen2MoeForCausalLM",
+    ),
+    MoEMapping(model_type="qwen3_next", num_experts_fields=("num_experts",), **_QWEN),
     MoEMapping(
-        "qwen3_omni_moe",
-        "qwen",
-        swiglu_groups(),
-        _THINKER,
+        model_type="qwen3_omni_moe",
+        family="qwen",
+        groups=swiglu_groups(),
+        renames=_THINKER,
         num_experts_fields=(),
         intermediate_fields=(),
         notes="thinker and talker MoE stacks (E per stack from the keys); audio/vision towers and code2wav pass through",
@@ -50,9 +57,7 @@ register(
         },
     ),
     MoEMapping(
-        "qwen3_5_moe",
-        "qwen",
-        swiglu_groups(),
+        model_type="qwen3_5_moe",
         disk_layout=Layout.FUSED,
         num_experts_fields=("num_experts",),
         text_config_field="text_config",
@@ -61,9 +66,7 @@ register(
         **_QWEN,
     ),
     MoEMapping(
-        "qwen3_vl_moe",
-        "qwen",
-        swiglu_groups(),
+        model_type="qwen3_vl_moe",
         disk_layout=Layout.TRANSPOSED,
         num_experts_fields=("num_experts", "num_local_experts"),
         text_config_field="text_config",
