@@ -21,6 +21,8 @@ Contract:
   one addition): bf16 + bf16 correctly rounded to bf16 is the same number as the exact fp32 sum rounded to the bf16
   gradient, so the bf16 reduce gives bit-identical gradients (tests/test_ep_multi_gpu.py checks it) with half the
   bytes and half the staging memory. With more ranks the partial sums are rounded on the way: fp32 there.
+- Parameters kept in another dtype than the rest (fp32 routers of bf16 DeepSeek-style models): each such module
+  is an FSDP2 unit of its own computing in its own dtype (`kept_dtype_modules`), as FSDP2 needs one dtype per unit.
 - Gradient scale: every rank's loss reaches the experts it routed to, so expert gradients sum W per-rank losses;
   FSDP averages over `ep_dp` (W/ep ranks), and `GroupedExperts.grad_scale = 1/ep` makes the result the
   gradient of the mean loss, like the dense parameters.
@@ -210,6 +212,10 @@ def parallelize(
             fully_shard(mod, mesh=meshes.ep_dp_mesh, mp_policy=mp_experts, reshard_after_forward=reshard_after_forward)
     if meshes.world > 1:
         for layer in layers:
+            for sub in kept_dtype_modules(layer, stored, skip):  # fp32 routers of bf16 models: units of their own
+                own = grad_reduce_dtype(reduce_dtype, meshes.world, next(sub.parameters(recurse=False)).dtype)
+                fully_shard(sub, mesh=meshes.dp_mesh, mp_policy=MixedPrecisionPolicy(param_dtype=None, reduce_dtype=own),
+                            reshard_after_forward=reshard_after_forward)
             fully_shard(layer, mesh=meshes.dp_mesh, mp_policy=mp, ignored_params=skip or None, reshard_after_forward=reshard_after_forward)
         head = separate_head(model)
         if head is not None:
@@ -226,6 +232,19 @@ def prefetch_forward(units: list[nn.Module]) -> None:
     CPU close behind the GPU; the explicit one gives each gather a whole layer of compute to hide behind."""
     for unit, nxt in zip(units, units[1:]):
         unit.set_modules_to_forward_prefetch([nxt])
+
+
+def kept_dtype_modules(layer: nn.Module, stored: torch.dtype, skip: set[nn.Parameter]) -> list[nn.Module]:
+    """Submodules of `layer` whose own parameters are stored in another dtype than the model's: the fp32 routers of
+    bf16 DeepSeek-style models (transformers' `_keep_in_fp32_modules_strict`). FSDP2 needs one dtype per unit, and
+    casting them for compute would change the routing, so each becomes a unit of its own that computes in its own
+    dtype (no `param_dtype`)."""
+    found = []
+    for sub in layer.modules():
+        own = [p for p in sub.parameters(recurse=False) if p not in skip]
+        if sub is not layer and own and all(p.dtype != stored for p in own):
+            found.append(sub)
+    return found
 
 
 def grad_reduce_dtype(requested: torch.dtype | str, group_size: int, stored: torch.dtype) -> torch.dtype:

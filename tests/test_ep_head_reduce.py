@@ -100,3 +100,42 @@ def test_auto_reduce_dtype(size, stored, want):
 
     assert grad_reduce_dtype("auto", size, stored) == want
     assert grad_reduce_dtype(torch.float32, size, stored) == torch.float32
+
+
+def _ds_model():
+    from automodel_convert.models import AutoModelForCausalLM
+    from automodel_convert.models.testing import tiny_config
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config("deepseek_v3"), "attn=eager", dtype=torch.bfloat16, device="cpu")
+
+
+def _ds_worker(rank: int, world: int) -> dict:
+    from automodel_convert.parallel import build_mesh
+    from automodel_convert.parallel.expert_parallel import parallelize
+
+    init_gloo()
+    model = _ds_model()
+    meshes = build_mesh(ep=2, device_type="cpu")
+    parallelize(model, meshes, param_dtype=torch.bfloat16, dispatcher="alltoall")
+    ids = batch(rank, model.config.vocab_size)
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = full_grads(model, meshes)  # collectives: every rank takes part
+    return {"grads": grads if rank == 0 else None}
+
+
+def test_bf16_model_with_fp32_routers_trains_under_ep():
+    """DeepSeek-V3's routers stay fp32 in a bf16 model; FSDP2 needs one dtype per unit, so they are units of their
+    own: EP=2 runs (it raised "FSDP expects uniform original parameter dtype" before) and its gradients match the
+    single-process bf16 ones within bf16 rounding; the routers' stay fp32."""
+    model = _ds_model()
+    for r in range(2):
+        ids = batch(r, model.config.vocab_size)
+        (model(input_ids=ids, labels=ids).loss / 2).backward()
+    ref = {n: p.grad.float() for n, p in model.named_parameters()}
+    grads = run_ranks(_ds_worker, 2)[0]["grads"]
+    routers = [n for n in grads if n.endswith("mlp.gate.weight")]
+    assert routers and all(grads[n].dtype == torch.float32 for n in routers)
+    for n, g in grads.items():
+        scale = ref[n].abs().max().item()
+        assert (g.float() - ref[n]).abs().max().item() <= 0.03 * scale + 1e-6, n
