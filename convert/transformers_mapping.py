@@ -220,10 +220,35 @@ def _fewer_layers(cfg_dict: dict, k: int) -> dict:
     return out
 
 
+# Config values that transformers' default config of a type leaves off or unset, without which its class builds no
+# experts (gemma4: the MoE block is off by default) or cannot be built at all (diffusion_gemma: `num_experts=None`;
+# deepseek_ocr2: `mlp_layer_types=None` is indexed per layer). Only the key patterns of the built model are read,
+# never its sizes, so any valid values do; a real checkpoint's config.json carries its own.
+_MOE_ON = dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=128)
+BUILD_CONFIG: dict[str, dict[str, Any]] = {
+    "gemma4_text": _MOE_ON,
+    "gemma4": {"text_config": _MOE_ON},
+    "diffusion_gemma": {"text_config": {k: v for k, v in _MOE_ON.items() if k != "enable_moe_block"}},
+    "deepseek_ocr2": {"text_config": {"mlp_layer_types": ["dense"] + ["sparse"] * 31}},  # the default 32 layers
+}
+
+
+def _with_build_config(tf: Any, model_type: str) -> Any:
+    """The type's default config with its `BUILD_CONFIG` values (sub-config dicts merged into the defaults)."""
+    extra = BUILD_CONFIG.get(model_type)
+    default = tf.AutoConfig.for_model(model_type)
+    if not extra:
+        return default
+    kw = _kwargs(default)
+    for key, value in extra.items():
+        kw[key] = {**(kw.get(key) or {}), **value} if isinstance(value, dict) else value
+    return tf.AutoConfig.for_model(model_type, **kw)
+
+
 def _build_meta_model(model_type: str) -> Any:
-    """transformers' own class on the meta device, from its default config; when that config cannot be built (some
-    defaults leave fields of later layer kinds unset), from its first 1, 2 or 4 layers. The transforms are key
-    patterns: they do not depend on sizes or depth."""
+    """transformers' own class on the meta device, from its default config (plus `BUILD_CONFIG`); when that config
+    cannot be built (some defaults leave fields of later layer kinds unset), from its first 1, 2 or 4 layers. The
+    transforms are key patterns: they do not depend on sizes or depth."""
     tf = _transformers()
     import torch
 
@@ -231,7 +256,7 @@ def _build_meta_model(model_type: str) -> Any:
     if cls_name is None:
         raise Untranslatable("transformers maps no model class to it")
     cls = getattr(tf, cls_name)
-    default = tf.AutoConfig.for_model(model_type)
+    default = _with_build_config(tf, model_type)
     configs = [lambda: default] + [
         lambda k=k: tf.AutoConfig.for_model(model_type, **_fewer_layers(_kwargs(default), k)) for k in (1, 2, 4)
     ]

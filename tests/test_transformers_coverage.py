@@ -95,6 +95,7 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
         # transformers 5.24's text-only forward of this class reads `image_outputs` from a text output and crashes;
         # its language model (the same weights) gives the logits
         model = model.language_model
+    torch.manual_seed(0)  # diffusion_gemma draws a random canvas when none is given: the same one for both models
     with torch.no_grad():
         out = model(input_ids=ids)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
