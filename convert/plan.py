@@ -136,6 +136,8 @@ def _chunk_shapes(
     if len(expert_shape) != 2 and (layout is not Layout.FUSED or not expert_shape):
         raise MappingError(f"fused tensor {key!r} has expert shape {list(expert_shape)}; expected 2 dims")
     out_dim = 0 if layout is Layout.FUSED else 1
+    if not group.stacked:  # a non-expert fusion joins its parts along the dim of its first op
+        out_dim = group.split_dim % max(len(expert_shape), 1)
     total = expert_shape[out_dim]
     if total % n:
         raise MappingError(
@@ -143,8 +145,10 @@ def _chunk_shapes(
         )
     # Canonical parts are F.linear [out, in] (or any [out, ...] for the fused layout); the fused layouts are
     # cat(parts, 0) (+ a transpose).
-    inner = tuple(expert_shape[1:]) if layout is Layout.FUSED else (expert_shape[1 - out_dim],)
-    base = [(total // n, *inner)] * n
+    if layout is Layout.FUSED:
+        base = [tuple(total // n if d == out_dim else m for d, m in enumerate(expert_shape))] * n
+    else:
+        base = [(total // n, expert_shape[0])] * n
     chain = group.chain(layout, base)
     if chain.out_shapes(base)[0] != tuple(expert_shape):
         raise MappingError(
@@ -407,8 +411,11 @@ def _emit_instance(
 ) -> list[OutTensor]:
     g, caps, E = gi.group, gi.captures, gi.num_experts
     if not g.stacked:  # a non-stacked fusion: parts or the fused tensor, never transposed, no expert dim
+        # the disk side (the parts, or the fused tensor of `unfused_in_model`) for a per-expert target or the hub's
+        # own layout in disk names (a hub layout may be fused), else the model side
         src = Layout.PER_EXPERT if gi.fused_key is None else Layout.FUSED
-        dst = dst if dst is Layout.PER_EXPERT else Layout.FUSED
+        disk_side = dst is Layout.PER_EXPERT or (disk_names and dst is mapping.hub_layout)
+        dst = Layout.PER_EXPERT if disk_side != g.unfused_in_model else Layout.FUSED
     itemsize = DTYPE_SIZES[gi.dtype]
     part_nbytes = [math.prod(s) * itemsize for s in gi.part_shapes]
     expert_nbytes = sum(part_nbytes)
@@ -432,7 +439,8 @@ def _emit_instance(
         decode = None if src is Layout.PER_EXPERT else g.chain(src, gi.part_shapes).inverse()
         for e in range(E):
             for p, tpl in enumerate(g.part_templates):
-                name = mapping.to_disk_key(tpl.format(**caps, expert=e))
+                name = tpl.format(**caps, expert=e)
+                name = mapping.to_disk_key(name) if disk_names else name
                 rng = part_source(e, p)
                 ex = e if g.stacked else None
                 if rng is not None:

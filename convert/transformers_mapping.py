@@ -26,6 +26,7 @@ layout needs more (declared hub layouts, quantized companions, multi-stack E).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .mapping import ExpertGroup, Layout, MoEMapping, tensor_fusion
-from .ops import Concat, Op, Transpose
+from .ops import Concat, Deinterleave, Interleave, Op, Transpose
 
 FAMILY = "transformers"
 NO_EXPERTS = "no fused expert parameter in the built model"
@@ -188,25 +189,93 @@ def _expert_ops(ops: list) -> tuple[Op, ...]:
     return tuple(out)
 
 
+def _is(op: Any, name: str) -> bool:
+    return type(op).__name__ == name
+
+
 def _group(conv: Any) -> ExpertGroup:
-    """One `WeightConverter` -> one `ExpertGroup` (stacked with MergeModulelist(0), else a non-stacked concat)."""
+    """One `WeightConverter` -> one `ExpertGroup`: stacked with MergeModulelist(0); else a non-stacked fusion (a
+    concat or transformers' de-interleave of one tensor), or, for a one-to-many `Chunk`, a non-stacked fusion whose
+    parts are the model's (`unfused_in_model`)."""
     ops = list(conv.operations)
-    targets = conv._original_target_patterns
+    sources, targets = conv._original_source_patterns, conv._original_target_patterns
     if len(targets) != 1:
-        raise Untranslatable(f"one-to-many converter {conv._original_source_patterns} -> {targets}")
-    parts = tuple(_template(p) for p in conv._original_source_patterns)
+        return _one_to_many(conv, ops, sources, targets)
+    parts = tuple(_template(p) for p in sources)
     fused = _template(targets[0])
-    if ops and type(ops[0]).__name__ == "MergeModulelist" and ops[0].dim == 0:
+    if ops and _is(ops[0], "MergeModulelist") and ops[0].dim == 0:
         if not all("{expert}" in p for p in parts) or "{expert}" in fused:
-            raise Untranslatable(f"converter {conv._original_source_patterns} merges modules without an expert index")
+            raise Untranslatable(f"converter {sources} merges modules without an expert index")
         fused_ops = _expert_ops(ops[1:])
         default = (Concat(0),) if len(parts) > 1 else ()
         return ExpertGroup(fused, parts, None if fused_ops == default else fused_ops)
-    if len(ops) == 1 and type(ops[0]).__name__ == "Concatenate" and ops[0].num_shards_attribute is None:
-        if any("{expert}" in p for p in parts + (fused,)):
-            raise Untranslatable(f"converter {conv._original_source_patterns} concatenates per-expert keys")
+    if any("{expert}" in p for p in parts + (fused,)):
+        raise Untranslatable(f"converter {sources} -> {targets} with {ops!r} joins keys by index without stacking them")
+    if len(ops) == 1 and _is(ops[0], "Concatenate") and ops[0].num_shards_attribute is None:
         return tensor_fusion(fused, parts, (Concat(ops[0].dim),))
-    raise Untranslatable(f"converter {conv._original_source_patterns} -> {targets} with {ops!r}")
+    if len(ops) == 1 and _is(ops[0], "Interleave") and not ops[0].inverse and len(parts) == 1:
+        # transformers' Interleave(d) reads [g0, u0, g1, u1, ...] along d and holds [g..., u...]
+        return tensor_fusion(fused, parts, (Deinterleave(ops[0].dim), Concat(ops[0].dim)))
+    raise Untranslatable(f"converter {sources} -> {targets} with {ops!r}")
+
+
+def _one_to_many(conv: Any, ops: list, sources: list, targets: list) -> ExpertGroup:
+    """transformers' one-to-many `Chunk(d)` (equal parts) or `Interleave(d), Chunk(d)` (even and odd rows): the disk
+    holds one tensor, the model its parts; anything sized by the model (`Split`) or permuted by the config
+    (`PermuteForRope`: heads from the config) is refused."""
+    if len(sources) != 1:
+        raise Untranslatable(f"many-to-many converter {sources} -> {targets} with {ops!r}")
+    parts = tuple(_template(t) for t in targets)
+    fused = _template(sources[0])
+    if any("{expert}" in p for p in parts + (fused,)):
+        raise Untranslatable(f"one-to-many converter {sources} -> {targets} over an expert index")
+    last = ops[-1] if ops else None
+    if last is None or not _is(last, "Chunk") or last.num_shards_attribute is not None:
+        why = "sizes taken from the model's parameters" if last is not None and _is(last, "Split") else f"{ops!r}"
+        raise Untranslatable(f"one-to-many converter {sources} -> {targets} with {why}")
+    d = last.dim
+    if len(ops) == 1:
+        return tensor_fusion(fused, parts, (Concat(d),), unfused_in_model=True)
+    if len(ops) == 2 and _is(ops[0], "Interleave") and not ops[0].inverse and ops[0].dim == d and len(parts) == 2:
+        return tensor_fusion(fused, parts, (Interleave(d),), unfused_in_model=True)
+    raise Untranslatable(f"one-to-many converter {sources} -> {targets} with {ops!r}")
+
+
+_LAYER = re.compile(r"(?:^|(?<=\.))\d+(?=\.)")
+
+
+def _scoped(g: ExpertGroup, conv: Any, model_keys: list[str]) -> list[ExpertGroup]:
+    """A converter transformers scoped to a sub-model (`scope_prefix`, e.g. `vision_tower`) matches only keys under
+    `[base_model_prefix.]scope.`: its group's templates get that scope and the path from it to the pattern in the
+    built model (layer index -> `{layer}`), one group per such path; `{prefix}` before the scope takes `model.` or a
+    wrapper's prefix. Two sub-models may then declare the same fused name (dots3_note: text and vision experts)."""
+    scope = conv.scope_prefix
+    if not scope:
+        return [g]
+    base = conv.base_model_prefix
+    heads = [f"{base}.{scope}.", f"{scope}."] if base else [f"{scope}."]
+    body = (g.parts[0] if g.unfused_in_model else g.fused).removeprefix("{prefix}")
+    body_re = re.compile(re.escape(body).replace(re.escape("{expert}"), r"\d+") + r"\Z")
+    mids: list[str] = []
+    for key in model_keys:
+        head = next((h for h in heads if key.startswith(h)), None)
+        m = None if head is None else body_re.search(key, len(head))
+        if m is None or not (m.start() == len(head) or key[m.start() - 1] == "."):
+            continue
+        mid, n = _LAYER.subn("{layer}", key[len(head) : m.start()])
+        if n > 1:
+            raise Untranslatable(f"converter {conv._original_source_patterns} scoped to {scope!r} sits under two indices")
+        if mid not in mids:
+            mids.append(mid)
+    if not mids:
+        raise Untranslatable(f"converter target {body!r} scoped to {scope!r} names no parameter of the model")
+
+    def under(t: str, mid: str) -> str:
+        return f"{{prefix}}{scope}.{mid}{t.removeprefix('{prefix}')}"
+
+    return [
+        dataclasses.replace(g, fused=under(g.fused, mid), parts=tuple(under(p, mid) for p in g.parts)) for mid in mids
+    ]
 
 
 def _fewer_layers(cfg_dict: dict, k: int) -> dict:
@@ -221,15 +290,24 @@ def _fewer_layers(cfg_dict: dict, k: int) -> dict:
 
 
 # Config values that transformers' default config of a type leaves off or unset, without which its class builds no
-# experts (gemma4: the MoE block is off by default) or cannot be built at all (diffusion_gemma: `num_experts=None`;
-# deepseek_ocr2: `mlp_layer_types=None` is indexed per layer). Only the key patterns of the built model are read,
-# never its sizes, so any valid values do; a real checkpoint's config.json carries its own.
+# experts (gemma4: the MoE block is off by default), cannot be built at all (diffusion_gemma: `num_experts=None`;
+# deepseek_ocr2: `mlp_layer_types=None` is indexed per layer), or lacks a kind of layer that transformers declares
+# conversions for (inkling_mm_model: every layer is sparse by default, the dense MLP's `w13_dn` is converted too).
+# Only the key patterns of the built model are read, never its sizes, so any valid values do; a real checkpoint's
+# config.json carries its own. A callable value gets the (sub-)config dict.
 _MOE_ON = dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=128)
+
+
+def _first_dense(cfg: dict) -> list[str]:
+    return ["dense"] + ["sparse"] * (cfg["num_hidden_layers"] - 1)
+
+
 BUILD_CONFIG: dict[str, dict[str, Any]] = {
     "gemma4_text": _MOE_ON,
     "gemma4": {"text_config": _MOE_ON},
     "diffusion_gemma": {"text_config": {k: v for k, v in _MOE_ON.items() if k != "enable_moe_block"}},
-    "deepseek_ocr2": {"text_config": {"mlp_layer_types": ["dense"] + ["sparse"] * 31}},  # the default 32 layers
+    "deepseek_ocr2": {"text_config": {"mlp_layer_types": _first_dense}},
+    "inkling_mm_model": {"text_config": {"mlp_layer_types": _first_dense}},
 }
 
 
@@ -239,10 +317,17 @@ def _with_build_config(tf: Any, model_type: str) -> Any:
     default = tf.AutoConfig.for_model(model_type)
     if not extra:
         return default
-    kw = _kwargs(default)
-    for key, value in extra.items():
-        kw[key] = {**(kw.get(key) or {}), **value} if isinstance(value, dict) else value
-    return tf.AutoConfig.for_model(model_type, **kw)
+
+    def merged(base: dict, values: dict) -> dict:
+        out = dict(base)
+        for key, value in values.items():
+            if isinstance(value, dict):
+                out[key] = merged(out.get(key) or {}, value)
+            else:
+                out[key] = value(base) if callable(value) else value
+        return out
+
+    return tf.AutoConfig.for_model(model_type, **merged(_kwargs(default), extra))
 
 
 def _build_meta_model(model_type: str) -> Any:
@@ -295,8 +380,10 @@ def _expert_param_templates(model: Any) -> list[str]:
 def _check_groups(groups: list[ExpertGroup], model: Any) -> None:
     params = [n for n, _ in model.named_parameters()]
     for g in groups:
-        if not any(g.fused_template.match(n) for n in params):
-            raise Untranslatable(f"converter target {g.fused!r} names no parameter of the model")
+        targets = g.part_templates if g.unfused_in_model else (g.fused_template,)
+        for t in targets:
+            if not any(t.match(n) for n in params):
+                raise Untranslatable(f"converter target {t.text!r} names no parameter of the model")
 
 
 def _translate(model: Any, model_type: str) -> tuple[list, list[ExpertGroup]]:
@@ -304,6 +391,8 @@ def _translate(model: Any, model_type: str) -> tuple[list, list[ExpertGroup]]:
 
     renames: list = []
     groups: list[ExpertGroup] = []
+    scoped: list[ExpertGroup] = []
+    keys = list(model.state_dict())
     for t in get_model_conversion_mapping(model, add_legacy=False):
         kind = type(t).__name__
         if kind == "PrefixChange":
@@ -317,15 +406,19 @@ def _translate(model: Any, model_type: str) -> tuple[list, list[ExpertGroup]]:
             )
             renames.append(r)
         elif kind == "WeightConverter":
-            g = _group(t)
-            clash = [h for h in groups if h.fused == g.fused and h != g]
-            if clash:
-                raise Untranslatable(f"two scoped converters produce {g.fused!r} from {clash[0].parts} and {g.parts}")
-            if g not in groups:  # the same converter declared by two scoped sub-models
-                groups.append(g)
+            translated = _scoped(_group(t), t, keys)
+            if t.scope_prefix:
+                scoped.extend(translated)
+            for g in translated:
+                clash = [h for h in groups if h.fused == g.fused and h != g]
+                if clash:
+                    raise Untranslatable(f"two converters produce {g.fused!r} from {clash[0].parts} and {g.parts}")
+                if g not in groups:  # the same converter declared twice
+                    groups.append(g)
         else:
             raise Untranslatable(f"{kind} has no exact inverse here")
-    return renames, groups
+    # a scoped group is matched before an unscoped one, whose `{prefix}` would also take the scoped keys
+    return renames, [g for g in groups if g in scoped] + [g for g in groups if g not in scoped]
 
 
 @cache
