@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from functools import cache, cached_property
 from typing import Protocol
@@ -241,6 +241,19 @@ class MoEMapping:
         for r in reversed(self.renames):
             model_key = r.to_disk(model_key)
         return model_key
+
+    def for_config(self, config: dict) -> MoEMapping:
+        """This mapping with the ops that read the checkpoint's config bound to it (an op with `bind_config`, e.g.
+        transformers' `PermuteForRope`, whose head count is a config field); itself when it has none."""
+        if not any(hasattr(op, "bind_config") for g in self.groups for op in g.fused_ops or ()):
+            return self
+        groups = tuple(
+            replace(g, fused_ops=tuple(op.bind_config(config) if hasattr(op, "bind_config") else op for op in g.fused_ops))
+            if g.fused_ops
+            else g
+            for g in self.groups
+        )
+        return replace(self, groups=groups)
 
     @cached_property
     def all_groups(self) -> tuple[ExpertGroup, ...]:

@@ -182,6 +182,7 @@ def plan_conversion(
         raise MappingError(
             f"model type {model_type!r} stores its experts as the model holds them (no per-expert groups), so it has no transposed layout; use --layout fused"
         )
+    mapping = mapping.for_config(ckpt.config)  # ops that read the config (heads of a rope permutation) bound to it
     model_keys = _rename_keys(ckpt, mapping, model_type)
     match = _match_groups(mapping.all_groups, model_keys)
     layout = _source_layout(ckpt, mapping, match, model_type, source_layout)

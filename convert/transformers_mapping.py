@@ -193,14 +193,14 @@ def _is(op: Any, name: str) -> bool:
     return type(op).__name__ == name
 
 
-def _group(conv: Any) -> ExpertGroup:
+def _group(conv: Any, model_type: str) -> ExpertGroup:
     """One `WeightConverter` -> one `ExpertGroup`: stacked with MergeModulelist(0); else a non-stacked fusion (a
     concat or transformers' de-interleave of one tensor), or, for a one-to-many `Chunk`, a non-stacked fusion whose
     parts are the model's (`unfused_in_model`)."""
     ops = list(conv.operations)
     sources, targets = conv._original_source_patterns, conv._original_target_patterns
     if len(targets) != 1:
-        return _one_to_many(conv, ops, sources, targets)
+        return _one_to_many(conv, ops, sources, targets, model_type)
     parts = tuple(_template(p) for p in sources)
     fused = _template(targets[0])
     if ops and _is(ops[0], "MergeModulelist") and ops[0].dim == 0:
@@ -216,29 +216,128 @@ def _group(conv: Any) -> ExpertGroup:
     if len(ops) == 1 and _is(ops[0], "Interleave") and not ops[0].inverse and len(parts) == 1:
         # transformers' Interleave(d) reads [g0, u0, g1, u1, ...] along d and holds [g..., u...]
         return tensor_fusion(fused, parts, (Deinterleave(ops[0].dim), Concat(ops[0].dim)))
+    if len(ops) == 1 and _is(ops[0], "PermuteForRope") and len(parts) == 1:
+        names = ops[0].permute_layer_names
+        permute = names is None or any(n in sources[0] for n in names)
+        return tensor_fusion(fused, parts, (_rope(ops[0], model_type),) if permute else ())
     raise Untranslatable(f"converter {sources} -> {targets} with {ops!r}")
 
 
-def _one_to_many(conv: Any, ops: list, sources: list, targets: list) -> ExpertGroup:
-    """transformers' one-to-many `Chunk(d)` (equal parts) or `Interleave(d), Chunk(d)` (even and odd rows): the disk
-    holds one tensor, the model its parts; anything sized by the model (`Split`) or permuted by the config
-    (`PermuteForRope`: heads from the config) is refused."""
+def _one_to_many(conv: Any, ops: list, sources: list, targets: list, model_type: str) -> ExpertGroup:
+    """transformers' one-to-many `Chunk(d)` (equal parts), then optionally `PermuteForRope` (of the parts it names),
+    or `Interleave(d), Chunk(d)` (even and odd rows): the disk holds one tensor, the model its parts; parts sized by
+    the model's parameters (`Split`) are refused (the sizes are not in the checkpoint)."""
     if len(sources) != 1:
         raise Untranslatable(f"many-to-many converter {sources} -> {targets} with {ops!r}")
     parts = tuple(_template(t) for t in targets)
     fused = _template(sources[0])
     if any("{expert}" in p for p in parts + (fused,)):
         raise Untranslatable(f"one-to-many converter {sources} -> {targets} over an expert index")
+    if len(ops) == 2 and _is(ops[0], "Chunk") and _is(ops[1], "PermuteForRope"):
+        names = ops[1].permute_layer_names
+        select = tuple(i for i, t in enumerate(targets) if names is None or any(n in t for n in names))
+        rope = (dataclasses.replace(_rope(ops[1], model_type).inverse(), select=select),)
+        ops = ops[:1]
+    else:
+        rope = ()
     last = ops[-1] if ops else None
     if last is None or not _is(last, "Chunk") or last.num_shards_attribute is not None:
         why = "sizes taken from the model's parameters" if last is not None and _is(last, "Split") else f"{ops!r}"
         raise Untranslatable(f"one-to-many converter {sources} -> {targets} with {why}")
     d = last.dim
-    if len(ops) == 1:
-        return tensor_fusion(fused, parts, (Concat(d),), unfused_in_model=True)
+    if len(ops) == 1:  # parts -> disk: the permutation undone, then the concat
+        return tensor_fusion(fused, parts, rope + (Concat(d),), unfused_in_model=True)
     if len(ops) == 2 and _is(ops[0], "Interleave") and not ops[0].inverse and ops[0].dim == d and len(parts) == 2:
         return tensor_fusion(fused, parts, (Interleave(d),), unfused_in_model=True)
     raise Untranslatable(f"one-to-many converter {sources} -> {targets} with {ops!r}")
+
+
+def _rope(op: Any, model_type: str) -> RopePermute:
+    """transformers' `PermuteForRope` in its load direction (disk -> model)."""
+    return RopePermute(model_type, op.subconfig_key, interleave=bool(op.inverse))
+
+
+@dataclass(frozen=True)
+class RopePermute(Op):
+    """transformers' `PermuteForRope`: in each of `heads` row blocks of dim 0 (one head), the interleaved rotary pairs
+    `[x0, y0, x1, y1, ...]` become halves `[x0, x1, ..., y0, y1, ...]` (`interleave=False`, transformers' load
+    direction) or back (`interleave=True`). `heads` is `num_attention_heads` of the config's `sub_config` (1 when
+    absent, as transformers reads it), bound from the checkpoint's config.json (`bind_config`, called by the planner
+    through `MoEMapping.for_config`); `select`: the list positions it permutes (None: all). 1-D and 2-D tensors only,
+    as transformers; it only moves elements (bit-exact)."""
+
+    model_type: str
+    sub_config: str | None
+    interleave: bool = False
+    select: tuple[int, ...] | None = None
+    heads: int | None = None
+
+    def bind_config(self, config: dict) -> RopePermute:
+        return dataclasses.replace(self, heads=_config_heads(self.model_type, self.sub_config, config))
+
+    def _applies(self, i: int, shape: tuple) -> bool:
+        return (self.select is None or i in self.select) and len(shape) in (1, 2)
+
+    def apply(self, xs: Any) -> list:
+        if self.heads is None:
+            raise ValueError("RopePermute needs the config's head count: bind_config(config) first")
+        out = []
+        for i, x in enumerate(xs):
+            if self._applies(i, tuple(x.shape)):
+                half = x.shape[0] // self.heads // 2
+                pair = (2, half) if self.interleave else (half, 2)
+                x = x.reshape(self.heads, *pair, *x.shape[1:]).transpose(1, 2).reshape(x.shape).contiguous()
+            out.append(x)
+        return out
+
+    def inverse(self) -> RopePermute:
+        return dataclasses.replace(self, interleave=not self.interleave)
+
+    def out_shapes(self, shapes: Any) -> list:
+        for i, sh in enumerate(shapes):
+            if self.heads is not None and self._applies(i, tuple(sh)) and sh[0] % (2 * self.heads):
+                raise ValueError(f"dim 0 of {list(sh)} is not {self.heads} heads of rotary pairs")
+        return [tuple(sh) for sh in shapes]
+
+
+def _config_heads(model_type: str, sub_config: str | None, config: dict) -> int:
+    """`num_attention_heads` of the checkpoint's config (its `sub_config`), with transformers' defaults filled in: a
+    config.json written by transformers leaves out values equal to the defaults."""
+    from .errors import MappingError
+
+    tf = _transformers()
+    try:
+        cfg = tf.CONFIG_MAPPING[model_type].from_dict(dict(config))
+    except Exception as e:
+        raise MappingError(
+            f"cannot read config.json as a {model_type} config ({type(e).__name__}: {e}); its attention heads decide a rotary permutation"
+        ) from e
+    if sub_config is not None:
+        cfg = getattr(cfg, sub_config, cfg)
+    heads = getattr(cfg, "num_attention_heads", 1)
+    if not isinstance(heads, int) or heads < 1:
+        raise MappingError(f"config.json's {sub_config or model_type} num_attention_heads is {heads!r}; expected a positive integer")
+    return heads
+
+
+def _infix(g: ExpertGroup, model_keys: list[str]) -> list[ExpertGroup]:
+    """A converter whose patterns are key infixes (`attention.wq.` -> `attention.q_proj.`) becomes one group per
+    tensor suffix the built model has after the model-side infix (`weight`, `bias`)."""
+    model_side = (g.parts[0] if g.unfused_in_model else g.fused).removeprefix("{prefix}")
+    if not model_side.endswith("."):
+        return [g]
+    suffixes: list[str] = []
+    for key in model_keys:
+        at = key.find(model_side)
+        while at > 0 and key[at - 1] != ".":
+            at = key.find(model_side, at + 1)
+        if at >= 0 and key[at + len(model_side) :] not in suffixes:
+            suffixes.append(key[at + len(model_side) :])
+    if not suffixes:
+        raise Untranslatable(f"converter target {model_side!r} names no parameter of the model")
+    return [
+        dataclasses.replace(g, fused=g.fused + sfx, parts=tuple(p + sfx for p in g.parts)) for sfx in suffixes
+    ]
 
 
 _LAYER = re.compile(r"(?:^|(?<=\.))\d+(?=\.)")
@@ -247,8 +346,8 @@ _LAYER = re.compile(r"(?:^|(?<=\.))\d+(?=\.)")
 def _scoped(g: ExpertGroup, conv: Any, model_keys: list[str]) -> list[ExpertGroup]:
     """A converter transformers scoped to a sub-model (`scope_prefix`, e.g. `vision_tower`) matches only keys under
     `[base_model_prefix.]scope.`: its group's templates get that scope and the path from it to the pattern in the
-    built model (layer index -> `{layer}`), one group per such path; `{prefix}` before the scope takes `model.` or a
-    wrapper's prefix. Two sub-models may then declare the same fused name (dots3_note: text and vision experts)."""
+    built model (layer index -> `{layer}`; it may end inside a name, `self_` of `self_attn.`, as transformers searches
+    the pattern), one group per such path; `{prefix}` before the scope takes `model.` or a wrapper's prefix. Two sub-models may then declare the same fused name (dots3_note: text and vision experts)."""
     scope = conv.scope_prefix
     if not scope:
         return [g]
@@ -259,8 +358,8 @@ def _scoped(g: ExpertGroup, conv: Any, model_keys: list[str]) -> list[ExpertGrou
     mids: list[str] = []
     for key in model_keys:
         head = next((h for h in heads if key.startswith(h)), None)
-        m = None if head is None else body_re.search(key, len(head))
-        if m is None or not (m.start() == len(head) or key[m.start() - 1] == "."):
+        m = None if head is None else body_re.search(key, len(head))  # anywhere, as transformers searches
+        if m is None:
             continue
         mid, n = _LAYER.subn("{layer}", key[len(head) : m.start()])
         if n > 1:
@@ -406,7 +505,7 @@ def _translate(model: Any, model_type: str) -> tuple[list, list[ExpertGroup]]:
             )
             renames.append(r)
         elif kind == "WeightConverter":
-            translated = _scoped(_group(t), t, keys)
+            translated = [h for g in _infix(_group(t, model_type), keys) for h in _scoped(g, t, keys)]
             if t.scope_prefix:
                 scoped.extend(translated)
             for g in translated:

@@ -71,6 +71,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         "text_config": {"mlp_layer_types": ["dense", "sparse"]},
         "vision_config": {"n_layers": 3, "patch_size": 2, "temporal_patch_size": 2},  # n_layers >= its 3 scales: no scipy
     },
+    "step3p7": {"text_config": {"sliding_window": 16}},  # the forward builds a sliding mask; the default leaves it None
     "muse_spark_text": {"moe_hidden_size": 24},
     "muse_spark": {"text_config": {"moe_hidden_size": 24}, "projector_hidden_size": 64},
 }
