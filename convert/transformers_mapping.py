@@ -129,6 +129,30 @@ class TransformersRename:
         return self._pair()[1].rename_source_key(key)[0]
 
 
+@dataclass(frozen=True)
+class RefusedKeys:
+    """A transformers converter with no exact translation whose targets the model built from the type's default
+    config does not have (a kind of layer that config leaves off, e.g. qwen4_exp's sharded n-gram embedding): the type
+    is translated, and a checkpoint that has the converter's source keys is refused with `reason` when its keys are
+    renamed (after transformers' renamings, where transformers applies its converters)."""
+
+    converter: Any = field(compare=False, hash=False, repr=False)
+    sources: tuple[str, ...] = ()
+    reason: str = ""
+
+    def to_model(self, key: str) -> str:
+        if self.converter._scoped_match(key) is not None:
+            from .errors import MappingError
+
+            raise MappingError(
+                f"{key!r} cannot be converted exactly: {self.reason} (a layer kind the type's default config leaves off)"
+            )
+        return key
+
+    def to_disk(self, key: str) -> str:
+        return key
+
+
 _INDEX = re.compile(r"\.\d+(?=\.|$)")
 
 
@@ -210,7 +234,9 @@ def _group(conv: Any, model_type: str) -> ExpertGroup:
         default = (Concat(0),) if len(parts) > 1 else ()
         return ExpertGroup(fused, parts, None if fused_ops == default else fused_ops)
     if any("{expert}" in p for p in parts + (fused,)):
-        raise Untranslatable(f"converter {sources} -> {targets} with {ops!r} joins keys by index without stacking them")
+        raise Untranslatable(
+            f"transformers' converter {sources} -> {targets} with {ops!r} joins the keys of every index into one tensor without stacking them: their number is not in its shape"
+        )
     if len(ops) == 1 and _is(ops[0], "Concatenate") and ops[0].num_shards_attribute is None:
         return tensor_fusion(fused, parts, (Concat(ops[0].dim),))
     if len(ops) == 1 and _is(ops[0], "Interleave") and not ops[0].inverse and len(parts) == 1:
@@ -485,12 +511,13 @@ def _check_groups(groups: list[ExpertGroup], model: Any) -> None:
                 raise Untranslatable(f"converter target {t.text!r} names no parameter of the model")
 
 
-def _translate(model: Any, model_type: str) -> tuple[list, list[ExpertGroup]]:
+def _translate(model: Any, model_type: str) -> tuple[list, list, list[ExpertGroup]]:
     from transformers.conversion_mapping import get_model_conversion_mapping
 
     renames: list = []
     groups: list[ExpertGroup] = []
     scoped: list[ExpertGroup] = []
+    refused: list[RefusedKeys] = []
     keys = list(model.state_dict())
     for t in get_model_conversion_mapping(model, add_legacy=False):
         kind = type(t).__name__
@@ -505,7 +532,14 @@ def _translate(model: Any, model_type: str) -> tuple[list, list[ExpertGroup]]:
             )
             renames.append(r)
         elif kind == "WeightConverter":
-            translated = [h for g in _infix(_group(t, model_type), keys) for h in _scoped(g, t, keys)]
+            try:
+                translated = [h for g in _infix(_group(t, model_type), keys) for h in _scoped(g, t, keys)]
+            except Untranslatable as e:
+                reverse = t.reverse_transform()
+                if any(reverse._scoped_match(k) is not None for k in keys):
+                    raise  # the built model uses it: the type is refused
+                refused.append(RefusedKeys(t, tuple(t._original_source_patterns), str(e)))
+                continue
             if t.scope_prefix:
                 scoped.extend(translated)
             for g in translated:
@@ -517,7 +551,7 @@ def _translate(model: Any, model_type: str) -> tuple[list, list[ExpertGroup]]:
         else:
             raise Untranslatable(f"{kind} has no exact inverse here")
     # a scoped group is matched before an unscoped one, whose `{prefix}` would also take the scoped keys
-    return renames, [g for g in groups if g in scoped] + [g for g in groups if g not in scoped]
+    return renames, refused, [g for g in groups if g in scoped] + [g for g in groups if g not in scoped]
 
 
 @cache
@@ -526,7 +560,7 @@ def generic_mapping(model_type: str) -> MoEMapping:
     if model_type not in fused_expert_types():
         raise Untranslatable("transformers declares no fused experts for it")
     model = _build_meta_model(model_type)
-    renames, groups = _translate(model, model_type)
+    renames, refused, groups = _translate(model, model_type)
     _check_groups(groups, model)
     model_keys = frozenset(_shape_of_key(k) for k in model.state_dict())
     stacked = [g for g in groups if g.stacked]
@@ -542,7 +576,7 @@ def generic_mapping(model_type: str) -> MoEMapping:
         model_type,
         FAMILY,
         tuple(groups),
-        (TransformersRenames(tuple(renames), model_keys),) if renames else (),
+        ((TransformersRenames(tuple(renames), model_keys),) if renames else ()) + tuple(refused),
         disk_layout=Layout.PER_EXPERT if stacked else Layout.FUSED,
         expert_tensors=expert_tensors,
         num_experts_fields=(),

@@ -175,3 +175,18 @@ def test_split_uses_the_model_type_merge_recorded(tmp_path: Path) -> None:
     split(tmp_path / "fused", tmp_path / "back")
     assert folder_bytes(tmp_path / "back") == folder_bytes(src)
     assert verify(tmp_path / "fused").ok
+
+
+def test_converter_the_default_model_never_uses_refuses_its_keys(tmp_path: Path, run_cli) -> None:
+    """qwen4_exp is translated although transformers' n-gram shard converter has no exact inverse: the model built
+    from its default config has no n-gram embedding. A checkpoint that has those keys is refused in one line."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "qwen4_exp_text", "num_experts": 2}))
+    tensors = {f"model.layers.0.mlp.experts.{e}.{p}.weight": torch.zeros(2, 2) for e in range(2) for p in ("gate_proj", "up_proj", "down_proj")}
+    tensors["model.layers.0.ple.ple_embedding.ngram_embedding.shard_0.weight"] = torch.zeros(2, 2)
+    save_file(tensors, src / "model.safetensors")
+    code, out, err = run_cli("merge", src, tmp_path / "dst")
+    assert code == 2 and not out and len(err.strip().splitlines()) == 1, err
+    assert "ngram_embedding.shard_0.weight" in err and "number is not in its shape" in " ".join(err.split())
+    assert not (tmp_path / "dst").exists()
