@@ -158,6 +158,12 @@ class ExpertGroup:
         """The dim a non-stacked fused tensor splits along into equal parts: that of the first op that joins parts."""
         return next((op.dim for op in self.ops_for(Layout.FUSED) if isinstance(op, (Concat, Interleave))), 0)
 
+    @property
+    def split_sizes(self) -> tuple[int, ...] | None:
+        """The part sizes a non-stacked fused tensor splits into when a `Concat` of the group fixes them (bound from the
+        config, e.g. transformers' `Split` sized by the model's parameters); None: equal parts."""
+        return next((op.sizes for op in self.ops_for(Layout.FUSED) if isinstance(op, Concat) and op.sizes), None)
+
     def chain(self, layout: Layout, part_shapes: Sequence[Shape]) -> Chain:
         return Chain.bind(self.ops_for(layout), part_shapes)
 

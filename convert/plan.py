@@ -136,9 +136,14 @@ def _chunk_shapes(
     if len(expert_shape) != 2 and (layout is not Layout.FUSED or not expert_shape):
         raise MappingError(f"fused tensor {key!r} has expert shape {list(expert_shape)}; expected 2 dims")
     out_dim = 0 if layout is Layout.FUSED else 1
-    if not group.stacked:  # a non-expert fusion joins its parts along the dim of its first op
-        out_dim = group.split_dim % max(len(expert_shape), 1)
+    sizes = None
+    if not group.stacked:  # a non-expert fusion joins its parts along the dim of its first op, in sizes it may fix
+        out_dim, sizes = group.split_dim % max(len(expert_shape), 1), group.split_sizes
     total = expert_shape[out_dim]
+    if sizes is not None:
+        if len(sizes) != n or sum(sizes) != total:
+            raise MappingError(f"fused tensor {key!r}: dim {out_dim} ({total}) does not split into the config's sizes {list(sizes)}")
+        return [tuple(z if d == out_dim else m for d, m in enumerate(expert_shape)) for z in sizes]
     if total % n:
         raise MappingError(
             f"fused tensor {key!r}: dim {out_dim + 1} ({total}) does not split into {n} equal parts; the checkpoint is not in the {layout} layout"

@@ -27,6 +27,7 @@ layout needs more (declared hub layouts, quantized companions, multi-stack E).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .mapping import ExpertGroup, Layout, MoEMapping, tensor_fusion
+from .mapping import ExpertGroup, Layout, MoEMapping, Template, tensor_fusion
 from .ops import Concat, Deinterleave, Interleave, Op, Transpose
 
 FAMILY = "transformers"
@@ -251,8 +252,8 @@ def _group(conv: Any, model_type: str) -> ExpertGroup:
 
 def _one_to_many(conv: Any, ops: list, sources: list, targets: list, model_type: str) -> ExpertGroup:
     """transformers' one-to-many `Chunk(d)` (equal parts), then optionally `PermuteForRope` (of the parts it names),
-    or `Interleave(d), Chunk(d)` (even and odd rows): the disk holds one tensor, the model its parts; parts sized by
-    the model's parameters (`Split`) are refused (the sizes are not in the checkpoint)."""
+    `Interleave(d), Chunk(d)` (even and odd rows), or `Split(d)` (parts sized like the model's parameters, read from
+    the model transformers builds from the checkpoint's config): the disk holds one tensor, the model its parts."""
     if len(sources) != 1:
         raise Untranslatable(f"many-to-many converter {sources} -> {targets} with {ops!r}")
     parts = tuple(_template(t) for t in targets)
@@ -267,9 +268,10 @@ def _one_to_many(conv: Any, ops: list, sources: list, targets: list, model_type:
     else:
         rope = ()
     last = ops[-1] if ops else None
+    if len(ops) == 1 and _is(last, "Split"):  # parts sized like the model's parameters: bound from the config
+        return tensor_fusion(fused, parts, (ModelSizedConcat(model_type, tuple(targets), last.dim),), unfused_in_model=True)
     if last is None or not _is(last, "Chunk") or last.num_shards_attribute is not None:
-        why = "sizes taken from the model's parameters" if last is not None and _is(last, "Split") else f"{ops!r}"
-        raise Untranslatable(f"one-to-many converter {sources} -> {targets} with {why}")
+        raise Untranslatable(f"one-to-many converter {sources} -> {targets} with {ops!r}")
     d = last.dim
     if len(ops) == 1:  # parts -> disk: the permutation undone, then the concat
         return tensor_fusion(fused, parts, rope + (Concat(d),), unfused_in_model=True)
@@ -326,6 +328,57 @@ class RopePermute(Op):
         return [tuple(sh) for sh in shapes]
 
 
+@dataclass(frozen=True)
+class ModelSizedConcat(Concat):
+    """The inverse of transformers' `Split(dim)`: parts sized like the model's parameters named by `targets` (key
+    infixes), which the model built from the checkpoint's config (meta device) gives (`bind_config` -> a `Concat`
+    with those sizes; a fused tensor of another total is refused)."""
+
+    model_type: str = ""
+    targets: tuple[str, ...] = ()
+
+    def __init__(self, model_type: str, targets: tuple[str, ...], dim: int) -> None:
+        object.__setattr__(self, "dim", dim)
+        object.__setattr__(self, "sizes", None)
+        object.__setattr__(self, "model_type", model_type)
+        object.__setattr__(self, "targets", targets)
+
+    def bind(self, shapes: Any) -> Concat:
+        return Concat(self.dim).bind(shapes)
+
+    def bind_config(self, config: dict) -> Concat:
+        shapes = _config_model(self.model_type, json.dumps(config, sort_keys=True))
+        sizes = []
+        for t in self.targets:
+            hit = re.compile(re.escape(t.replace("\\.", ".")) + r"(?!\w)")
+            name = next((n for n in shapes if hit.search(n)), None)
+            if name is None:
+                from .errors import MappingError
+
+                raise MappingError(f"the {self.model_type} model of this config.json has no {t!r} parameter to size a split by")
+            sizes.append(shapes[name][self.dim])
+        return Concat(self.dim, tuple(sizes))
+
+
+@cache
+def _config_model(model_type: str, config_json: str) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of transformers' model of `model_type` built from a config.json (meta device)."""
+    from .errors import MappingError
+
+    tf = _transformers()
+    import torch
+
+    try:
+        cfg = tf.CONFIG_MAPPING[model_type].from_dict(json.loads(config_json))
+        with torch.device("meta"):
+            model = getattr(tf, fused_expert_types()[model_type])._from_config(cfg)
+    except Exception as e:
+        raise MappingError(
+            f"transformers cannot build {model_type} from config.json ({type(e).__name__}: {e}); its parameter shapes size a split"
+        ) from e
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
 def _config_heads(model_type: str, sub_config: str | None, config: dict) -> int:
     """`num_attention_heads` of the checkpoint's config (its `sub_config`), with transformers' defaults filled in: a
     config.json written by transformers leaves out values equal to the defaults."""
@@ -347,18 +400,19 @@ def _config_heads(model_type: str, sub_config: str | None, config: dict) -> int:
 
 
 def _infix(g: ExpertGroup, model_keys: list[str]) -> list[ExpertGroup]:
-    """A converter whose patterns are key infixes (`attention.wq.` -> `attention.q_proj.`) becomes one group per
-    tensor suffix the built model has after the model-side infix (`weight`, `bias`)."""
-    model_side = (g.parts[0] if g.unfused_in_model else g.fused).removeprefix("{prefix}")
-    if not model_side.endswith("."):
-        return [g]
+    """A converter whose patterns are key infixes (`attention.wq.` -> `attention.q_proj.`, `linear_attn.in_proj` ->
+    `linear_attn.in_proj_qkv|...`) becomes one group per tensor suffix the built model has after the model-side
+    infix (`weight`, `.weight`, `bias`)."""
+    model_tpl = g.parts[0] if g.unfused_in_model else g.fused
+    if "{expert}" in model_tpl or any(Template(model_tpl).match(k) for k in model_keys):
+        return [g]  # a whole key name already
+    model_side = model_tpl.removeprefix("{prefix}")
+    ends = re.compile(r"(?:^|(?<=\.))" + re.escape(model_side) + (r"" if model_side.endswith(".") else r"(?=\.)"))
     suffixes: list[str] = []
     for key in model_keys:
-        at = key.find(model_side)
-        while at > 0 and key[at - 1] != ".":
-            at = key.find(model_side, at + 1)
-        if at >= 0 and key[at + len(model_side) :] not in suffixes:
-            suffixes.append(key[at + len(model_side) :])
+        m = ends.search(key)
+        if m is not None and key[m.end() :] not in suffixes:
+            suffixes.append(key[m.end() :])
     if not suffixes:
         raise Untranslatable(f"converter target {model_side!r} names no parameter of the model")
     return [
