@@ -35,7 +35,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .mapping import ExpertGroup, Layout, MoEMapping, Template, tensor_fusion
+from .mapping import ExpertGroup, Layout, MoEMapping, tensor_fusion
 from .ops import Concat, Deinterleave, Interleave, Op, Transpose
 
 FAMILY = "transformers"
@@ -106,19 +106,22 @@ def fused_expert_types() -> dict[str, str | None]:
 
 @dataclass(frozen=True)
 class TransformersRename:
-    """One transformers `WeightRenaming`, as the keyword arguments that rebuild it plus its scope."""
+    """One transformers `WeightRenaming` (or its index-shifting `Inkling2IndexOffsetWeightRename`: `offset`), as the
+    keyword arguments that rebuild it plus its scope."""
 
     source_patterns: tuple[str, ...]
     target_patterns: tuple[str, ...]
     scope_prefix: str | None = None
     base_model_prefix: str | None = None
+    offset: int | None = None
     _objs: list = field(default_factory=list, compare=False, hash=False, repr=False)
 
     def _pair(self) -> tuple[Any, Any]:
         if not self._objs:
-            from transformers.core_model_loading import WeightRenaming
+            from transformers import core_model_loading as cml
 
-            fwd = WeightRenaming(list(self.source_patterns), list(self.target_patterns))
+            args = (list(self.source_patterns), list(self.target_patterns))
+            fwd = cml.WeightRenaming(*args) if self.offset is None else cml.Inkling2IndexOffsetWeightRename(*args, self.offset)
             fwd.scope_prefix, fwd.base_model_prefix = self.scope_prefix, self.base_model_prefix
             self._objs.extend((fwd, fwd.reverse_transform()))
         return self._objs[0], self._objs[1]
@@ -247,19 +250,39 @@ def _group(conv: Any, model_type: str) -> ExpertGroup:
         names = ops[0].permute_layer_names
         permute = names is None or any(n in sources[0] for n in names)
         return tensor_fusion(fused, parts, (_rope(ops[0], model_type),) if permute else ())
-    raise Untranslatable(f"converter {sources} -> {targets} with {ops!r}")
+    if len(ops) == 1 and _is(ops[0], "Transpose") and not ops[0].check_dims and len(parts) == 1:
+        return tensor_fusion(fused, parts, (Transpose(ops[0].dim0, ops[0].dim1),))
+    raise Untranslatable(_why(sources, targets, ops))
+
+
+# Why transformers' custom ops have no exact translation here (the refusal says it in one line).
+_EXPLAIN = {
+    "ErnieFuseAndSplitTextVisionExperts": "one on-disk expert list holds the text experts, then the vision experts, "
+    "and transformers splits it into two fused stacks: a group here cannot start its experts at an index offset",
+    "Inkling2UnpadVocab": "transformers drops the unembedding's padding rows on load and writes zeros back on save "
+    "under the same key name: not a bijection (non-zero padding is lost), and the key cannot tell a checkpoint's side",
+    "Inkling2LoopMergeMessageQueries": "a custom interleaving of two tensors into one (no translated op)",
+    "Inkling2LoopDequantizeExperts": "NVFP4/MXFP8 experts dequantized on load: not reversible bit for bit",
+    "PermuteForRope": "a rotary permutation in a position not translated",
+}
+
+
+def _why(sources: list, targets: list, ops: list) -> str:
+    custom = [_EXPLAIN[type(op).__name__] for op in ops if type(op).__name__ in _EXPLAIN]
+    text = f"transformers' converter {sources} -> {targets} with {ops!r}"
+    return f"{text}: {'; '.join(custom)}" if custom else f"{text} has no exact translation"
 
 
 def _one_to_many(conv: Any, ops: list, sources: list, targets: list, model_type: str) -> ExpertGroup:
     """transformers' one-to-many `Chunk(d)` (equal parts), then optionally `PermuteForRope` (of the parts it names),
     `Interleave(d), Chunk(d)` (even and odd rows), or `Split(d)` (parts sized like the model's parameters, read from
     the model transformers builds from the checkpoint's config): the disk holds one tensor, the model its parts."""
-    if len(sources) != 1:
-        raise Untranslatable(f"many-to-many converter {sources} -> {targets} with {ops!r}")
+    if len(sources) != 1 or any(type(op).__name__ in _EXPLAIN and not _is(op, "PermuteForRope") for op in ops):
+        raise Untranslatable(_why(sources, targets, ops))
     parts = tuple(_template(t) for t in targets)
     fused = _template(sources[0])
     if any("{expert}" in p for p in parts + (fused,)):
-        raise Untranslatable(f"one-to-many converter {sources} -> {targets} over an expert index")
+        raise Untranslatable(f"{_why(sources, targets, ops)}: it splits one key per expert index into several")
     if len(ops) == 2 and _is(ops[0], "Chunk") and _is(ops[1], "PermuteForRope"):
         names = ops[1].permute_layer_names
         select = tuple(i for i, t in enumerate(targets) if names is None or any(n in t for n in names))
@@ -271,13 +294,13 @@ def _one_to_many(conv: Any, ops: list, sources: list, targets: list, model_type:
     if len(ops) == 1 and _is(last, "Split"):  # parts sized like the model's parameters: bound from the config
         return tensor_fusion(fused, parts, (ModelSizedConcat(model_type, tuple(targets), last.dim),), unfused_in_model=True)
     if last is None or not _is(last, "Chunk") or last.num_shards_attribute is not None:
-        raise Untranslatable(f"one-to-many converter {sources} -> {targets} with {ops!r}")
+        raise Untranslatable(_why(sources, targets, ops))
     d = last.dim
     if len(ops) == 1:  # parts -> disk: the permutation undone, then the concat
         return tensor_fusion(fused, parts, rope + (Concat(d),), unfused_in_model=True)
     if len(ops) == 2 and _is(ops[0], "Interleave") and not ops[0].inverse and ops[0].dim == d and len(parts) == 2:
         return tensor_fusion(fused, parts, (Interleave(d),), unfused_in_model=True)
-    raise Untranslatable(f"one-to-many converter {sources} -> {targets} with {ops!r}")
+    raise Untranslatable(_why(sources, targets, ops))
 
 
 def _rope(op: Any, model_type: str) -> RopePermute:
@@ -404,9 +427,9 @@ def _infix(g: ExpertGroup, model_keys: list[str]) -> list[ExpertGroup]:
     `linear_attn.in_proj_qkv|...`) becomes one group per tensor suffix the built model has after the model-side
     infix (`weight`, `.weight`, `bias`)."""
     model_tpl = g.parts[0] if g.unfused_in_model else g.fused
-    if "{expert}" in model_tpl or any(Template(model_tpl).match(k) for k in model_keys):
-        return [g]  # a whole key name already
     model_side = model_tpl.removeprefix("{prefix}")
+    if "{expert}" in model_tpl or any(k.endswith(model_side) for k in model_keys):
+        return [g]  # the end of a key name already (transformers searches it, `attn.q_proj` in `self_attn.q_proj`)
     ends = re.compile(r"(?:^|(?<=\.))" + re.escape(model_side) + (r"" if model_side.endswith(".") else r"(?=\.)"))
     suffixes: list[str] = []
     for key in model_keys:
@@ -572,17 +595,19 @@ def _translate(model: Any, model_type: str) -> tuple[list, list, list[ExpertGrou
     groups: list[ExpertGroup] = []
     scoped: list[ExpertGroup] = []
     refused: list[RefusedKeys] = []
+    untranslatable: list[str] = []  # every reason, not just the first
     keys = list(model.state_dict())
     for t in get_model_conversion_mapping(model, add_legacy=False):
         kind = type(t).__name__
         if kind == "PrefixChange":
             continue
-        if kind == "WeightRenaming":
+        if kind in ("WeightRenaming", "Inkling2IndexOffsetWeightRename"):
             r = TransformersRename(
                 tuple(t._original_source_patterns),
                 tuple(t._original_target_patterns),
                 t.scope_prefix,
                 t.base_model_prefix,
+                getattr(t, "offset", None),
             )
             renames.append(r)
         elif kind == "WeightConverter":
@@ -591,8 +616,10 @@ def _translate(model: Any, model_type: str) -> tuple[list, list, list[ExpertGrou
             except Untranslatable as e:
                 reverse = t.reverse_transform()
                 if any(reverse._scoped_match(k) is not None for k in keys):
-                    raise  # the built model uses it: the type is refused
-                refused.append(RefusedKeys(t, tuple(t._original_source_patterns), str(e)))
+                    if str(e) not in untranslatable:  # the built model uses it: the type is refused
+                        untranslatable.append(str(e))
+                else:
+                    refused.append(RefusedKeys(t, tuple(t._original_source_patterns), str(e)))
                 continue
             if t.scope_prefix:
                 scoped.extend(translated)
@@ -603,7 +630,9 @@ def _translate(model: Any, model_type: str) -> tuple[list, list, list[ExpertGrou
                 if g not in groups:  # the same converter declared twice
                     groups.append(g)
         else:
-            raise Untranslatable(f"{kind} has no exact inverse here")
+            untranslatable.append(f"transformers' {kind} has no exact inverse here")
+    if untranslatable:
+        raise Untranslatable("; and ".join(untranslatable))
     # a scoped group is matched before an unscoped one, whose `{prefix}` would also take the scoped keys
     return renames, refused, [g for g in groups if g in scoped] + [g for g in groups if g not in scoped]
 
