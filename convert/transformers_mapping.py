@@ -593,9 +593,10 @@ def _translate(model: Any, model_type: str) -> tuple[list, list, list[ExpertGrou
 
     renames: list = []
     groups: list[ExpertGroup] = []
-    scoped: list[ExpertGroup] = []
     refused: list[RefusedKeys] = []
     untranslatable: list[str] = []  # every reason, not just the first
+    unscoped_of: dict[ExpertGroup, ExpertGroup] = {}  # scoped group -> the group before scoping
+    plain: set[ExpertGroup] = set()  # groups of unscoped converters
     keys = list(model.state_dict())
     for t in get_model_conversion_mapping(model, add_legacy=False):
         kind = type(t).__name__
@@ -612,7 +613,7 @@ def _translate(model: Any, model_type: str) -> tuple[list, list, list[ExpertGrou
             renames.append(r)
         elif kind == "WeightConverter":
             try:
-                translated = [h for g in _infix(_group(t, model_type), keys) for h in _scoped(g, t, keys)]
+                pairs = [(g, h) for g in _infix(_group(t, model_type), keys) for h in _scoped(g, t, keys)]
             except Untranslatable as e:
                 reverse = t.reverse_transform()
                 if any(reverse._scoped_match(k) is not None for k in keys):
@@ -621,8 +622,11 @@ def _translate(model: Any, model_type: str) -> tuple[list, list, list[ExpertGrou
                 else:
                     refused.append(RefusedKeys(t, tuple(t._original_source_patterns), str(e)))
                 continue
+            translated = [h for _, h in pairs]
             if t.scope_prefix:
-                scoped.extend(translated)
+                unscoped_of.update({h: g for g, h in pairs})
+            else:
+                plain.update(g for g, _ in pairs)
             for g in translated:
                 clash = [h for h in groups if h.fused == g.fused and h != g]
                 if clash:
@@ -633,8 +637,11 @@ def _translate(model: Any, model_type: str) -> tuple[list, list, list[ExpertGrou
             untranslatable.append(f"transformers' {kind} has no exact inverse here")
     if untranslatable:
         raise Untranslatable("; and ".join(untranslatable))
-    # a scoped group is matched before an unscoped one, whose `{prefix}` would also take the scoped keys
-    return renames, refused, [g for g in groups if g in scoped] + [g for g in groups if g not in scoped]
+    # a scoped converter that an unscoped one repeats (glm5_next declares its text converters for the root and the
+    # language model) adds nothing; the others are matched before the unscoped groups, whose `{prefix}` would also
+    # take their keys
+    scoped = [g for g in groups if g in unscoped_of and unscoped_of[g] not in plain]
+    return renames, refused, scoped + [g for g in groups if g not in unscoped_of]
 
 
 @cache
@@ -697,11 +704,15 @@ def _intermediate_fields(model: Any) -> tuple[str, ...]:
 
 
 def _prefix_of(model: Any, template: str) -> str:
-    """The `{prefix}` of the model's first key matching `template`, with layer index 7 (the catalog's example)."""
+    """The `{prefix}` of the model's first key matching `template`, with layer index 7 (the catalog's example); for a
+    scoped template (`{prefix}language_model.layers.{layer}...`) the key's path before its layers, which the catalog
+    shows as where the layers live (its example keys are cut at `layers.7.`)."""
     from .mapping import Template
 
     for n, _ in model.named_parameters():
         caps = Template(template).match(n)
+        if caps is not None and "{layer}" in template:
+            return n[: re.search(r"\b(?:layers|blocks)\.\d+\.", n).start()]
         if caps is not None:
             return _INDEX.sub(".7", caps.get("prefix", ""))
     return "model."
