@@ -259,8 +259,9 @@ def _group(conv: Any, model_type: str) -> ExpertGroup:
 _EXPLAIN = {
     "ErnieFuseAndSplitTextVisionExperts": "one on-disk expert list holds the text experts, then the vision experts, "
     "and transformers splits it into two fused stacks: a group here cannot start its experts at an index offset",
-    "Inkling2UnpadVocab": "transformers drops the unembedding's padding rows on load and writes zeros back on save "
-    "under the same key name: not a bijection (non-zero padding is lost), and the key cannot tell a checkpoint's side",
+    "Inkling2UnpadVocab": "transformers drops the unembedding's padding rows on load and writes zeros back on save: "
+    "not a bijection (non-zero padding is lost), it changes the element count (ops here only move elements), and "
+    "the key keeps its name",
     "Inkling2LoopMergeMessageQueries": "a custom interleaving of two tensors into one (no translated op)",
     "Inkling2LoopDequantizeExperts": "NVFP4/MXFP8 experts dequantized on load: not reversible bit for bit",
     "PermuteForRope": "a rotary permutation in a position not translated",
