@@ -190,3 +190,29 @@ def test_converter_the_default_model_never_uses_refuses_its_keys(tmp_path: Path,
     assert code == 2 and not out and len(err.strip().splitlines()) == 1, err
     assert "ngram_embedding.shard_0.weight" in err and "number is not in its shape" in " ".join(err.split())
     assert not (tmp_path / "dst").exists()
+
+
+def test_rope_permutation_takes_its_heads_from_the_checkpoint_config() -> None:
+    """transformers' PermuteForRope permutes within each head: the translated op reads the head count from the
+    checkpoint's config.json, with transformers' defaults where the file leaves a value out, and equals transformers'
+    own op both ways, bit for bit."""
+    from transformers.core_model_loading import PermuteForRope
+
+    (group,) = [g for g in try_generic_mapping("mistral_large4")[0].groups if g.fused.endswith("q_proj.weight")]
+    (op,) = group.fused_ops
+    default_heads = transformers_config("mistral_large4").vision_config.num_attention_heads
+    assert op.bind_config({"model_type": "mistral_large4"}).heads == default_heads
+    bound = op.bind_config({"model_type": "mistral_large4", "vision_config": {"num_attention_heads": 4}})
+    assert bound.heads == 4
+    x = torch.arange(32 * 3, dtype=torch.int32).reshape(32, 3)
+    config = transformers_config("mistral_large4", vision_config={"num_attention_heads": 4})
+    theirs = PermuteForRope(subconfig_key="vision_config")._permute_for_rope(x, config)
+    (ours,) = bound.apply([x])
+    assert torch.equal(ours, theirs)
+    assert torch.equal(bound.inverse().apply([ours])[0], x)
+
+
+def transformers_config(model_type: str, **kwargs):
+    import transformers
+
+    return transformers.AutoConfig.for_model(model_type, **kwargs)
