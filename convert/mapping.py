@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from functools import cache, cached_property
 from typing import Protocol
 
-from .ops import Chain, Concat, Op, Shape, Transpose
+from .ops import Chain, Concat, Interleave, Op, Shape, Transpose
 
 _CAPTURES = {
     "prefix": r"(?P<prefix>(?:[A-Za-z0-9_]+\.)*)",
@@ -123,6 +123,10 @@ class ExpertGroup:
     `stacked=False` marks a non-expert fusion (parts without `{expert}`, e.g. kimi_linear's `q_conv1d|k_conv1d|
     v_conv1d -> conv1d`): once per layer, no expert dim, always the `fused` encoding (never transposed), not an
     expert tensor for expert parallelism, and it never decides the checkpoint's layout.
+    `unfused_in_model=True` (non-stacked only) reverses the direction: the checkpoint stores `fused` and the model
+    holds `parts` (transformers' one-to-many `Chunk`, e.g. a vision tower's `qkv_proj -> q_proj|k_proj|v_proj`), so
+    merge writes the parts and split the fused tensor; a fused source splits into equal parts along the dim of the
+    group's first op (`split_dim`).
     """
 
     fused: str
@@ -130,6 +134,7 @@ class ExpertGroup:
     fused_ops: tuple[Op, ...] | None = None
     companions: tuple[tuple[str, str], ...] = ((".weight_scale_inv", "_scale_inv"),)
     stacked: bool = True
+    unfused_in_model: bool = False
 
     @cached_property
     def fused_template(self) -> Template:
@@ -148,6 +153,17 @@ class ExpertGroup:
             return base + (Transpose(0, 1),)
         raise ValueError(f"no fused ops for layout {layout}")
 
+    @property
+    def split_dim(self) -> int:
+        """The dim a non-stacked fused tensor splits along into equal parts: that of the first op that joins parts."""
+        return next((op.dim for op in self.ops_for(Layout.FUSED) if isinstance(op, (Concat, Interleave))), 0)
+
+    @property
+    def split_sizes(self) -> tuple[int, ...] | None:
+        """The part sizes a non-stacked fused tensor splits into when a `Concat` of the group fixes them (bound from the
+        config, e.g. transformers' `Split` sized by the model's parameters); None: equal parts."""
+        return next((op.sizes for op in self.ops_for(Layout.FUSED) if isinstance(op, Concat) and op.sizes), None)
+
     def chain(self, layout: Layout, part_shapes: Sequence[Shape]) -> Chain:
         return Chain.bind(self.ops_for(layout), part_shapes)
 
@@ -163,6 +179,7 @@ class ExpertGroup:
                         fused_ops=self.fused_ops,
                         companions=(),
                         stacked=self.stacked,
+                        unfused_in_model=self.unfused_in_model,
                     )
                 )
         return out
@@ -184,10 +201,13 @@ def swiglu_groups(
     )
 
 
-def tensor_fusion(fused: str, parts: tuple[str, ...], fused_ops: tuple[Op, ...] | None = None) -> ExpertGroup:
+def tensor_fusion(
+    fused: str, parts: tuple[str, ...], fused_ops: tuple[Op, ...] | None = None, *, unfused_in_model: bool = False
+) -> ExpertGroup:
     """A fusion that has nothing to do with experts: `parts` (no `{expert}`) concatenated into `fused` once per layer,
-    e.g. kimi_linear's `q_conv1d|k_conv1d|v_conv1d -> conv1d` (an `ExpertGroup` with `stacked=False`)."""
-    return ExpertGroup(fused=fused, parts=parts, fused_ops=fused_ops, companions=(), stacked=False)
+    e.g. kimi_linear's `q_conv1d|k_conv1d|v_conv1d -> conv1d` (an `ExpertGroup` with `stacked=False`);
+    `unfused_in_model`: the checkpoint holds `fused`, the model the parts."""
+    return ExpertGroup(fused=fused, parts=parts, fused_ops=fused_ops, companions=(), stacked=False, unfused_in_model=unfused_in_model)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,6 +248,19 @@ class MoEMapping:
         for r in reversed(self.renames):
             model_key = r.to_disk(model_key)
         return model_key
+
+    def for_config(self, config: dict) -> MoEMapping:
+        """This mapping with the ops that read the checkpoint's config bound to it (an op with `bind_config`, e.g.
+        transformers' `PermuteForRope`, whose head count is a config field); itself when it has none."""
+        if not any(hasattr(op, "bind_config") for g in self.groups for op in g.fused_ops or ()):
+            return self
+        groups = tuple(
+            replace(g, fused_ops=tuple(op.bind_config(config) if hasattr(op, "bind_config") else op for op in g.fused_ops))
+            if g.fused_ops
+            else g
+            for g in self.groups
+        )
+        return replace(self, groups=groups)
 
     @cached_property
     def all_groups(self) -> tuple[ExpertGroup, ...]:

@@ -136,15 +136,24 @@ def _chunk_shapes(
     if len(expert_shape) != 2 and (layout is not Layout.FUSED or not expert_shape):
         raise MappingError(f"fused tensor {key!r} has expert shape {list(expert_shape)}; expected 2 dims")
     out_dim = 0 if layout is Layout.FUSED else 1
+    sizes = None
+    if not group.stacked:  # a non-expert fusion joins its parts along the dim of its first op, in sizes it may fix
+        out_dim, sizes = group.split_dim % max(len(expert_shape), 1), group.split_sizes
     total = expert_shape[out_dim]
+    if sizes is not None:
+        if len(sizes) != n or sum(sizes) != total:
+            raise MappingError(f"fused tensor {key!r}: dim {out_dim} ({total}) does not split into the config's sizes {list(sizes)}")
+        return [tuple(z if d == out_dim else m for d, m in enumerate(expert_shape)) for z in sizes]
     if total % n:
         raise MappingError(
             f"fused tensor {key!r}: dim {out_dim + 1} ({total}) does not split into {n} equal parts; the checkpoint is not in the {layout} layout"
         )
     # Canonical parts are F.linear [out, in] (or any [out, ...] for the fused layout); the fused layouts are
     # cat(parts, 0) (+ a transpose).
-    inner = tuple(expert_shape[1:]) if layout is Layout.FUSED else (expert_shape[1 - out_dim],)
-    base = [(total // n, *inner)] * n
+    if layout is Layout.FUSED:
+        base = [tuple(total // n if d == out_dim else m for d, m in enumerate(expert_shape))] * n
+    else:
+        base = [(total // n, expert_shape[0])] * n
     chain = group.chain(layout, base)
     if chain.out_shapes(base)[0] != tuple(expert_shape):
         raise MappingError(
@@ -178,6 +187,7 @@ def plan_conversion(
         raise MappingError(
             f"model type {model_type!r} stores its experts as the model holds them (no per-expert groups), so it has no transposed layout; use --layout fused"
         )
+    mapping = mapping.for_config(ckpt.config)  # ops that read the config (heads of a rope permutation) bound to it
     model_keys = _rename_keys(ckpt, mapping, model_type)
     match = _match_groups(mapping.all_groups, model_keys)
     layout = _source_layout(ckpt, mapping, match, model_type, source_layout)
@@ -407,8 +417,11 @@ def _emit_instance(
 ) -> list[OutTensor]:
     g, caps, E = gi.group, gi.captures, gi.num_experts
     if not g.stacked:  # a non-stacked fusion: parts or the fused tensor, never transposed, no expert dim
+        # the disk side (the parts, or the fused tensor of `unfused_in_model`) for a per-expert target or the hub's
+        # own layout in disk names (a hub layout may be fused), else the model side
         src = Layout.PER_EXPERT if gi.fused_key is None else Layout.FUSED
-        dst = dst if dst is Layout.PER_EXPERT else Layout.FUSED
+        disk_side = dst is Layout.PER_EXPERT or (disk_names and dst is mapping.hub_layout)
+        dst = Layout.PER_EXPERT if disk_side != g.unfused_in_model else Layout.FUSED
     itemsize = DTYPE_SIZES[gi.dtype]
     part_nbytes = [math.prod(s) * itemsize for s in gi.part_shapes]
     expert_nbytes = sum(part_nbytes)
@@ -432,7 +445,8 @@ def _emit_instance(
         decode = None if src is Layout.PER_EXPERT else g.chain(src, gi.part_shapes).inverse()
         for e in range(E):
             for p, tpl in enumerate(g.part_templates):
-                name = mapping.to_disk_key(tpl.format(**caps, expert=e))
+                name = tpl.format(**caps, expert=e)
+                name = mapping.to_disk_key(name) if disk_names else name
                 rng = part_source(e, p)
                 ex = e if g.stacked else None
                 if rng is not None:

@@ -95,6 +95,7 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
         # transformers 5.24's text-only forward of this class reads `image_outputs` from a text output and crashes;
         # its language model (the same weights) gives the logits
         model = model.language_model
+    torch.manual_seed(0)  # diffusion_gemma draws a random canvas when none is given: the same one for both models
     with torch.no_grad():
         out = model(input_ids=ids)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
@@ -174,3 +175,44 @@ def test_split_uses_the_model_type_merge_recorded(tmp_path: Path) -> None:
     split(tmp_path / "fused", tmp_path / "back")
     assert folder_bytes(tmp_path / "back") == folder_bytes(src)
     assert verify(tmp_path / "fused").ok
+
+
+def test_converter_the_default_model_never_uses_refuses_its_keys(tmp_path: Path, run_cli) -> None:
+    """qwen4_exp is translated although transformers' n-gram shard converter has no exact inverse: the model built
+    from its default config has no n-gram embedding. A checkpoint that has those keys is refused in one line."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "qwen4_exp_text", "num_experts": 2}))
+    tensors = {f"model.layers.0.mlp.experts.{e}.{p}.weight": torch.zeros(2, 2) for e in range(2) for p in ("gate_proj", "up_proj", "down_proj")}
+    tensors["model.layers.0.ple.ple_embedding.ngram_embedding.shard_0.weight"] = torch.zeros(2, 2)
+    save_file(tensors, src / "model.safetensors")
+    code, out, err = run_cli("merge", src, tmp_path / "dst")
+    assert code == 2 and not out and len(err.strip().splitlines()) == 1, err
+    assert "ngram_embedding.shard_0.weight" in err and "number is not in its shape" in " ".join(err.split())
+    assert not (tmp_path / "dst").exists()
+
+
+def test_rope_permutation_takes_its_heads_from_the_checkpoint_config() -> None:
+    """transformers' PermuteForRope permutes within each head: the translated op reads the head count from the
+    checkpoint's config.json, with transformers' defaults where the file leaves a value out, and equals transformers'
+    own op both ways, bit for bit."""
+    from transformers.core_model_loading import PermuteForRope
+
+    (group,) = [g for g in try_generic_mapping("mistral_large4")[0].groups if g.fused.endswith("q_proj.weight")]
+    (op,) = group.fused_ops
+    default_heads = transformers_config("mistral_large4").vision_config.num_attention_heads
+    assert op.bind_config({"model_type": "mistral_large4"}).heads == default_heads
+    bound = op.bind_config({"model_type": "mistral_large4", "vision_config": {"num_attention_heads": 4}})
+    assert bound.heads == 4
+    x = torch.arange(32 * 3, dtype=torch.int32).reshape(32, 3)
+    config = transformers_config("mistral_large4", vision_config={"num_attention_heads": 4})
+    theirs = PermuteForRope(subconfig_key="vision_config")._permute_for_rope(x, config)
+    (ours,) = bound.apply([x])
+    assert torch.equal(ours, theirs)
+    assert torch.equal(bound.inverse().apply([ours])[0], x)
+
+
+def transformers_config(model_type: str, **kwargs):
+    import transformers
+
+    return transformers.AutoConfig.for_model(model_type, **kwargs)

@@ -58,8 +58,20 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "hy_v4_vl": {"text_config": {"rope_parameters": {"mrope_section": [2, 1, 1]}}},
     "inkling2_text": {"unpadded_vocab_size": 250},
     "dots3_note_text": {"head_dim": 16},  # the sliding-window head is qk_nope + qk_rope
-    "dots3_note": {"text_config": {"head_dim": 16}, "vision_config": {"adapter_in_dim": 64}},
+    "dots3_note": {
+        "text_config": {"head_dim": 16},
+        "vision_config": {"adapter_in_dim": 64, "adapter_out_dim": 64},
+        "audio_config": {"adapter_input_size": 64, "adapter_out_dim": 64},  # the audio hidden size; the text's
+    },
     "glm4v_moe_text": {"rope_parameters": {"mrope_section": [2, 1, 1]}},  # sums to the rotary half
+    "diffusion_gemma": {"text_config": {k: v for k, v in _GEMMA4_MOE.items() if k != "enable_moe_block"}},
+    # the default leaves both None (per-layer MLP kinds are indexed, top-k is passed to torch.topk)
+    "deepseek_ocr2": {"text_config": {"mlp_layer_types": ["dense", "sparse"], "num_experts_per_tok": 2}},
+    "inkling_mm_model": {  # a dense layer too (its MLP's w13_dn is converted); the vision depth is `n_layers`
+        "text_config": {"mlp_layer_types": ["dense", "sparse"]},
+        "vision_config": {"n_layers": 3, "patch_size": 2, "temporal_patch_size": 2},  # n_layers >= its 3 scales: no scipy
+    },
+    "step3p7": {"text_config": {"sliding_window": 16}},  # the forward builds a sliding mask; the default leaves it None
     "muse_spark_text": {"moe_hidden_size": 24},
     "muse_spark": {"text_config": {"moe_hidden_size": 24}, "projector_hidden_size": 64},
 }
