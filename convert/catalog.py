@@ -113,12 +113,12 @@ def _layout_text(m: MoEMapping, layout: Layout, naming: str) -> str:
             shape = Chain.bind(g.ops_for(layout), _part_shapes(g)).out_shapes(_part_shapes(g))[0]
             items.append(f"{name(m, g.fused)} {_symbolic(shape)}")
         text = ", ".join(items)
+    texts = [text] if stacked else []
     for g in m.groups:
-        if not g.stacked:  # a non-expert fusion: parts on disk, one tensor in the model
-            text += (
-                f"; {_join([name(m, p) for p in g.parts])}" if naming == "disk" else f"; {name(m, g.fused)} (dim-0 cat)"
-            )
-    return text + _prefix(m, naming)
+        if not g.stacked:  # a non-expert fusion: the parts on one side, one tensor on the other
+            parts_side = (naming == "disk") != g.unfused_in_model
+            texts.append(_join([name(m, p) for p in g.parts]) if parts_side else f"{name(m, g.fused)} (fused)")
+    return "; ".join(texts) + _prefix(m, naming)
 
 
 def _config_fields(m: MoEMapping) -> str:
