@@ -119,9 +119,9 @@ def _merge(base: dict, extra: dict) -> dict:
 
 @functools.cache
 def _fixture_specs() -> dict[str, dict]:
-    """The bundled fixtures' tiny configs (fixtures/make_fixtures.py), for the types that have one."""
-    path = Path(__file__).resolve().parent.parent / "fixtures" / "make_fixtures.py"
-    spec = importlib.util.spec_from_file_location("_make_fixtures", path)
+    """The bundled fixtures' tiny configs (fixtures/fixture_specs.py), for the types that have one."""
+    path = Path(__file__).resolve().parent.parent / "fixtures" / "fixture_specs.py"
+    spec = importlib.util.spec_from_file_location("_fixture_specs", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return {k: v for k, v in mod.FIXTURES.items() if k == v["model_type"]}
