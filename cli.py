@@ -134,7 +134,9 @@ def _summary(res: api.ConvertResult) -> Table:
     return t
 
 
-def _convert(cmd: str, quiet: bool, dry_run: bool, **kwargs) -> None:
+def _convert(cmd: str, *, quiet: bool, dry_run: bool, debug: bool, **kwargs) -> None:
+    """Run `api.merge` / `api.split` with a command's own arguments (`**locals()` of the command: its options are
+    the api's keyword arguments, plus quiet, dry_run and debug, which `main` reads from argv)."""
     prog, factory = _progress_factory(quiet or dry_run, cmd)
     fn = api.merge if cmd == "merge" else api.split
     if prog is not None:
@@ -184,22 +186,7 @@ def merge(
     debug: Debug = False,
 ) -> None:
     """Fuse per-expert tensors into transformers v5's fused layout."""
-    _convert(
-        "merge",
-        quiet,
-        dry_run,
-        src=src,
-        dst=dst,
-        layout=layout,
-        model_type=model_type,
-        revision=revision,
-        max_shard_size=max_shard_size,
-        overwrite=overwrite,
-        workers=workers,
-        dequantize=dequantize,
-        force=force,
-        source_layout=source_layout,
-    )
+    _convert("merge", **locals())
 
 
 @app.command()
@@ -225,21 +212,7 @@ def split(
     debug: Debug = False,
 ) -> None:
     """Split fused tensors back into the original (per-expert) layout."""
-    _convert(
-        "split",
-        quiet,
-        dry_run,
-        src=src,
-        dst=dst,
-        layout=layout,
-        model_type=model_type,
-        revision=revision,
-        max_shard_size=max_shard_size,
-        overwrite=overwrite,
-        workers=workers,
-        force=force,
-        source_layout=source_layout,
-    )
+    _convert("split", **locals())
 
 
 @app.command()
