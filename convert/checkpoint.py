@@ -82,6 +82,15 @@ def is_plain_file_name(name: object) -> bool:
         return False
 
 
+def load_config(folder: Path, *, required: bool, beside: str) -> dict:
+    """`folder/config.json`, or {} when it is absent and not `required` (else one line: put it `beside` ...)."""
+    if (folder / "config.json").exists():
+        return _load_json(folder / "config.json", "config.json")
+    if required:
+        raise ConvertError(f"{folder} has no config.json; copy the model's config.json next to {beside} or pass --model-type")
+    return {}
+
+
 def _load_json(path: Path, what: str) -> dict:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
@@ -123,13 +132,7 @@ def open_checkpoint(root: str | Path, *, require_config: bool = True) -> Checkpo
             f"no .safetensors files in {root}; point at a checkpoint folder that holds safetensors shards"
         )
 
-    config: dict = {}
-    if (root / "config.json").exists():
-        config = _load_json(root / "config.json", "config.json")
-    elif require_config:
-        raise ConvertError(
-            f"{root} has no config.json; copy the model's config.json next to the shards or pass --model-type"
-        )
+    config = load_config(root, required=require_config, beside="the shards")
 
     index_metadata = None
     weight_map: dict[str, str] | None = None

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import INDEX_NAME, Checkpoint, _load_json, open_checkpoint
+from .checkpoint import INDEX_NAME, Checkpoint, _load_json, load_config, open_checkpoint
 from .errors import ConvertError
 from .mapping import Layout, Template
 from .plan import Plan, key_coverage, plan_conversion
@@ -134,13 +134,7 @@ def _index_source(src: str | Path, revision: str | None) -> Path:
 
 def index_keys(folder: Path, *, require_config: bool = True) -> tuple[list[str], dict]:
     """Tensor names from `model.safetensors.index.json` (no weight file is opened), else from the shard headers."""
-    config: dict = {}
-    if (folder / "config.json").exists():
-        config = _load_json(folder / "config.json", "config.json")
-    elif require_config:
-        raise ConvertError(
-            f"{folder} has no config.json; copy the model's config.json next to the index or pass --model-type"
-        )
+    config = load_config(folder, required=require_config, beside="the index")
     if (folder / INDEX_NAME).exists():
         wm = _load_json(folder / INDEX_NAME, "the safetensors index").get("weight_map")
         if not isinstance(wm, dict) or not wm:
