@@ -33,6 +33,17 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
 
 
+def merged_and_split(name: str, tmp_path_factory) -> tuple[str, Path, Path, Path]:  # noqa: ANN001
+    """The bundled fixture `name`, merged (`fused/`) and split back (`split/`): (name, source, fused, split)."""
+    from automodel_convert.convert import merge, split
+
+    src = fixture_path(name)
+    tmp = tmp_path_factory.mktemp(name)
+    merge(src, tmp / "fused")
+    split(tmp / "fused", tmp / "split")
+    return name, src, tmp / "fused", tmp / "split"
+
+
 def leftovers(parent: Path, name: str) -> list[str]:
     """Anything a failed write left next to (or at) the destination."""
     return sorted(p.name for p in Path(parent).iterdir() if p.name == name or p.name.startswith(f".{name}."))

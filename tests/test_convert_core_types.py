@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from automodel_convert.convert import merge, split, verify
 
-from conftest import fixture_path, folder_bytes
+from conftest import fixture_path, folder_bytes, merged_and_split
 
 CORE_TYPES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe"]
 
@@ -38,12 +38,7 @@ def _all_tensors(folder):
 
 @pytest.fixture(scope="module", params=CORE_TYPES)
 def converted(request, tmp_path_factory):
-    name = request.param
-    src = fixture_path(name)
-    tmp = tmp_path_factory.mktemp(name)
-    merge(src, tmp / "fused")
-    split(tmp / "fused", tmp / "split")
-    return name, src, tmp / "fused", tmp / "split"
+    return merged_and_split(request.param, tmp_path_factory)
 
 
 def test_split_of_merge_is_byte_identical(converted):

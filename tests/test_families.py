@@ -28,7 +28,7 @@ from automodel_convert.convert import ConvertError, merge, split, verify
 from automodel_convert.convert.mapping import Layout
 from automodel_convert.convert.registry import get_mapping
 
-from conftest import FIXTURES, fixture_path, folder_bytes, manifest
+from conftest import FIXTURES, fixture_path, folder_bytes, manifest, merged_and_split
 
 # Base fixtures (name == model_type); the quantized variants are covered by test_quant.py.
 TYPES = sorted(k for k, v in manifest().items() if k == v.get("model_type") and (FIXTURES / k / "config.json").exists())
@@ -98,12 +98,7 @@ def _fused_reference(name: str, raw: dict[str, torch.Tensor]) -> dict[str, torch
 
 @pytest.fixture(scope="module", params=TYPES)
 def converted(request, tmp_path_factory):
-    name = request.param
-    src = fixture_path(name)
-    tmp = tmp_path_factory.mktemp(name)
-    merge(src, tmp / "fused")
-    split(tmp / "fused", tmp / "split")
-    return name, src, tmp / "fused", tmp / "split"
+    return merged_and_split(request.param, tmp_path_factory)
 
 
 def test_split_of_merge_is_byte_identical(converted):
