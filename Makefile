@@ -36,9 +36,11 @@ lint: $(VENV)/.installed
 
 # The multi-process tests N times in a row (issue 13's determinism check): make repeat-dist N=20
 N ?= 20
+K ?=
 repeat-dist: $(VENV)/.installed
 	$(PY) -m pytest -q -p no:randomly --count $(N) tests/test_ep_dispatch.py tests/test_ep_train.py \
-		tests/test_parallel_load_save.py "tests/test_train.py::test_ep2_save_resume_and_transformers_logits"
+		tests/test_parallel_load_save.py "tests/test_train.py::test_ep2_save_resume_and_transformers_logits" \
+		tests/test_ep_head_reduce.py tests/test_ep_overlap_optimizer.py -k "$(K)"
 
 fixtures: $(VENV)/.installed
 	$(PY) fixtures/make_fixtures.py
