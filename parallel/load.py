@@ -239,31 +239,14 @@ def load_sharded(
 ) -> ShardedState:
     """Load this rank's shards of `src` (see the module docstring). Collective: call it on every rank."""
     import torch
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
 
     if dense not in ("replicate", "shard") or expert_dp not in ("replicate", "shard"):
         raise ValueError(f"dense={dense!r} and expert_dp={expert_dp!r} must each be 'replicate' or 'shard'")
     t0 = time.perf_counter()
-    if not Path(str(src)).expanduser().exists():  # a hub id: rank 0 downloads, the others find it in the cache
-        if mesh.rank == 0:
-            resolve_source(str(src), revision)
-        dist.barrier()
-    ckpt, plan, info = describe(resolve_source(str(src), revision), model_type=model_type)
-
-    wanted: dict[str, torch.Tensor] | None = None
-    if target is not None:
-        wanted = dict(target.state_dict() if isinstance(target, torch.nn.Module) else target)
-        missing = [n for n in wanted if n not in info.specs]
-        unexpected = [n for n in info.specs if n not in wanted]
-        if strict and (missing or unexpected):
-            what = f"{len(missing)} target tensors are not in the checkpoint (e.g. {missing[:2]})" if missing else ""
-            what += ("; " if what else "") + (f"{len(unexpected)} checkpoint tensors are not in the target (e.g. {unexpected[:2]})" if unexpected else "")
-            raise ConvertError(f"{what}; pass strict=False to load the common tensors")
-        for n, t in wanted.items():
-            if n in info.specs and tuple(t.shape) != info.specs[n].shape:
-                raise ConvertError(f"{n!r}: the checkpoint holds {list(info.specs[n].shape)} but the target expects {list(t.shape)}")
-
+    ckpt, plan, info = describe(_resolve_on_rank0_first(src, revision, mesh), model_type=model_type)
+    wanted = None if target is None else dict(target.state_dict() if isinstance(target, torch.nn.Module) else target)
+    if wanted is not None:
+        _check_target(wanted, info, strict)
     stats = LoadStats(rank=mesh.rank)
     state = ShardedState()
     device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
@@ -271,33 +254,11 @@ def load_sharded(
     pool = ThreadPoolExecutor(io_threads) if io_threads > 1 else None
     try:
         for t in plan.outputs:
-            spec = info.specs[t.name]
             if wanted is not None and t.name not in wanted:
                 stats.skipped.append(t.name)
                 continue
-            dmesh, placements = placements_for(spec.kind, mesh, len(spec.shape), dense, expert_dp)
-            box: Box = local_box(spec.shape, dmesh, placements)
-            src_dtype = torch_dtype(t.dtype)
-            local = torch.empty(box.shape, dtype=src_dtype)
-            before = files.bytes_read
-            read_runs(files, t, box_runs(box, DTYPE_SIZES[t.dtype]), tensor_memory(local), pool)
-            got = files.bytes_read - before
-            if spec.kind == EXPERT:
-                stats.expert_bytes_read += got
-                stats.expert_tensors += 1
-                stats.experts[spec.shape[0]] = (box.offset[0], box.offset[0] + box.shape[0])
-            else:
-                stats.dense_bytes_read += got
-            want = _want_dtype(t.name, src_dtype, wanted[t.name].dtype if wanted is not None else None, dtype)
-            if want != src_dtype:
-                local = local.to(want)
-            if device.type != "cpu":
-                local = local.to(device)
-            stats.local_bytes += local.numel() * local.element_size()
-            stats.tensors += 1
-            state[t.name] = DTensor.from_local(
-                local, dmesh, placements, run_check=False, shape=torch.Size(spec.shape), stride=_contiguous_stride(spec.shape)
-            )
+            want = wanted[t.name].dtype if wanted is not None else None
+            state[t.name] = _load_one(t, info.specs[t.name], mesh, (dense, expert_dp), files, pool, (want, dtype), device, stats)
     finally:
         if pool is not None:
             pool.shutdown()
@@ -305,7 +266,59 @@ def load_sharded(
         files.close()
     stats.seconds = time.perf_counter() - t0
     stats.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    state.stats = stats
-    state.source = info
-    state.placements = {"dense": dense, "expert_dp": expert_dp}
+    state.stats, state.source, state.placements = stats, info, {"dense": dense, "expert_dp": expert_dp}
     return state
+
+
+def _resolve_on_rank0_first(src: str | Path, revision: str | None, mesh: ParallelMesh) -> Path:
+    """The local folder of `src`; for a hub id rank 0 downloads first and the others then find it in the cache."""
+    import torch.distributed as dist
+
+    if not Path(str(src)).expanduser().exists():
+        if mesh.rank == 0:
+            resolve_source(str(src), revision)
+        dist.barrier()
+    return resolve_source(str(src), revision)
+
+
+def _check_target(wanted: dict[str, torch.Tensor], info: SourceInfo, strict: bool) -> None:
+    """The target's names and shapes against the checkpoint's fused state (one line on a mismatch)."""
+    missing = [n for n in wanted if n not in info.specs]
+    unexpected = [n for n in info.specs if n not in wanted]
+    if strict and (missing or unexpected):
+        what = f"{len(missing)} target tensors are not in the checkpoint (e.g. {missing[:2]})" if missing else ""
+        what += ("; " if what else "") + (f"{len(unexpected)} checkpoint tensors are not in the target (e.g. {unexpected[:2]})" if unexpected else "")
+        raise ConvertError(f"{what}; pass strict=False to load the common tensors")
+    for n, t in wanted.items():
+        if n in info.specs and tuple(t.shape) != info.specs[n].shape:
+            raise ConvertError(f"{n!r}: the checkpoint holds {list(info.specs[n].shape)} but the target expects {list(t.shape)}")
+
+
+def _load_one(t, spec: TensorSpec, mesh: ParallelMesh, placement: tuple[str, str], files: RangeReader, pool,  # noqa: ANN001
+              dtypes: tuple, device: torch.device, stats: LoadStats) -> torch.Tensor:
+    """One output tensor: read this rank's box of it, cast (`dtypes` = (target's, requested)), move, wrap as a
+    DTensor; the bytes read are counted in `stats`."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    dmesh, placements = placements_for(spec.kind, mesh, len(spec.shape), *placement)
+    box: Box = local_box(spec.shape, dmesh, placements)
+    src_dtype = torch_dtype(t.dtype)
+    local = torch.empty(box.shape, dtype=src_dtype)
+    before = files.bytes_read
+    read_runs(files, t, box_runs(box, DTYPE_SIZES[t.dtype]), tensor_memory(local), pool)
+    got = files.bytes_read - before
+    if spec.kind == EXPERT:
+        stats.expert_bytes_read += got
+        stats.expert_tensors += 1
+        stats.experts[spec.shape[0]] = (box.offset[0], box.offset[0] + box.shape[0])
+    else:
+        stats.dense_bytes_read += got
+    want = _want_dtype(t.name, src_dtype, *dtypes)
+    if want != src_dtype:
+        local = local.to(want)
+    if device.type != "cpu":
+        local = local.to(device)
+    stats.local_bytes += local.numel() * local.element_size()
+    stats.tensors += 1
+    return DTensor.from_local(local, dmesh, placements, run_check=False, shape=torch.Size(spec.shape), stride=_contiguous_stride(spec.shape))
