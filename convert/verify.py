@@ -124,55 +124,8 @@ def verify(
     sidecar["original"] = record_original(ckpt)
     virtual = _virtual_checkpoint(ckpt, forward, sidecar)
     back = plan_conversion(virtual, mapping, src_layout, naming="disk" if disk_naming else "model", model_type=mt)
-    mismatches: list[str] = []
-
-    # names, dtypes, shapes and shard assignment
-    out = {t.name: t for t in back.outputs}
-    if set(out) != set(ckpt.tensors):
-        lost = sorted(set(ckpt.tensors) - set(out))
-        new = sorted(set(out) - set(ckpt.tensors))
-        mismatches.append(f"key sets differ: {len(lost)} lost (e.g. {lost[:1]}), {len(new)} new (e.g. {new[:1]})")
-    try:
-        restored = restore_layout(back.outputs, sidecar["original"])
-        for f in restored.files:
-            orig = ckpt.files[f.name]
-            if [t.name for t in f.tensors] != [t.name for t in orig.tensors] or f.metadata != orig.metadata:
-                mismatches.append(f"shard {f.name}: tensor order or metadata would not be restored")
-    except ConvertError as e:
-        mismatches.append(f"shard assignment would not be restored: {e}")
-
-    files = SourceFiles(ckpt)
-    reader = PlannedReader(forward, files)
-    total = sum(t.nbytes for t in back.outputs)
-    cb = progress(total, len(back.outputs)) if progress else None
-    compared = 0
-    try:
-        for t in back.outputs:
-            orig = ckpt.tensors.get(t.name)
-            if orig is None:
-                continue
-            if (orig.dtype, orig.shape) != (t.dtype, t.shape):
-                mismatches.append(f"{t.name}: {t.dtype}{list(t.shape)} != source {orig.dtype}{list(orig.shape)}")
-                continue
-            for p in sorted(t.pieces, key=lambda p: p.dst):
-                if isinstance(p, Copy):
-                    for lo in range(0, p.n, window):
-                        n = min(window, p.n - lo)
-                        got = reader.read(p.key, p.src + lo, n)
-                        if got != files.read(t.name, p.dst + lo, n):
-                            mismatches.append(
-                                f"{t.name}: bytes {p.dst + lo}..{p.dst + lo + n} differ after the round trip"
-                            )
-                            break
-                else:
-                    got = _transform_via(reader, p)
-                    if got != files.read(t.name, p.dst, p.n):
-                        mismatches.append(f"{t.name}: expert {p.expert} differs after the round trip")
-                compared += p.n
-                if cb:
-                    cb(p.n)
-    finally:
-        files.close()
+    mismatches = _structure_mismatches(ckpt, back, sidecar)
+    compared = _compare_bytes(ckpt, forward, back, mismatches, window, progress)
     checked, algorithm = _check_recorded_checksums(ckpt, mapping, mt, given, mismatches, window)
     return VerifyResult(
         str(ckpt.root),
@@ -186,6 +139,58 @@ def verify(
         checked,
         algorithm,
     )
+
+
+def _structure_mismatches(ckpt: Checkpoint, back: Plan, sidecar: dict) -> list[str]:
+    """Names and shard assignment of the round trip against the source (no tensor data read)."""
+    mismatches: list[str] = []
+    out = {t.name: t for t in back.outputs}
+    if set(out) != set(ckpt.tensors):
+        lost = sorted(set(ckpt.tensors) - set(out))
+        new = sorted(set(out) - set(ckpt.tensors))
+        mismatches.append(f"key sets differ: {len(lost)} lost (e.g. {lost[:1]}), {len(new)} new (e.g. {new[:1]})")
+    try:
+        restored = restore_layout(back.outputs, sidecar["original"])
+        for f in restored.files:
+            orig = ckpt.files[f.name]
+            if [t.name for t in f.tensors] != [t.name for t in orig.tensors] or f.metadata != orig.metadata:
+                mismatches.append(f"shard {f.name}: tensor order or metadata would not be restored")
+    except ConvertError as e:
+        mismatches.append(f"shard assignment would not be restored: {e}")
+    return mismatches
+
+
+def _compare_bytes(ckpt: Checkpoint, forward: Plan, back: Plan, mismatches: list[str], window: int,
+                   progress: Callable[[int, int], Callable[[int], None]] | None) -> int:
+    """Stream every tensor of the round trip (`forward` then `back`, virtually) against the source's bytes, in
+    windows; appends one line per differing tensor (and dtype/shape) to `mismatches`; returns the bytes compared."""
+    files = SourceFiles(ckpt)
+    reader = PlannedReader(forward, files)
+    cb = progress(sum(t.nbytes for t in back.outputs), len(back.outputs)) if progress else None
+    compared = 0
+    try:
+        for t in back.outputs:
+            orig = ckpt.tensors.get(t.name)
+            if orig is None:
+                continue
+            if (orig.dtype, orig.shape) != (t.dtype, t.shape):
+                mismatches.append(f"{t.name}: {t.dtype}{list(t.shape)} != source {orig.dtype}{list(orig.shape)}")
+                continue
+            for p in sorted(t.pieces, key=lambda p: p.dst):
+                if isinstance(p, Copy):
+                    for lo in range(0, p.n, window):
+                        n = min(window, p.n - lo)
+                        if reader.read(p.key, p.src + lo, n) != files.read(t.name, p.dst + lo, n):
+                            mismatches.append(f"{t.name}: bytes {p.dst + lo}..{p.dst + lo + n} differ after the round trip")
+                            break
+                elif _transform_via(reader, p) != files.read(t.name, p.dst, p.n):
+                    mismatches.append(f"{t.name}: expert {p.expert} differs after the round trip")
+                compared += p.n
+                if cb:
+                    cb(p.n)
+    finally:
+        files.close()
+    return compared
 
 
 def _check_recorded_checksums(
