@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from .checkpoint import INDEX_NAME, Checkpoint, _load_json, load_config, open_checkpoint
 from .errors import ConvertError
-from .mapping import Layout, Template
+from .mapping import Layout, MoEMapping, Template
 from .plan import Plan, key_coverage, plan_conversion
 from .registry import get_mapping
 from .safetensors_io import DTYPE_SIZES, FileHeader, TensorInfo
@@ -42,26 +42,7 @@ def inspect(
     given = layout_arg(source_layout, (Layout.PER_EXPERT, Layout.FUSED, Layout.TRANSPOSED), "--source-layout")
     ckpt, mapping, mt = open_source(src, revision, model_type)
     plan = plan_conversion(ckpt, mapping, Layout.FUSED, naming="model", model_type=mt, source_layout=given)
-    groups: dict[str, dict] = {}
-    for gi in plan.instances:
-        g = groups.setdefault(
-            gi.group.fused,
-            {
-                "fused": gi.group.fused,
-                "parts": list(gi.group.parts),
-                "instances": 0,
-                "experts": gi.num_experts,
-                "part_shapes": [list(s) for s in gi.part_shapes],
-                "dtype": gi.dtype,
-            },
-        )
-        g["instances"] += 1
-    # expert tensors: the fused groups, plus the mapping's `expert_tensors` (types stored as the model holds them:
-    # gpt_oss, llama4, dbrx, jetmoe; MXFP4 blocks/scales), all sharded along dim 0 by expert parallelism
-    templates = [Template(x) for x in mapping.expert_tensors]
-    expert_outs = [
-        t for t in plan.outputs if t.group is not None or (t.shape and any(x.match(t.name) for x in templates))
-    ]
+    expert_outs = _expert_outputs(plan, mapping)
     expert_bytes = sum(t.nbytes for t in expert_outs)
     info = {
         "source": str(ckpt.root),
@@ -74,7 +55,7 @@ def inspect(
         "total_bytes": ckpt.total_bytes,
         "expert_bytes": expert_bytes,
         "non_expert_bytes": ckpt.total_bytes - expert_bytes,
-        "groups": list(groups.values()),
+        "groups": _group_summary(plan),
         "passthrough": len(plan.passthrough),
         "plan": {"target": "fused", "outputs": len(plan.outputs), "notes": plan.notes},
         "quantization": (ckpt.config.get("quantization_config") or {}).get("quant_method"),
@@ -82,34 +63,49 @@ def inspect(
     if ep:
         if ep < 1:
             raise ConvertError("--ep must be a positive integer")
-        ranks = []
-        for r in range(ep):
-            nbytes = 0
-            experts: set[int] = set()
-            for t in expert_outs:
-                E = t.shape[0]
-                owned = ep_ranges(E, ep)[r]
-                if t.group is not None:
-                    experts.update(owned)
-                    nbytes += sum(p.n for p in t.pieces if p.expert in owned)
-                else:  # a native expert tensor: one Shard(0) byte range (dbrx: E * I expert-major rows)
-                    nbytes += len(owned) * (t.nbytes // E if E else 0)
-                    n_cfg = mapping.num_experts(ckpt.config) or E
-                    rows = E // n_cfg if n_cfg and E % n_cfg == 0 else 1  # rows per expert
-                    if owned:
-                        experts.update(range(owned.start // rows, -(-owned.stop // rows)))
-            ranks.append(
-                {
-                    "rank": r,
-                    "experts": [min(experts), max(experts)] if experts else [],
-                    "num_experts": len(experts),
-                    "expert_bytes": nbytes,
-                    "non_expert_bytes": info["non_expert_bytes"],
-                    "bytes_read": nbytes + info["non_expert_bytes"],
-                }
-            )
+        ranks = [_rank_share(r, ep, expert_outs, mapping.num_experts(ckpt.config)) for r in range(ep)]
+        for rank in ranks:
+            rank["non_expert_bytes"] = info["non_expert_bytes"]
+            rank["bytes_read"] = rank["expert_bytes"] + info["non_expert_bytes"]
         info["ep"] = {"size": ep, "ranks": ranks}
     return info
+
+
+def _group_summary(plan: Plan) -> list[dict]:
+    """One entry per fused tensor name: its parts, instance count, E, part shapes and dtype."""
+    groups: dict[str, dict] = {}
+    for gi in plan.instances:
+        g = groups.setdefault(gi.group.fused, {"fused": gi.group.fused, "parts": list(gi.group.parts), "instances": 0,
+                                               "experts": gi.num_experts, "part_shapes": [list(s) for s in gi.part_shapes],
+                                               "dtype": gi.dtype})
+        g["instances"] += 1
+    return list(groups.values())
+
+
+def _expert_outputs(plan: Plan, mapping: MoEMapping) -> list:
+    """The expert tensors of the fused state: the fused groups, plus the mapping's `expert_tensors` (types stored as
+    the model holds them: gpt_oss, llama4, dbrx, jetmoe; MXFP4 blocks/scales), all sharded along dim 0 by EP."""
+    templates = [Template(x) for x in mapping.expert_tensors]
+    return [t for t in plan.outputs if t.group is not None or (t.shape and any(x.match(t.name) for x in templates))]
+
+
+def _rank_share(r: int, ep: int, expert_outs: list, n_cfg: int | None) -> dict:
+    """Rank r's experts and expert bytes under EP `Shard(0)` (the torch.chunk rule of `convert.sharding`)."""
+    nbytes, experts = 0, set()
+    for t in expert_outs:
+        E = t.shape[0]
+        owned = ep_ranges(E, ep)[r]
+        if t.group is not None:
+            experts.update(owned)
+            nbytes += sum(p.n for p in t.pieces if p.expert in owned)
+        else:  # a native expert tensor: one Shard(0) byte range (dbrx: E * I expert-major rows)
+            nbytes += len(owned) * (t.nbytes // E if E else 0)
+            n = n_cfg or E
+            rows = E // n if n and E % n == 0 else 1  # rows per expert
+            if owned:
+                experts.update(range(owned.start // rows, -(-owned.stop // rows)))
+    return {"rank": r, "experts": [min(experts), max(experts)] if experts else [], "num_experts": len(experts),
+            "expert_bytes": nbytes}
 
 
 # ---------------------------------------------------------------- dry run: config.json and the index alone

@@ -40,7 +40,7 @@ from ..convert.mapping import Layout, MoEMapping, Template
 from ..convert.plan import Copy, OutTensor, Plan, plan_conversion
 from ..convert.safetensors_io import DTYPE_SIZES
 from ..convert.source import resolve_source
-from .shards import DENSE, EXPERT, Box, Run, box_runs, chunk_range, local_box, placements_for
+from .shards import DENSE, EXPERT, Box, Run, box_runs, local_box, placements_for
 
 if TYPE_CHECKING:
     import torch
@@ -94,20 +94,11 @@ def describe(src: str | Path, *, model_type: str | None = None, revision: str | 
 
 
 def predict_read_bytes(src: str | Path, ep: int, *, model_type: str | None = None) -> list[int]:
-    """Bytes each ep rank reads under the default placements (experts split, dense tensors replicated)."""
-    _, plan, info = describe(src, model_type=model_type)
-    out = []
-    for r in range(ep):
-        total = 0
-        for t in plan.outputs:
-            spec = info.specs[t.name]
-            if spec.kind == EXPERT:
-                lo, hi = chunk_range(spec.shape[0], ep, r)
-                total += (hi - lo) * (t.nbytes // spec.shape[0]) if spec.shape[0] else 0
-            else:
-                total += t.nbytes
-        out.append(total)
-    return out
+    """Bytes each ep rank reads under the default placements (experts split, dense tensors replicated): the figure
+    `automodel-convert inspect --ep` prints (`convert.inspection.inspect`, one computation for both)."""
+    from ..convert.inspection import inspect
+
+    return [r["bytes_read"] for r in inspect(src, model_type=model_type, ep=ep)["ep"]["ranks"]]
 
 
 # ---------------------------------------------------------------- reading byte runs into memory

@@ -118,14 +118,30 @@ def _available():
 
 
 @pytest.mark.parametrize("ep", [1, 2, 3, 4, 5])
-def test_prediction_equals_inspect(ep):
-    """`predict_read_bytes` (what load_sharded reads) equals `inspect --ep` for planner groups; sums are consistent."""
+def test_prediction_follows_torch_chunk(ep):
+    """`predict_read_bytes` (= `inspect --ep`) against torch's own chunk rule on the fused state: a rank reads every
+    dense tensor and, of each expert tensor, the rows `torch.arange(E).chunk(ep)` gives it; the ranks' expert shares
+    add up to the checkpoint's expert bytes."""
+    from automodel_convert.parallel.load import EXPERT, describe
+
     for fixture in _available():
-        info = api.inspect(FIXTURES / fixture, ep=ep)
+        _, plan, info = describe(FIXTURES / fixture)
         pred = predict_read_bytes(FIXTURES / fixture, ep)
-        if info["expert_bytes"]:
-            assert pred == [r["bytes_read"] for r in info["ep"]["ranks"]], fixture
-        assert sum(pred) - (ep - 1) * info["non_expert_bytes"] <= info["total_bytes"]
+        want = []
+        for r in range(ep):
+            total = 0
+            for t in plan.outputs:
+                spec = info.specs[t.name]
+                if spec.kind != EXPERT:
+                    total += t.nbytes
+                    continue
+                chunks = torch.arange(spec.shape[0]).chunk(ep)
+                rows = len(chunks[r]) if r < len(chunks) else 0
+                total += rows * (t.nbytes // spec.shape[0])
+            want.append(total)
+        assert pred == want, fixture
+        summary = api.inspect(FIXTURES / fixture)
+        assert sum(pred) - (ep - 1) * summary["non_expert_bytes"] == summary["total_bytes"], fixture
 
 
 def test_quantized_tensors_are_never_cast():
