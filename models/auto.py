@@ -149,7 +149,8 @@ def _from_pretrained_sharded(
         raise TypeError("device_mesh must be a parallel.ParallelMesh (automodel_convert.parallel.build_mesh(ep=...))")
     from ..convert.source import resolve_source
 
-    config = AutoConfig.from_pretrained(str(resolve_source(str(src), revision)), **kwargs)
+    folder = resolve_source(str(src), revision)  # resolved once: config, shards and generation config read from it
+    config = AutoConfig.from_pretrained(str(folder), **kwargs)
     cls = model_class or get_model_class(config.model_type)
     if cls is None:
         raise NotImplementedError(
@@ -162,7 +163,7 @@ def _from_pretrained_sharded(
     if getattr(config, "tie_word_embeddings", False):
         wanted.pop("lm_head.weight", None)
     # dtype=None here: `cast` below applies the same rules as the unsharded path (fp32 routers stay fp32)
-    state = load_state(src, revision=revision)
+    state = load_state(folder)
     sd = _clean_state_dict(model, dict(state), config.num_hidden_layers)
     missing = [n for n in wanted if n not in sd]
     unexpected = [n for n in sd if n not in model.state_dict()]
@@ -186,7 +187,7 @@ def _from_pretrained_sharded(
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_buffers(dev)
     model.cast(dtype)
-    model.generation_config = load_generation_config(str(resolve_source(str(src), revision)), config)
+    model.generation_config = load_generation_config(str(folder), config)
     model._sharded_source = state.source
     return model
 
