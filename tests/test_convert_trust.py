@@ -371,16 +371,16 @@ def test_old_destination_of_killed_fallback_overwrite_is_restored(run_cli, src, 
 
 
 def test_signal_right_after_staging_is_made_leaves_nothing(src, tmp_path, monkeypatch):
-    import automodel_convert.convert.engine as engine
+    import automodel_convert.convert.staging as staging
     from automodel_convert.convert import merge
 
-    real = engine._make_staging
+    real = staging._make_staging
 
     def made_then_interrupted(staging, dst):
         real(staging, dst)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "_make_staging", made_then_interrupted)
+    monkeypatch.setattr(staging, "_make_staging", made_then_interrupted)
     with pytest.raises(KeyboardInterrupt):
         merge(src, tmp_path / "out")
     assert leftovers(tmp_path, "out") == []
@@ -580,12 +580,12 @@ def test_source_layout_that_does_not_fit_is_refused(run_cli, tmp_path):
 def test_failing_extra_file_copy_is_one_line(run_cli, src, tmp_path, monkeypatch):
     import errno
 
-    import automodel_convert.convert.engine as engine
+    import automodel_convert.convert.staging as staging
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(engine, "copy_extra_file", full)
+    monkeypatch.setattr(staging, "copy_extra_file", full)
     code, _, err = run_cli("merge", src, tmp_path / "out", "-q")
     assert code == 2
     one_line_error(err, "no space")
@@ -595,16 +595,16 @@ def test_failing_extra_file_copy_is_one_line(run_cli, src, tmp_path, monkeypatch
 def test_unreadable_extra_file_is_a_source_problem(run_cli, src, tmp_path, monkeypatch):
     import errno
 
-    import automodel_convert.convert.engine as engine
+    import automodel_convert.convert.staging as staging
 
-    real = engine.copy_extra_file
+    real = staging.copy_extra_file
 
     def unreadable(s, d):
         if Path(s).name == "tokenizer.json":
             raise PermissionError(errno.EACCES, "Permission denied", str(s))
         return real(s, d)
 
-    monkeypatch.setattr(engine, "copy_extra_file", unreadable)
+    monkeypatch.setattr(staging, "copy_extra_file", unreadable)
     code, _, err = run_cli("merge", src, tmp_path / "out", "-q")
     assert code == 2
     one_line_error(err, "tokenizer.json", "source")
@@ -683,12 +683,12 @@ def test_output_keeps_source_permissions(run_cli, src, tmp_path):
 def test_source_read_error_is_reported_as_source_problem(run_cli, src, tmp_path, monkeypatch):
     import errno
 
-    import automodel_convert.convert.engine as engine
+    import automodel_convert.convert.sources as sources
 
-    def eio(fd, n, off):
+    def eio(fd, view, off):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(engine, "_source_pread", eio)
+    monkeypatch.setattr(sources, "_source_preadv", eio)
     code, _, err = run_cli("merge", src, tmp_path / "out", "-q")
     assert code == 2
     one_line_error(err, "source")
