@@ -97,9 +97,10 @@ __all__ = [
 ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses are multiples of this
 BUFFER = 4 << 20  # per worker; the device's largest request on our machines (max_sectors_kb 4096)
 TASK_BYTES = 64 << 20
-# O_DIRECT for whole blocks where the filesystem allows it; "0" writes everything through the page cache (for
-# measurements only).
-DIRECT = os.environ.get("AUTOMODEL_CONVERT_DIRECT", "1") != "0"
+# O_DIRECT for whole blocks where the filesystem allows it, because the output must reach the disk before the
+# rename anyway; without fsync (`AUTOMODEL_CONVERT_FSYNC=0`, measurements only) the page cache is faster.
+# `AUTOMODEL_CONVERT_DIRECT=0|1` overrides (measurements only).
+DIRECT = os.environ.get("AUTOMODEL_CONVERT_DIRECT", "1" if FSYNC else "0") != "0"
 
 
 _fallocate = libc_function("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
@@ -409,14 +410,16 @@ def write_checkpoint(
     dst = Path(dst)
     check_names(layout, extra_files)
     notes: list[str] = []
-    dir_mode, file_mode = source_modes(ckpt)
-    files = SourceFiles(ckpt) if source is None else source
+    on_disk = source is None
+    dir_mode, file_mode = source_modes(ckpt) if on_disk else (None, 0o644)
+    files = SourceFiles(ckpt) if on_disk else source
     digests = Digests(ckpt, record_checksums, expected_checksums)
     shards: list[Shard] = []
+    src_root = ckpt.root if on_disk else None
     try:
-        with atomic_folder(dst, overwrite, source=ckpt.root, force=force, notes=notes, dir_mode=dir_mode) as staging:
+        with atomic_folder(dst, overwrite, source=src_root, force=force, notes=notes, dir_mode=dir_mode) as staging:
             try:
-                copied = copy_extra_files(ckpt.root, staging, set(extra_files or ()))
+                copied = copy_extra_files(ckpt.root, staging, set(extra_files or ())) if on_disk else []
                 for name, data in (extra_files or {}).items():
                     write_small_file(staging / name, data, file_mode)
                 per_file, placed, total = _open_outputs(staging, layout, file_mode, shards)
