@@ -8,8 +8,8 @@ Contract:
 - Files: each output shard gets its full size up front (fallocate where the filesystem has it: contiguous blocks and
   an early, clean failure on a full disk), then contiguous ranges of about 64 MB are written by a small thread pool.
   Whole aligned blocks are written with O_DIRECT where the filesystem allows it: no copy into the page cache and no
-  write-back left for the fsync before the rename (on the 2-core CI box the page cache path made durable writes
-  1.5-3x slower; docs/BENCHMARKS.md); the partial blocks at the ends of each range, and every write on a
+  write-back left for the fsync before the rename (on our 2-core VM the page cache path made durable writes
+  2-3x slower; docs/BENCHMARKS.md); the partial blocks at the ends of each range, and every write on a
   filesystem without O_DIRECT, go through the page cache with write-back started at once (`sync_file_range`).
 - Output: safetensors shards (headers byte-identical to the Rust writer's), `model.safetensors.index.json` with the
   correct `total_size`, every non-weight file of the source (config, generation config, tokenizer, chat template)
@@ -135,18 +135,20 @@ class Shard:
 
     def __init__(self, path: Path, mode: int, header: bytes, size: int) -> None:
         self.name = path.name
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self.dfd: int | None = None
         try:
-            os.fchmod(self.fd, mode)
-            pwrite_all(self.fd, header, 0)
-            preallocate(self.fd, size)
-            if DIRECT and hasattr(os, "O_DIRECT"):
+            if DIRECT and hasattr(os, "O_DIRECT"):  # opened before the (maybe read-only) source mode is applied
                 try:
                     self.dfd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
                 except OSError:
                     self.dfd = None  # the filesystem has no O_DIRECT (tmpfs, some FUSE): the page cache it is
+            os.fchmod(self.fd, mode)
+            pwrite_all(self.fd, header, 0)
+            preallocate(self.fd, size)
         except BaseException:
+            if self.dfd is not None:
+                os.close(self.dfd)
             os.close(self.fd)
             raise
 

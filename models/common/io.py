@@ -32,8 +32,6 @@ from ...convert.api import load_fused_state_dict
 from ...convert.registry import registry
 from ...convert.safetensors_io import torch_dtype
 
-FUSED_FILE = "model.safetensors"
-
 
 def convert_supports(model_type: str) -> bool:
     return model_type in registry()
