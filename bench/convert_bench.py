@@ -4,7 +4,8 @@ transformers v5 (`from_pretrained` + `safetensors.save_file` of the fused state 
     .venv/bin/python bench/convert_bench.py --layers 2 6 [--work /tmp/convert-bench] [--skip-transformers]
 
 Shapes: H 2048, 128 experts, I 768, 32 heads x 128, 4 KV heads, vocab 151936, bf16; the hub's per-expert layout
-with ~2 GB shards. Prints wall time and peak RSS (from wait4) of every step, the ratio of merge and split to
+with ~2 GB shards. `--floor` adds a durable copy of the same bytes (`dd oflag=direct` per file, then `sync -f`),
+the least any fsynced write of this checkpoint can take on the disk. Prints wall time and peak RSS (from wait4) of every step, the ratio of merge and split to
 `cp -r` in the same run (target <= 1.3x) and peak RSS (target <= 300 MB, flat in the number of layers), and
 writes the rows as JSON lines to --out.
 
@@ -179,7 +180,7 @@ def drop_page_cache_for(folder: Path) -> None:
                 os.close(fd)
 
 
-def run_depth(work: Path, layers: int, skip_transformers: bool, cold: bool, repeat: int = 1, precondition: bool = True) -> list[dict]:
+def run_depth(work: Path, layers: int, skip_transformers: bool, cold: bool, repeat: int = 1, precondition: bool = True, floor: bool = False) -> list[dict]:
     py = sys.executable
     cli = [py, "-m", "automodel_convert.cli"]
     src = work / f"qwen3-30b-a3b-{layers}L"
@@ -211,6 +212,10 @@ def run_depth(work: Path, layers: int, skip_transformers: bool, cold: bool, repe
     # interleaved repeats, so background load and writeback hit every step alike; the median is reported
     for _ in range(repeat):
         step("cp -r", ["cp", "-r", str(src), str(work / "cp")], work / "cp")
+        if floor:  # the same bytes written durably, no conversion: what any fsynced copy waits for on this disk
+            out = work / "dd"
+            script = f'mkdir "{out}" && for f in "{src}"/*; do dd if="$f" of="{out}/$(basename "$f")" bs=4M oflag=direct status=none || exit 1; done && sync -f "{out}"'
+            step("dd oflag=direct (durable copy)", ["sh", "-c", script], out)
         step("merge", cli + ["merge", str(src), str(work / "fused"), "-q"], work / "fused", clean=False)
         step("split", cli + ["split", str(work / "fused"), str(work / "split"), "-q"], work / "split", clean=False, inp=work / "fused")
         same = all(filecmp.cmp(work / "split" / p.name, p, shallow=False) for p in src.iterdir())
@@ -234,13 +239,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "convert_bench.jsonl")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     ap.add_argument("--repeat", type=int, default=5, help="interleaved repeats of cp/merge/split (median reported)")
+    ap.add_argument("--floor", action="store_true", help="also time a durable copy of the same bytes (dd oflag=direct): the floor of any fsynced write")
     ap.add_argument("--no-precondition", action="store_true", help="skip the untimed write+delete of a source-sized copy before each step")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     rows = []
     for layers in a.layers:
         skip = a.skip_transformers or (a.transformers_layers is not None and layers not in a.transformers_layers)
-        rows += run_depth(a.work, layers, skip, a.cold, a.repeat, not a.no_precondition)
+        rows += run_depth(a.work, layers, skip, a.cold, a.repeat, not a.no_precondition, a.floor)
         if not a.keep:
             shutil.rmtree(a.work / f"qwen3-30b-a3b-{layers}L", ignore_errors=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)

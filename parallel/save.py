@@ -25,7 +25,6 @@ Local shards are staged on the host (a CUDA state is copied to CPU memory, all o
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..convert.api import file_metadata
-from ..convert.checkpoint import INDEX_NAME, SIDECAR_NAME, Checkpoint
+from ..convert.checkpoint import INDEX_NAME, SIDECAR_NAME
 from ..convert.engine import (
     FileLayout,
     atomic_folder,
@@ -49,7 +48,8 @@ from ..convert.engine import (
 from ..convert.errors import ConvertError
 from ..convert.mapping import Layout
 from ..convert.plan import Copy, Plan, plan_conversion
-from ..convert.safetensors_io import DTYPE_SIZES, FileHeader, TensorInfo, encode_header, safetensors_dtype
+from ..convert.safetensors_io import encode_header, safetensors_dtype
+from ..convert.state import virtual_checkpoint
 from .load import ShardedState, SourceInfo, TensorSpec, describe, tensor_memory
 from .shards import Box, Run, box_runs, full_box, intersect, local_box, writer_runs
 
@@ -130,22 +130,10 @@ def _local_view(name: str, value: torch.Tensor, rank: int, world: int, whole_row
     return _Local(local, tensor_memory(local), box, held, [r.g for r in held], writes, [r.g for r in writes])
 
 
-def _virtual(info: SourceInfo, specs: dict[str, TensorSpec]) -> Checkpoint:
-    """The state as a checkpoint that exists only as a plan source (one virtual file, merge order)."""
-    tensors, infos, pos = {}, [], 0
-    for name, s in specs.items():
-        nbytes = DTYPE_SIZES[s.dtype] * math.prod(s.shape)
-        t = TensorInfo(name, s.dtype, s.shape, "<state>", pos, nbytes)
-        tensors[name] = t
-        infos.append(t)
-        pos += nbytes
-    header = FileHeader("<state>", tuple(infos), file_metadata(Layout.FUSED), 0, pos)
-    return Checkpoint(info.root, {"<state>": header}, tensors, info.config, {}, info.sidecar)
-
-
 def plan_output(info: SourceInfo, specs: dict[str, TensorSpec], layout: str, max_shard_size: str | int) -> tuple[Plan, FileLayout, dict | None]:
-    """The files `api.merge` (fused) or `api.split` of the merge (original) would write for this state."""
-    virtual = _virtual(info, specs)
+    """The files `api.merge` (fused) or `api.split` of the merge (original) would write for this state, planned from
+    its virtual checkpoint (`convert.state`: the one way a state dict is saved, here for every rank at once)."""
+    virtual = virtual_checkpoint(info.root, {n: (s.dtype, s.shape) for n, s in specs.items()}, info.config, info.sidecar)
     if layout == "fused":
         plan = plan_conversion(virtual, info.mapping, Layout.FUSED, naming="model", model_type=info.model_type)
         return plan, shard_by_size(plan.outputs, parse_size(max_shard_size), file_metadata(Layout.FUSED)), info.sidecar

@@ -5,16 +5,16 @@ Contract:
   or fused on disk, in transformers v5's in-memory naming and fused layout (what the zoo models and transformers'
   models hold). Uses `automodel_convert.convert.load_fused_state_dict` for the model types convert/ maps.
 - `save_state_dict(state_dict, dst, config, layout="original" | "fused", max_shard_size, generation_config)`: writes a
-  checkpoint folder (config.json + safetensors shards, + generation_config.json when one is given): "original" = the
-  per-expert hub layout of the model type, "fused" = the fused layout. config.json's `dtype` is the dtype of the first
-  floating tensor of `state_dict` (transformers' rule: the first floating parameter), whatever `config.dtype` says;
-  `config` itself is not modified. Uses `automodel_convert.convert.save_state_dict` when it exists, else `convert.split` for the types convert/
-  maps; other types: "fused" is written as is (transformers' naming), "original" through transformers' save.
+  checkpoint folder (config.json + safetensors shards + index, + generation_config.json when one is given):
+  "original" = the per-expert hub layout of the model type, "fused" = the fused layout. config.json's `dtype` is the
+  dtype of the first floating tensor of `state_dict` (transformers' rule: the first floating parameter), whatever
+  `config.dtype` says; `config` itself is not modified. For the model types convert/ maps this is
+  `convert.state.save_state_dict`: the planner and the streaming engine, the tensors written once from memory,
+  atomically (the same planner path `parallel/save.py` uses). Other types: "fused" is written as is (transformers'
+  naming), "original" through transformers' save.
 
-TODO(convert): two temporary bridges, to delete once convert/ has the pieces:
-  * model types convert/ does not map are loaded with transformers (`from_pretrained` then `state_dict()`);
-  * until `convert.save_state_dict` exists, the fused state dict is written to a temporary folder and `convert.split`
-    turns it into the requested layout (one extra write of the checkpoint).
+TODO(convert): model types convert/ does not map are loaded with transformers (`from_pretrained` then
+`state_dict()`) and saved through it.
 """
 
 from __future__ import annotations
@@ -27,11 +27,10 @@ from typing import Any
 
 import torch
 
-from ...convert.api import load_fused_state_dict, split
+from ...convert import state as convert_state
+from ...convert.api import load_fused_state_dict
 from ...convert.registry import registry
 from ...convert.safetensors_io import torch_dtype
-
-FUSED_FILE = "model.safetensors"
 
 
 def convert_supports(model_type: str) -> bool:
@@ -98,22 +97,23 @@ def save_state_dict(
 ) -> Path:
     if layout not in ("original", "fused"):
         raise ValueError(f"layout must be 'original' or 'fused', not {layout!r}")
-    from safetensors.torch import save_file
-
     dst = Path(dst)
     tensors = _unshare(state_dict, config)
     config = with_true_dtype(config, tensors)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:
-        _write_configs(tmp, config, generation_config)  # convert/ copies both into the destination
-        save_file(tensors, str(Path(tmp) / FUSED_FILE), metadata={"format": "pt"})
-        (Path(tmp) / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {}, "weight_map": dict.fromkeys(tensors, FUSED_FILE)})
+    if convert_supports(config.model_type):
+        files = _config_files(config, generation_config)
+        convert_state.save_state_dict(
+            tensors,
+            dst,
+            model_type=config.model_type,
+            config=json.loads(files["config.json"]),
+            layout=layout,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            extra_files=files,
         )
-        if convert_supports(config.model_type):
-            target = None if layout == "original" else "fused"
-            split(tmp, dst, layout=target, max_shard_size=max_shard_size, overwrite=overwrite)
-            return dst
+        return dst
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise FileExistsError(f"{dst} exists and is not empty (pass overwrite=True)")
     if layout == "fused":
@@ -132,6 +132,13 @@ def with_true_dtype(config: Any, tensors: dict[str, torch.Tensor]) -> Any:
     config = copy.deepcopy(config)
     config.dtype = dtype
     return config
+
+
+def _config_files(config: Any, generation_config: Any) -> dict[str, bytes]:
+    """config.json (and generation_config.json) exactly as transformers' `save_pretrained` writes them, as bytes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_configs(tmp, config, generation_config)
+        return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
 
 
 def _write_configs(folder: str | Path, config: Any, generation_config: Any) -> None:
