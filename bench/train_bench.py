@@ -265,19 +265,7 @@ def _run(kind: str, gate: str, args: argparse.Namespace, device: torch.device, d
     overlap = "overlap" in mods or defer
     model = build(base, cfg, device, dtype, args)
     model.train()
-    loss_check = None
-    if graphs:  # experimental: CUDA graphs per decoder layer (models/common/graphs.py); the loss must not change
-        from automodel_convert.models.common.graphs import graph_decoder_layers
-
-        probe = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device, generator=torch.Generator(device=device).manual_seed(7))
-        before = model(input_ids=probe, labels=probe).loss.item()
-        graph_decoder_layers(model, args.batch, args.seq)
-        after = model(input_ids=probe, labels=probe).loss
-        after.backward()
-        for p in model.parameters():
-            p.grad = None
-        loss_check = dict(before=round(before, 5), after=round(after.item(), 5))
-        after = probe = None  # drop the autograd graph (it references every parameter)
+    loss_check = _capture_graphs(model, cfg, args, device) if graphs else None
     if gate == "balanced":
         if base == "transformers":
             balance_hf_routers(model)
@@ -288,22 +276,49 @@ def _run(kind: str, gate: str, args: argparse.Namespace, device: torch.device, d
         from automodel_convert.train.optim import input_side_modules
 
         opt.defer_until_forward(input_side_modules(model))
-    fused = bool(opt.defaults.get("fused"))
-    nparams = sum(p.numel() for p in model.parameters())
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
-    fwd, bwd, optim, step = [], [], [], []
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    times = _time_steps(model, opt, tokens, device, args)
+    peak = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+    if args.profile:
+        profile_steps(kind, gate, lambda: one_step(model, opt, tokens, device), device, args.profile)
+    res = _report(kind, gate, args, cfg, times, peak, device, overlap)
+    res.update(loss_check=loss_check, params_b=round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
+               adamw="fused" if opt.defaults.get("fused") else "foreach")
+    if base == "ours":
+        res["backend"] = model.backend.resolve(device, dtype).__dict__
+    model = opt = tokens = None  # free the first model before the second is built
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res
 
+
+def _capture_graphs(model: torch.nn.Module, cfg, args: argparse.Namespace, device: torch.device) -> dict:  # noqa: ANN001
+    """Experimental CUDA graphs per decoder layer (models/common/graphs.py); the loss before and after capture (it
+    must not change)."""
+    from automodel_convert.models.common.graphs import graph_decoder_layers
+
+    probe = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device, generator=torch.Generator(device=device).manual_seed(7))
+    before = model(input_ids=probe, labels=probe).loss.item()
+    graph_decoder_layers(model, args.batch, args.seq)
+    after = model(input_ids=probe, labels=probe).loss
+    after.backward()
+    for p in model.parameters():
+        p.grad = None
+    return dict(before=round(before, 5), after=round(after.item(), 5))  # the graph of `after` is dropped on return
+
+
+def _time_steps(model: torch.nn.Module, opt, tokens: torch.Tensor, device: torch.device, args: argparse.Namespace) -> dict:  # noqa: ANN001
+    """Per-phase step times (synced), whole steps without inner syncs, and back-to-back steps (one sync at the end:
+    what a training loop sustains; deferred updates overlap the next forward), in seconds."""
+    phases: list[tuple[float, ...]] = []
     for i in range(args.warmup + args.steps):
-        f, b, o, s = one_step(model, opt, tokens, device)
+        out = one_step(model, opt, tokens, device)
         if i >= args.warmup:
-            fwd.append(f)
-            bwd.append(b)
-            optim.append(o)
-            step.append(s)
-    # the same steps as a training loop runs them: no sync between forward, backward and optimizer
+            phases.append(out)
     nosync = []
     for _ in range(args.steps):
         sync(device)
@@ -313,7 +328,6 @@ def _run(kind: str, gate: str, args: argparse.Namespace, device: torch.device, d
         opt.zero_grad(set_to_none=True)
         sync(device)
         nosync.append(time.perf_counter() - t0)
-    # back to back, one sync at the end: what a training loop sustains (deferred updates overlap the next forward)
     sync(device)
     t0 = time.perf_counter()
     for _ in range(args.steps):
@@ -321,33 +335,29 @@ def _run(kind: str, gate: str, args: argparse.Namespace, device: torch.device, d
         opt.step()
         opt.zero_grad(set_to_none=True)
     sync(device)
-    loop_s = (time.perf_counter() - t0) / args.steps
-    peak = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
-    if args.profile:
-        profile_steps(kind, gate, lambda: one_step(model, opt, tokens, device), device, args.profile)
+    fwd, bwd, optim, step = (list(x) for x in zip(*phases))
+    return dict(fwd=fwd, bwd=bwd, optim=optim, step=step, nosync=nosync, loop=(time.perf_counter() - t0) / args.steps)
+
+
+def _report(kind: str, gate: str, args: argparse.Namespace, cfg, t: dict, peak: float | None, device: torch.device,  # noqa: ANN001
+            overlap: bool) -> dict[str, Any]:
+    """The result row of one run (medians in ms, tokens/s, model TFLOP/s and MFU)."""
     med = statistics.median
-    tps = args.batch * args.seq / med(step)
+    tps = args.batch * args.seq / med(t["step"])
     tflops = train_flops_per_token(cfg, args.seq) * tps / 1e12
     res = dict(
-        impl=kind + (f"+prio{OVERLAP_PRIORITY}" if overlap and OVERLAP_PRIORITY else "") + ("+balanced" if gate == "balanced" else ""), loss_check=loss_check,
-        gate=gate, layers=args.layers, seq=args.seq, batch=args.batch, params_b=round(nparams / 1e9, 3),
-        adamw="fused" if fused else "foreach",
-        fwd_ms=round(med(fwd) * 1e3, 2), bwd_ms=round(med(bwd) * 1e3, 2),
-        fb_ms=round(med([a + b for a, b in zip(fwd, bwd)]) * 1e3, 2), opt_ms=round(med(optim) * 1e3, 2),
-        step_ms=round(med(step) * 1e3, 2), tps=round(tps), tflops=round(tflops, 1),
+        impl=kind + (f"+prio{OVERLAP_PRIORITY}" if overlap and OVERLAP_PRIORITY else "") + ("+balanced" if gate == "balanced" else ""),
+        gate=gate, layers=args.layers, seq=args.seq, batch=args.batch,
+        fwd_ms=round(med(t["fwd"]) * 1e3, 2), bwd_ms=round(med(t["bwd"]) * 1e3, 2),
+        fb_ms=round(med([a + b for a, b in zip(t["fwd"], t["bwd"])]) * 1e3, 2), opt_ms=round(med(t["optim"]) * 1e3, 2),
+        step_ms=round(med(t["step"]) * 1e3, 2), tps=round(tps), tflops=round(tflops, 1),
         mfu=round(tflops / PEAK_TFLOPS, 4), peak_gib=peak, device=str(device),
-        step_nosync_ms=round(med(nosync) * 1e3, 2), tps_nosync=round(args.batch * args.seq / med(nosync)),
-        step_loop_ms=round(loop_s * 1e3, 2), tps_loop=round(args.batch * args.seq / loop_s),
+        step_nosync_ms=round(med(t["nosync"]) * 1e3, 2), tps_nosync=round(args.batch * args.seq / med(t["nosync"])),
+        step_loop_ms=round(t["loop"] * 1e3, 2), tps_loop=round(args.batch * args.seq / t["loop"]),
         torch=torch.__version__, transformers=__import__("transformers").__version__,
     )
     if overlap:
         res["note"] = "AdamW stepped inside backward: bwd_ms includes the optimizer work, opt_ms is what remains after it"
-    if base == "ours":
-        res["backend"] = model.backend.resolve(device, dtype).__dict__
-    model = opt = tokens = None  # free the first model before the second is built
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return res
 
 
