@@ -226,6 +226,49 @@ def save_sharded(
     t0 = time.perf_counter()
     dst = Path(dst)
     rank, world = dist.get_rank(), dist.get_world_size()
+    info = _source_info(state, source, model_type)
+    specs = {n: TensorSpec(s.kind, _dtype_name(state[n]), tuple(state[n].shape)) for n, s in info.specs.items()}
+    plan, file_layout, sidecar = plan_output(info, specs, layout, max_shard_size)
+    computed_from = {k for t in plan.outputs for p in t.pieces if not isinstance(p, Copy) for k, *_ in p.inputs}
+    total = sum(of.nbytes for of in file_layout.files)
+    locals_ = _local_views(state, specs, computed_from, rank, world)
+    cm, staging = _open_staging(dst, overwrite, info.root, file_layout, config, rank)  # A: rank 0 creates, all learn
+    try:
+        # B: every rank writes its bytes; statuses and byte counts are exchanged
+        error, written = None, 0
+        try:
+            written = _write_my_pieces(staging, file_layout, locals_, rank)
+        except Exception as e:  # noqa: BLE001 - reported to every rank
+            error = f"rank {rank}: {e}"
+        statuses: list = [None] * world
+        dist.all_gather_object(statuses, (error, written))
+        if _fault_hook is not None:
+            _fault_hook("gathered", rank)
+        # C: rank 0 checks, writes the index last and publishes the folder (`cm` is closed either way)
+        outcome = "ok"
+        if rank == 0:
+            cm, outcome = None, _publish(cm, staging, file_layout, sidecar, total, statuses)
+        outcome = _bcast(outcome)
+    except BaseException as e:  # a collective failed (a rank died): never publish, remove the staging folder
+        if cm is not None:
+            cm.__exit__(type(e), e, e.__traceback__)
+        raise
+    if outcome != "ok":
+        raise ConvertError(outcome[1:])
+    return SaveResult(str(dst), layout, [of.name for of in file_layout.files], written, total, time.perf_counter() - t0)
+
+
+def _bcast(obj: object) -> object:
+    """Rank 0's `obj` on every rank."""
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _source_info(state: Mapping[str, torch.Tensor], source: str | Path | None, model_type: str | None) -> SourceInfo:
+    """The fused state's description (from a `ShardedState`, or by planning `source`), checked against `state`."""
     if isinstance(state, ShardedState) and source is None:
         info = state.source
     elif source is not None:
@@ -236,12 +279,15 @@ def save_sharded(
     extra = [n for n in state if n not in info.specs]
     if missing or extra:
         raise ConvertError(f"the state does not match its source checkpoint: missing {missing[:2]}, unexpected {extra[:2]}")
-    specs = {n: TensorSpec(s.kind, _dtype_name(state[n]), tuple(state[n].shape)) for n, s in info.specs.items()}
-    plan, file_layout, sidecar = plan_output(info, specs, layout, max_shard_size)
-    computed_from = {k for t in plan.outputs for p in t.pieces if not isinstance(p, Copy) for k, *_ in p.inputs}
-    total = sum(of.nbytes for of in file_layout.files)
-    prep_error = None
-    try:  # a problem with one rank's shards must stop every rank, not leave the others waiting
+    return info
+
+
+def _local_views(state: Mapping[str, torch.Tensor], specs: dict, computed_from: set, rank: int, world: int) -> dict:
+    """This rank's local bytes of every tensor; a problem on one rank stops every rank (collective), none waits."""
+    import torch.distributed as dist
+
+    prep_error, locals_ = None, {}
+    try:
         locals_ = {n: _local_view(n, state[n], rank, world, n in computed_from) for n in specs}
     except ConvertError as e:
         prep_error = f"rank {rank}: {e}"
@@ -249,13 +295,12 @@ def save_sharded(
     dist.all_gather_object(prep, prep_error)
     if any(prep):
         raise ConvertError(next(e for e in prep if e))
+    return locals_
 
-    def bcast(obj: object) -> object:
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
 
-    # A: rank 0 creates the staging folder with every file's header and size; the others wait for its name
+def _open_staging(dst: Path, overwrite: bool, root: Path, file_layout: FileLayout, config: dict | None, rank: int):  # noqa: ANN202
+    """Rank 0 creates the staging folder with every file's header and size; every rank learns its path (collective).
+    Returns (rank 0's open `atomic_folder` context or None, the staging folder)."""
     cm = atomic_folder(dst, overwrite) if rank == 0 else None
     msg = None
     if rank == 0:
@@ -266,51 +311,33 @@ def save_sharded(
             cm, msg = None, f"!{e}"
         else:
             try:
-                _create_files(info.root, staging, file_layout, config)
+                _create_files(root, staging, file_layout, config)
                 msg = str(staging)
             except BaseException as e:
                 cm.__exit__(type(e), e, e.__traceback__)
                 cm, msg = None, f"!cannot create the output files in {str(dst.parent)!r}: {e}"
-    msg = bcast(msg)
+    msg = _bcast(msg)
     if msg.startswith("!"):
         raise ConvertError(msg[1:])
-    staging = Path(msg)
-    # B: every rank writes its bytes; statuses and byte counts are exchanged
+    return cm, Path(msg)
+
+
+def _publish(cm, staging: Path, file_layout: FileLayout, sidecar: dict, total: int, statuses: list) -> str:  # noqa: ANN001
+    """Rank 0: check every rank's status and byte count, write the index and publish (close `cm`), or discard the
+    staging folder; "ok" or "!<one line>"."""
+    errors = [s[0] for s in statuses if s[0]]
+    done = sum(s[1] for s in statuses)
     try:
-        error, written = None, 0
-        try:
-            written = _write_my_pieces(staging, file_layout, locals_, rank)
-        except Exception as e:  # noqa: BLE001 - reported to every rank
-            error = f"rank {rank}: {e}"
-        statuses: list = [None] * world
-        dist.all_gather_object(statuses, (error, written))
-        if _fault_hook is not None:
-            _fault_hook("gathered", rank)
-        # C: rank 0 checks, writes the index last and publishes the folder
-        outcome = "ok"
-        if rank == 0:
-            errors = [s[0] for s in statuses if s[0]]
-            done = sum(s[1] for s in statuses)
-            try:
-                if errors:
-                    raise ConvertError(f"save_sharded failed on {errors[0]}")
-                if done != total:
-                    raise ConvertError(f"internal error: the ranks wrote {done} of {total} tensor bytes")
-                _finish(staging, file_layout, sidecar, total)
-            except BaseException as e:
-                cm.__exit__(type(e), e, e.__traceback__)
-                cm, outcome = None, f"!{e}"
-            else:
-                cm.__exit__(None, None, None)
-                cm = None
-        outcome = bcast(outcome)
-    except BaseException as e:  # a collective failed (a rank died): never publish, remove the staging folder
-        if cm is not None:
-            cm.__exit__(type(e), e, e.__traceback__)
-        raise
-    if outcome != "ok":
-        raise ConvertError(outcome[1:])
-    return SaveResult(str(dst), layout, [of.name for of in file_layout.files], written, total, time.perf_counter() - t0)
+        if errors:
+            raise ConvertError(f"save_sharded failed on {errors[0]}")
+        if done != total:
+            raise ConvertError(f"internal error: the ranks wrote {done} of {total} tensor bytes")
+        _finish(staging, file_layout, sidecar, total)
+    except BaseException as e:
+        cm.__exit__(type(e), e, e.__traceback__)
+        return f"!{e}"
+    cm.__exit__(None, None, None)
+    return "ok"
 
 
 def _create_files(root: Path, staging: Path, layout: FileLayout, config: dict | None) -> None:
