@@ -95,6 +95,15 @@ def key_coverage(keys: list[str], mapping: MoEMapping, config: dict, *, model_ty
     pass-through, or unmapped: a key under an `experts.` module that no group or template of the mapping claims."""
     model_type = model_type or mapping.model_type
     cov = KeyCoverage(model_type, None, len(keys))
+    per_expert, fused = _classify_keys(keys, mapping, cov)
+    _coverage_layout(cov, mapping, per_expert, fused, model_type)
+    _coverage_groups(cov, mapping, per_expert, fused, mapping.num_experts(config))
+    return cov
+
+
+def _classify_keys(keys: list[str], mapping: MoEMapping, cov: KeyCoverage) -> tuple[dict, dict]:
+    """Count pass-through, renamed and expert-template keys into `cov` (and rename problems); returns the group
+    instances' per-expert parts seen (`{instance: {expert: {part index}}}`) and fused keys (`{instance: key}`)."""
     groups = mapping.all_groups
     expert_tpls = [Template(t) for t in mapping.expert_tensors]
     known_tpls = [Template(t) for t in mapping.not_experts]
@@ -115,15 +124,19 @@ def key_coverage(keys: list[str], mapping: MoEMapping, config: dict, *, model_ty
                 fused[inst] = key
             else:
                 per_expert[inst][e].add(pi)
-            continue
-        if any(t.match(mk) is not None for t in expert_tpls):
+        elif any(t.match(mk) is not None for t in expert_tpls):
             cov.expert_tensors += 1
         elif _EXPERT_LIKE.search(mk) and not any(t.match(mk) is not None for t in known_tpls):
             cov.unmapped.append(key)
         else:
             cov.passthrough += 1
             cov.renamed += mk != key
+    return per_expert, fused
 
+
+def _coverage_layout(cov: KeyCoverage, mapping: MoEMapping, per_expert: dict, fused: dict, model_type: str) -> None:
+    """The experts' layout from the stacked groups' keys (per-expert, fused, mixed or missing)."""
+    groups = mapping.all_groups
     stacked_pe = [i for i in per_expert if groups[i[0]].stacked]
     stacked_fk = [i for i in fused if groups[i[0]].stacked]
     if stacked_pe and stacked_fk:
@@ -136,7 +149,11 @@ def key_coverage(keys: list[str], mapping: MoEMapping, config: dict, *, model_ty
         cov.problems.append(
             f"no expert tensors of model_type {model_type!r} found (expected keys like {mapping.groups[0].parts[0]!r})"
         )
-    cfg_experts = mapping.num_experts(config)
+
+
+def _coverage_groups(cov: KeyCoverage, mapping: MoEMapping, per_expert: dict, fused: dict, cfg_experts: int | None) -> None:
+    """One row per group (instances, E, keys); incomplete experts or experts beyond num_experts are problems."""
+    groups = mapping.all_groups
     for inst, experts in per_expert.items():
         g = groups[inst[0]]
         name = g.fused_template.format(**dict(inst[1]))
@@ -148,23 +165,12 @@ def key_coverage(keys: list[str], mapping: MoEMapping, config: dict, *, model_ty
                 f"{name!r}: "
                 + (f"experts {missing[:5]} incomplete" if missing else f"experts {extra[:5]} beyond num_experts={n}")
             )
-        row = cov.groups.setdefault(
-            g.fused, {"fused": g.fused, "parts": list(g.parts), "instances": 0, "experts": n, "keys": 0}
-        )
+        row = cov.groups.setdefault(g.fused, {"fused": g.fused, "parts": list(g.parts), "instances": 0, "experts": n, "keys": 0})
         row["instances"] += 1
         row["keys"] += sum(len(p) for p in experts.values())
     for inst in fused:
         g = groups[inst[0]]
-        row = cov.groups.setdefault(
-            g.fused,
-            {
-                "fused": g.fused,
-                "parts": list(g.parts),
-                "instances": 0,
-                "experts": cfg_experts if g.stacked else 1,
-                "keys": 0,
-            },
-        )
+        row = cov.groups.setdefault(g.fused, {"fused": g.fused, "parts": list(g.parts), "instances": 0,
+                                              "experts": cfg_experts if g.stacked else 1, "keys": 0})
         row["instances"] += 1
         row["keys"] += 1
-    return cov
