@@ -188,74 +188,88 @@ def _order_index(ckpt: Checkpoint):
 def _emit_instance(
     mapping: MoEMapping, gi: GroupInstance, src: Layout, dst: Layout, disk_names: bool
 ) -> list[OutTensor]:
-    g, caps, E = gi.group, gi.captures, gi.num_experts
+    g = gi.group
     if not g.stacked:  # a non-stacked fusion: parts or the fused tensor, never transposed, no expert dim
         # the disk side (the parts, or the fused tensor of `unfused_in_model`) for a per-expert target or the hub's
         # own layout in disk names (a hub layout may be fused), else the model side
         src = Layout.PER_EXPERT if gi.fused_key is None else Layout.FUSED
         disk_side = dst is Layout.PER_EXPERT or (disk_names and dst is mapping.hub_layout)
         dst = Layout.PER_EXPERT if disk_side != g.unfused_in_model else Layout.FUSED
-    itemsize = DTYPE_SIZES[gi.dtype]
-    part_nbytes = [math.prod(s) * itemsize for s in gi.part_shapes]
-    expert_nbytes = sum(part_nbytes)
+    em = _InstanceEmitter(mapping, gi, src, disk_names)
+    return em.parts() if dst is Layout.PER_EXPERT else [em.fused(dst)]
 
-    # How to get part p of expert e from the source: a byte range, or a Transform of the source's expert slice.
-    def part_source(e: int, p: int) -> tuple[str, int, int] | None:
-        if src is Layout.PER_EXPERT:
-            return (gi.parts[e][p], 0, part_nbytes[p])
-        decode = g.chain(src, gi.part_shapes).inverse()
+
+class _InstanceEmitter:
+    """The output tensors of one group instance read in layout `src`: its parts per expert, or its fused tensor."""
+
+    def __init__(self, mapping: MoEMapping, gi: GroupInstance, src: Layout, disk_names: bool) -> None:
+        self.mapping, self.gi, self.g, self.src, self.disk_names = mapping, gi, gi.group, src, disk_names
+        self.itemsize = DTYPE_SIZES[gi.dtype]
+        self.part_nbytes = [math.prod(s) * self.itemsize for s in gi.part_shapes]
+        self.expert_nbytes = sum(self.part_nbytes)
+        E = gi.num_experts
+        self.sources = tuple(k for e in range(E) for k in gi.parts[e]) if src is Layout.PER_EXPERT else (gi.fused_key,)
+
+    def _name(self, model_name: str) -> str:
+        return self.mapping.to_disk_key(model_name) if self.disk_names else model_name
+
+    def part_source(self, e: int, p: int) -> tuple[str, int, int] | None:
+        """Part p of expert e as a byte range of the source, or None when it needs a Transform."""
+        gi = self.gi
+        if self.src is Layout.PER_EXPERT:
+            return (gi.parts[e][p], 0, self.part_nbytes[p])
+        decode = self.g.chain(self.src, gi.part_shapes).inverse()
         if decode.is_byte_concat():
-            return (gi.fused_key, e * expert_nbytes + sum(part_nbytes[:p]), part_nbytes[p])
+            return (gi.fused_key, e * self.expert_nbytes + sum(self.part_nbytes[:p]), self.part_nbytes[p])
         return None
 
-    def expert_slice_input(e: int) -> tuple[str, int, int, Shape]:
-        shape = g.chain(src, gi.part_shapes).out_shapes(gi.part_shapes)[0]
-        return (gi.fused_key, e * expert_nbytes, expert_nbytes, shape)
+    def expert_slice_input(self, e: int) -> tuple[str, int, int, Shape]:
+        """Expert e's slice of the fused source tensor, as a Transform input."""
+        shape = self.g.chain(self.src, self.gi.part_shapes).out_shapes(self.gi.part_shapes)[0]
+        return (self.gi.fused_key, e * self.expert_nbytes, self.expert_nbytes, shape)
 
-    sources = tuple(k for e in range(E) for k in gi.parts[e]) if src is Layout.PER_EXPERT else (gi.fused_key,)
-    if dst is Layout.PER_EXPERT:
+    def parts(self) -> list[OutTensor]:
+        """One output per (expert, part)."""
+        g, gi = self.g, self.gi
+        decode = None if self.src is Layout.PER_EXPERT else g.chain(self.src, gi.part_shapes).inverse()
         outs = []
-        decode = None if src is Layout.PER_EXPERT else g.chain(src, gi.part_shapes).inverse()
-        for e in range(E):
+        for e in range(gi.num_experts):
+            ex = e if g.stacked else None
             for p, tpl in enumerate(g.part_templates):
-                name = tpl.format(**caps, expert=e)
-                name = mapping.to_disk_key(name) if disk_names else name
-                rng = part_source(e, p)
-                ex = e if g.stacked else None
+                rng = self.part_source(e, p)
                 if rng is not None:
                     piece: Piece = Copy(rng[0], rng[1], rng[2], 0, ex)
                 else:
-                    piece = Transform((expert_slice_input(e),), decode, p, itemsize, 0, part_nbytes[p], ex)
-                outs.append(
-                    OutTensor(
-                        name, gi.dtype, gi.part_shapes[p], [piece], g.fused if g.stacked else None, False, sources
-                    )
-                )
+                    piece = Transform((self.expert_slice_input(e),), decode, p, self.itemsize, 0, self.part_nbytes[p], ex)
+                name = self._name(tpl.format(**gi.captures, expert=e))
+                outs.append(OutTensor(name, gi.dtype, gi.part_shapes[p], [piece], g.fused if g.stacked else None, False, self.sources))
         return outs
 
-    encode = g.chain(dst, gi.part_shapes)
-    expert_shape = encode.out_shapes(gi.part_shapes)[0]
-    pieces: list[Piece] = []
-    for e in range(E):
-        base = e * expert_nbytes
-        ex = e if g.stacked else None
-        ranges = [part_source(e, p) for p in range(len(g.parts))]
+    def fused(self, dst: Layout) -> OutTensor:
+        """The fused tensor in layout `dst`: per expert a byte concatenation, a Transform of the parts, or a
+        Transform of the source's own expert slice."""
+        g, gi = self.g, self.gi
+        encode = g.chain(dst, gi.part_shapes)
+        expert_shape = encode.out_shapes(gi.part_shapes)[0]
+        pieces = [self._fused_pieces(e, encode) for e in range(gi.num_experts)]
+        name = self._name(g.fused_template.format(**gi.captures))
+        flat = [p for ps in pieces for p in ps]
+        if not g.stacked:
+            return OutTensor(name, gi.dtype, tuple(expert_shape), flat, None, False, self.sources)
+        return OutTensor(name, gi.dtype, (gi.num_experts, *expert_shape), flat, g.fused, True, self.sources)
+
+    def _fused_pieces(self, e: int, encode) -> list[Piece]:  # noqa: ANN001 - a Chain
+        g, gi = self.g, self.gi
+        base, ex = e * self.expert_nbytes, (e if g.stacked else None)
+        ranges = [self.part_source(e, p) for p in range(len(g.parts))]
         if all(r is not None for r in ranges) and encode.is_byte_concat():
-            off = base
+            out, off = [], base
             for r in ranges:
-                pieces.append(Copy(r[0], r[1], r[2], off, ex))
+                out.append(Copy(r[0], r[1], r[2], off, ex))
                 off += r[2]
-        elif all(r is not None for r in ranges):
+            return out
+        if all(r is not None for r in ranges):
             inputs = tuple((r[0], r[1], r[2], gi.part_shapes[p]) for p, r in enumerate(ranges))
-            pieces.append(Transform(inputs, encode, 0, itemsize, base, expert_nbytes, ex))
-        else:
-            decode = g.chain(src, gi.part_shapes).inverse()
-            pieces.append(
-                Transform((expert_slice_input(e),), decode.then(encode), 0, itemsize, base, expert_nbytes, ex)
-            )
-    name = g.fused_template.format(**caps)
-    if disk_names:
-        name = mapping.to_disk_key(name)
-    if not g.stacked:
-        return [OutTensor(name, gi.dtype, tuple(expert_shape), pieces, None, False, sources)]
-    return [OutTensor(name, gi.dtype, (E, *expert_shape), pieces, g.fused, True, sources)]
+            return [Transform(inputs, encode, 0, self.itemsize, base, self.expert_nbytes, ex)]
+        decode = g.chain(self.src, gi.part_shapes).inverse()
+        return [Transform((self.expert_slice_input(e),), decode.then(encode), 0, self.itemsize, base, self.expert_nbytes, ex)]
