@@ -237,7 +237,7 @@ def fmt_mb(n: float | None) -> str:
     return "-" if n is None else f"{n / MB:,.0f}"
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--ranks", type=int, default=4)
@@ -249,8 +249,11 @@ def main() -> None:
     ap.add_argument("--mem-limit-gb", type=float, default=None)
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--out", type=Path, default=None, help="append the results as one JSON line")
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def main() -> None:
+    args = _parse_args()
     from automodel_convert.convert import api
     from automodel_convert.parallel.load import predict_read_bytes
 
@@ -264,13 +267,6 @@ def main() -> None:
     if built:
         print(f"built {ckpt} in {time.perf_counter() - t0:.1f} s")
     os.sync()  # no write-back of a fresh build competing with the measured reads
-
-    def prepare_cache() -> None:
-        """Same page-cache state before every group: all evicted (--cold) or all re-read (warm)."""
-        if args.cold:
-            drop_page_cache_for(ckpt)
-        else:
-            warm_page_cache(ckpt)
     info = api.inspect(ckpt, ep=args.ranks)
     n = args.ranks
     predicted = predict_read_bytes(ckpt, n)
@@ -279,14 +275,36 @@ def main() -> None:
           f"experts {info['expert_bytes'] / 1e9:.2f} GB, non-expert {info['non_expert_bytes'] / 1e9:.2f} GB; {n} ranks; RAM {mem_total / 2**30:.1f} GiB")
     print(f"target bytes per rank = experts / {n} + non-expert = {fmt_mb(target)} MB; predicted (inspect --ep {n}): "
           + ", ".join(fmt_mb(r["bytes_read"]) for r in info["ep"]["ranks"]))
-
     runs = args.work / "runs"
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir()
-    rows: dict[str, dict] = {}
-
-    # 1. ours: dense tensors replicated (the issue's target), then dense Shard(0) over dp (like transformers' FSDP)
     save_dst = runs / "saved" if args.save else None
+    rows = _run_groups(args, ckpt, runs, mem_limit, save_dst)
+    print()
+    ok_bytes, ok_rss = _print_table(rows, info, target, predicted, n)
+    print()
+    print(f"bytes read per rank <= 1.05 x target and == inspect's prediction: {'PASS' if ok_bytes else 'FAIL'}")
+    print(f"peak RSS per rank <= local shard bytes + 400 MB: {'PASS' if ok_rss else 'FAIL'}")
+    _print_comparisons(rows, n)
+    if args.save and all("save_s" in r for r in rows["ours_replicate"]["ranks"]):
+        _print_save_check(rows["ours_replicate"]["ranks"], ckpt, save_dst)
+    if args.out:
+        with args.out.open("a") as fh:
+            fh.write(json.dumps({"layers": args.layers, "ranks": n, "target_bytes": target, "predicted": predicted, "cold": args.cold, **rows}) + "\n")
+
+
+def _run_groups(args: argparse.Namespace, ckpt: Path, runs: Path, mem_limit: int, save_dst: Path | None) -> dict[str, dict]:
+    """Every loader as a group of processes, each from the same page-cache state (all evicted with --cold, else all
+    re-read): ours with dense tensors replicated (the issue's target) and Shard(0) over dp (like transformers'
+    FSDP), transformers v5 EP, and one process loading everything."""
+    n, rows = args.ranks, {}
+
+    def prepare_cache() -> None:
+        if args.cold:
+            drop_page_cache_for(ckpt)
+        else:
+            warm_page_cache(ckpt)
+
     for dense in ("replicate", "shard"):
         prepare_cache()
         init = f"file://{runs / f'store-{dense}'}"
@@ -294,25 +312,22 @@ def main() -> None:
         targets = [(ours_child, (r, n, init, str(ckpt), str(runs / f"ours-{dense}-{r}.json"), dst, dense), runs / f"ours-{dense}-{r}.json") for r in range(n)]
         res, wall, _ = run_group(f"load_sharded(dense={dense!r}), {n} ranks", targets, runs, mem_limit, args.timeout)
         rows[f"ours_{dense}"] = {"wall_s": wall, "ranks": res}
-    ours = rows["ours_replicate"]["ranks"]
-
-    # 2. transformers v5 EP
-    dc = {"ep_size": n, "fsdp_size": n}
     if not args.skip_transformers:
+        dc = {"ep_size": n, "fsdp_size": n}
         prepare_cache()
         port = 29500 + os.getpid() % 1000
         targets = [(hf_child, (r, n, port, str(ckpt), str(runs / f"hf-{r}.json"), dc), runs / f"hf-{r}.json") for r in range(n)]
         hf, hf_wall, _ = run_group(f"transformers from_pretrained(distributed_config=DistributedConfig({dc})), {n} ranks", targets, runs, mem_limit, args.timeout)
         rows["transformers_ep"] = {"wall_s": hf_wall, "ranks": hf}
-
-    # 3. single process, everything
     if not args.skip_full:
         prepare_cache()
         full, full_wall, _ = run_group("single process safetensors.torch.load_file of every shard", [(full_child, (str(ckpt), str(runs / "full.json")), runs / "full.json")], runs, mem_limit, args.timeout)
         rows["full"] = {"wall_s": full_wall, "ranks": full}
+    return rows
 
-    # ---- table
-    print()
+
+def _print_table(rows: dict[str, dict], info: dict, target: float, predicted: list[int], n: int) -> tuple[bool, bool]:
+    """The per-rank table; returns (bytes within 1.05x of the target and equal to the prediction, RSS within budget)."""
     hdr = f"{'loader':<16}{'rank':>5}{'read MB':>10}{'target MB':>11}{'ratio':>7}{'rchar MB':>10}{'local MB':>10}{'peak RSS MB':>13}{'budget MB':>11}{'load s':>8}{'proc s':>8}"
     print(hdr)
     print("-" * len(hdr))
@@ -339,11 +354,14 @@ def main() -> None:
                 continue
             print(f"{label:<16}{r['rank']:>5}{'(mmap)':>10}{'':>11}{'':>7}{fmt_mb(r['io'].get('rchar')):>10}"
                   f"{fmt_mb(r['local_bytes']):>10}{fmt_mb(r['peak_rss_load']):>13}{'':>11}{r['load_s']:>8.2f}{r['process_s']:>8.1f}")
-    print()
+    return ok_bytes, ok_rss
+
+
+def _print_comparisons(rows: dict[str, dict], n: int) -> None:
+    """Load time and peak RSS against transformers' EP loader and a single-process full load, where they ran."""
+    ours = rows["ours_replicate"]["ranks"]
     ours_load = max((r.get("load_s", float("nan")) for r in ours), default=float("nan"))
     shard_load = max((r.get("load_s", float("nan")) for r in rows["ours_shard"]["ranks"]), default=float("nan"))
-    print(f"bytes read per rank <= 1.05 x target and == inspect's prediction: {'PASS' if ok_bytes else 'FAIL'}")
-    print(f"peak RSS per rank <= local shard bytes + 400 MB: {'PASS' if ok_rss else 'FAIL'}")
     hf_ranks = rows.get("transformers_ep", {}).get("ranks", [])
     if hf_ranks and all("error" not in r for r in hf_ranks):
         hf_load = max(r["load_s"] for r in hf_ranks)
@@ -359,17 +377,17 @@ def main() -> None:
     if "full" in rows and "error" not in rows["full"]["ranks"][0]:
         f = rows["full"]["ranks"][0]
         print(f"single-process full load: {f['load_s']:.2f} s, peak RSS {fmt_mb(f['peak_rss_load'])} MB")
-    if args.save and all("save_s" in r for r in ours):
-        names_same = sorted(p.name for p in save_dst.iterdir()) == sorted(p.name for p in ckpt.iterdir())
-        shards_same = all(_same_file(ckpt / p.name, p) for p in sorted(save_dst.glob("*.safetensors")))
-        index = "model.safetensors.index.json"  # the bench's own builder writes it without a final newline
-        index_same = json.loads((ckpt / index).read_text()) == json.loads((save_dst / index).read_text())
-        print(f"save_sharded(layout='original'): {max(r['save_s'] for r in ours):.2f} s (slowest rank); same files {names_same}, "
-              f"shards equal byte for byte {shards_same}, index equal {index_same}")
-        shutil.rmtree(save_dst, ignore_errors=True)
-    if args.out:
-        with args.out.open("a") as fh:
-            fh.write(json.dumps({"layers": args.layers, "ranks": n, "target_bytes": target, "predicted": predicted, "cold": args.cold, **rows}) + "\n")
+
+
+def _print_save_check(ours: list[dict], ckpt: Path, save_dst: Path) -> None:
+    """save_sharded(layout='original')'s output against the source checkpoint, file by file (then removed)."""
+    names_same = sorted(p.name for p in save_dst.iterdir()) == sorted(p.name for p in ckpt.iterdir())
+    shards_same = all(_same_file(ckpt / p.name, p) for p in sorted(save_dst.glob("*.safetensors")))
+    index = "model.safetensors.index.json"  # the bench's own builder writes it without a final newline
+    index_same = json.loads((ckpt / index).read_text()) == json.loads((save_dst / index).read_text())
+    print(f"save_sharded(layout='original'): {max(r['save_s'] for r in ours):.2f} s (slowest rank); same files {names_same}, "
+          f"shards equal byte for byte {shards_same}, index equal {index_same}")
+    shutil.rmtree(save_dst, ignore_errors=True)
 
 
 if __name__ == "__main__":
