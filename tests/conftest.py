@@ -33,6 +33,16 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
 
 
+def folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder (all its safetensors files), by name."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for p in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(p))
+    return out
+
+
 def merged_and_split(name: str, tmp_path_factory) -> tuple[str, Path, Path, Path]:  # noqa: ANN001
     """The bundled fixture `name`, merged (`fused/`) and split back (`split/`): (name, source, fused, split)."""
     from automodel_convert.convert import merge, split

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from automodel_convert.convert.errors import ConvertError
 from automodel_convert.convert.registry import get_mapping
 
-from conftest import FIXTURES
+from conftest import FIXTURES, folder_tensors
 from spawn_ranks import init_gloo, spawn_ranks
 
 # fixture name -> model_type; the spawned worlds load all of them (those without a fixture or mapping are skipped)
@@ -52,13 +52,6 @@ def missing_reason(fixture: str) -> str | None:
 # ---------------------------------------------------------------- independent references
 
 
-def _load_all(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 def reference_fused(fixture: str, folder: Path) -> tuple[dict[str, torch.Tensor], set[str]]:
@@ -67,7 +60,7 @@ def reference_fused(fixture: str, folder: Path) -> tuple[dict[str, torch.Tensor]
     Works on the hub layouts of the families above: per-expert keys are fused, fused/native ones kept. A transposed
     (qwen3_vl_moe) source is transposed back per expert.
     """
-    raw = _load_all(folder)
+    raw = folder_tensors(folder)
     for a, b in _RENAMES.get(FAMILIES[fixture], []):
         raw = {k.replace(a, b): v for k, v in raw.items()}
     parts: dict[tuple[str, str], dict[int, dict[str, torch.Tensor]]] = {}
@@ -102,7 +95,7 @@ def chunk(n: int, parts: int, i: int) -> tuple[int, int]:
 def expected_bytes(folder: Path, experts_of: dict, ep: int, ep_rank: int) -> int:
     """Expert bytes this ep rank owns plus every non-expert byte, from the raw files."""
     total = 0
-    for k, v in _load_all(folder).items():
+    for k, v in folder_tensors(folder).items():
         nbytes = v.numel() * v.element_size()
         m = _PART.match(k)
         if m is not None:

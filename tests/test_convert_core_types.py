@@ -11,11 +11,10 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from automodel_convert.convert import merge, split, verify
 
-from conftest import fixture_path, folder_bytes, merged_and_split
+from conftest import fixture_path, folder_bytes, folder_tensors, merged_and_split
 
 CORE_TYPES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe"]
 
@@ -29,11 +28,6 @@ def _load_hf(folder, **kw):
     return cls.from_pretrained(folder, dtype=torch.float32, output_loading_info=True, **kw)
 
 
-def _all_tensors(folder):
-    out = {}
-    for p in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(p))
-    return out
 
 
 @pytest.fixture(scope="module", params=CORE_TYPES)
@@ -50,14 +44,14 @@ def test_merged_tensors_equal_transformers_state_dict(converted):
     _, src, fused, _ = converted
     model, _ = _load_hf(src)
     expected = {k: v for k, v in model.state_dict().items()}
-    ours = _all_tensors(fused)
+    ours = folder_tensors(fused)
     if model.config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     assert set(ours) == set(expected)
     for k, v in ours.items():
         assert torch.equal(v.float(), expected[k]), k
     # fused tensors really are fused: [E, 2I, H] rows [:I] = gate of expert e, [I:] = up
-    raw = _all_tensors(src)
+    raw = folder_tensors(src)
     gu = next(k for k in ours if k.endswith("experts.gate_up_proj"))
     E, two_i, _ = ours[gu].shape
     prefix = gu[: -len("gate_up_proj")]
@@ -87,7 +81,7 @@ def test_split_equals_transformers_save_pretrained(converted, tmp_path):
     cfg = json.loads((fused / "config.json").read_text())
     dtype = getattr(torch, cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
     model.to(dtype).save_pretrained(tmp_path / "hf")
-    theirs, ours = _all_tensors(tmp_path / "hf"), _all_tensors(back)
+    theirs, ours = folder_tensors(tmp_path / "hf"), folder_tensors(back)
     assert set(theirs) == set(ours)
     for k in ours:
         assert torch.equal(ours[k], theirs[k]), k
@@ -107,8 +101,8 @@ def test_numeric_expert_order(tmp_path):
     """qwen3_moe's fixture has >= 10 experts: expert 10 must land at index 10, not after expert 1."""
     src = fixture_path("qwen3_moe")
     merge(src, tmp_path / "f")
-    raw = _all_tensors(src)
-    fused = _all_tensors(tmp_path / "f")
+    raw = folder_tensors(src)
+    fused = folder_tensors(tmp_path / "f")
     key = next(k for k in fused if k.endswith("layers.1.mlp.experts.down_proj"))
     assert fused[key].shape[0] >= 10
     for e in range(fused[key].shape[0]):
@@ -118,8 +112,8 @@ def test_numeric_expert_order(tmp_path):
 def test_transposed_layout_roundtrip(tmp_path):
     src = fixture_path("qwen3_moe")
     merge(src, tmp_path / "t", layout="transposed")
-    t = _all_tensors(tmp_path / "t")
-    raw = _all_tensors(src)
+    t = folder_tensors(tmp_path / "t")
+    raw = folder_tensors(src)
     gu = t["model.layers.0.mlp.experts.gate_up_proj"]
     E, H, two_i = gu.shape
     for e in (0, E - 1):

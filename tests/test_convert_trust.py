@@ -23,13 +23,12 @@ from trust_helpers import (
     I,
     _inject_on_first_copy,
     _write_sidecar,
-    all_tensors,
     one_line_error,
     read_sidecar,
     run_cli_subprocess,
 )
 
-from conftest import folder_bytes, leftovers
+from conftest import folder_bytes, folder_tensors, leftovers
 
 # the shared fixtures (found by name)
 base, src, merged_base, merged = trust_helpers.base, trust_helpers.src, trust_helpers.merged_base, trust_helpers.merged
@@ -207,7 +206,7 @@ def test_sigterm_during_overwrite_commit(merged, src, tmp_path, mode):
     assert "complete" in proc.stderr and "nothing was written" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert (merged / "generation_config.json").read_text() == '{"new": true}'
-    assert {k: v.view(torch.int16) for k, v in all_tensors(merged).items()}.keys() == set(all_tensors(merged))
+    assert {k: v.view(torch.int16) for k, v in folder_tensors(merged).items()}.keys() == set(folder_tensors(merged))
     assert read_sidecar(merged)["checksums"]["tensors"].keys() == {
         k for p in src.glob("*.safetensors") for k in load_file(p)
     }

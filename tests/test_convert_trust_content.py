@@ -15,12 +15,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from trust_helpers import (
     _inject_on_first_copy,
-    all_tensors,
     one_line_error,
     read_sidecar,
 )
 
-from conftest import folder_bytes, leftovers
+from conftest import folder_bytes, folder_tensors, leftovers
 
 # the shared fixtures (found by name)
 base, src, merged_base, merged = trust_helpers.base, trust_helpers.src, trust_helpers.merged_base, trust_helpers.merged
@@ -156,14 +155,18 @@ def _vl_checkpoint(
     return model
 
 
+def assert_bits_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """Every tensor of `want` is in `got` with the same bits (bf16 compared as int16)."""
+    for k, v in want.items():
+        assert torch.equal(got[k].view(torch.int16), v.view(torch.int16)), k
+
+
 @pytest.mark.parametrize("transposed", [False, True], ids=["saved-by-transformers", "hub-transposed"])
 def test_fused_orientation_detected_from_shapes(run_cli, tmp_path, transposed):
     model = _vl_checkpoint(tmp_path / "src", hidden=40, inter=12, transposed=transposed)
     code, _, err = run_cli("merge", tmp_path / "src", tmp_path / "out", "-q")
     assert code == 0, err
-    got = all_tensors(tmp_path / "out")
-    for k, v in model.items():
-        assert torch.equal(got[k].view(torch.int16), v.view(torch.int16)), k
+    assert_bits_equal(folder_tensors(tmp_path / "out"), model)
     code, _, err = run_cli("split", tmp_path / "out", tmp_path / "back", "-q")
     assert code == 0, err
     assert folder_bytes(tmp_path / "back")["model.safetensors"] == folder_bytes(tmp_path / "src")["model.safetensors"]
@@ -190,9 +193,7 @@ def test_square_gate_up_is_decided_by_down(run_cli, tmp_path, transposed):
     assert leftovers(tmp_path, "out") == []
     code, _, err = run_cli("merge", tmp_path / "src", tmp_path / "out", "-q")
     assert code == 0, err
-    got = all_tensors(tmp_path / "out")
-    for k, v in model.items():
-        assert torch.equal(got[k].view(torch.int16), v.view(torch.int16)), k
+    assert_bits_equal(folder_tensors(tmp_path / "out"), model)
 
 
 @pytest.mark.parametrize("transposed", [True, False], ids=["hub", "transformers"])
@@ -201,9 +202,7 @@ def test_square_down_projection_is_decided_by_gate_up(run_cli, tmp_path, transpo
     model = _vl_checkpoint(tmp_path / "src", hidden=16, inter=16, transposed=transposed)
     code, _, err = run_cli("merge", tmp_path / "src", tmp_path / "out", "-q")
     assert code == 0, err
-    got = all_tensors(tmp_path / "out")
-    for k, v in model.items():
-        assert torch.equal(got[k].view(torch.int16), v.view(torch.int16)), k
+    assert_bits_equal(folder_tensors(tmp_path / "out"), model)
 
 
 def test_source_layout_that_does_not_fit_is_refused(run_cli, tmp_path):

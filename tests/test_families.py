@@ -22,13 +22,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from automodel_convert.convert import ConvertError, merge, split, verify
 from automodel_convert.convert.mapping import Layout
 from automodel_convert.convert.registry import get_mapping
 
-from conftest import FIXTURES, fixture_path, folder_bytes, manifest, merged_and_split
+from conftest import FIXTURES, fixture_path, folder_bytes, folder_tensors, manifest, merged_and_split
 
 # Base fixtures (name == model_type); the quantized variants are covered by test_quant.py.
 TYPES = sorted(k for k, v in manifest().items() if k == v.get("model_type") and (FIXTURES / k / "config.json").exists())
@@ -39,11 +39,6 @@ ORACLE_CANNOT_LOAD = {"longcat_flash"}
 ORACLE_SAVES_WRONG_LAYOUT = {"qwen3_vl_moe"}
 
 
-def _all_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for p in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(p))
-    return out
 
 
 def _hf_class(name: str):
@@ -108,10 +103,10 @@ def test_split_of_merge_is_byte_identical(converted):
 
 def test_merged_tensors_equal_transformers_state_dict(converted):
     name, src, fused, _ = converted
-    ours = _all_tensors(fused)
+    ours = folder_tensors(fused)
     if name in ORACLE_CANNOT_LOAD:
         # independent reference: torch.stack / torch.cat of the hub's per-expert tensors, the rest copied
-        raw = _all_tensors(src)
+        raw = folder_tensors(src)
         expected = _fused_reference(name, raw)
         expected.update({k: v for k, v in raw.items() if ".experts." not in k})
         assert set(ours) == set(expected)
@@ -159,11 +154,11 @@ def _hf_save_of(name: str, fused: Path, out: Path) -> dict[str, torch.Tensor]:
     config = transformers.AutoConfig.from_pretrained(fused)
     dtype = _dtype(fused)
     model = cls._from_config(config, dtype=dtype)
-    missing, unexpected = model.load_state_dict(_all_tensors(fused), strict=False)
+    missing, unexpected = model.load_state_dict(folder_tensors(fused), strict=False)
     assert not unexpected, unexpected
     assert all(k.endswith("lm_head.weight") for k in missing), missing  # tied embeddings only
     model.save_pretrained(out)
-    return _all_tensors(out)
+    return folder_tensors(out)
 
 
 def test_split_equals_transformers_save_pretrained(converted, tmp_path):
@@ -172,12 +167,12 @@ def test_split_equals_transformers_save_pretrained(converted, tmp_path):
         with pytest.raises(Exception, match="size mismatch"):
             _hf_save_of(name, fused, tmp_path / "hf")
         pytest.xfail("transformers 5.24 longcat_flash cannot hold the real experts' gate_up_proj (E + zero experts)")
-    ours = _all_tensors(back)
+    ours = folder_tensors(back)
     if get_mapping(name).disk_layout is Layout.FUSED and get_mapping(name).groups:
         # qwen3_5_moe / granite: transformers saves a model built from a config per-expert ("save layout follows how
         # the model was created"); the hub layout is fused. Compare the per-expert split with it instead.
         split(fused, tmp_path / "pe", layout="per_expert")
-        per_expert = _all_tensors(tmp_path / "pe")
+        per_expert = folder_tensors(tmp_path / "pe")
         theirs = _hf_save_of(name, fused, tmp_path / "hf")
         if name.startswith("granite"):
             # transformers' granite save reverts only the renames: the fused tensors under the hub names
@@ -192,7 +187,7 @@ def test_split_equals_transformers_save_pretrained(converted, tmp_path):
     theirs = _hf_save_of(name, fused, tmp_path / "hf")
     if name in ORACLE_SAVES_WRONG_LAYOUT:
         # ours: the hub's transposed layout, checked independently (transpose of the merged tensors)
-        merged = _all_tensors(fused)
+        merged = folder_tensors(fused)
         for k, v in ours.items():
             if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
                 assert torch.equal(v, merged[k].transpose(1, 2)), k
@@ -224,7 +219,7 @@ def test_transposed_layout(converted, tmp_path):
             merge(src, tmp_path / "t", layout="transposed")
         return
     merge(src, tmp_path / "t", layout="transposed")
-    t, f = _all_tensors(tmp_path / "t"), _all_tensors(fused)
+    t, f = folder_tensors(tmp_path / "t"), folder_tensors(fused)
     assert set(t) == set(f)
     stacked = {g.fused for g in mapping.groups if g.stacked}
     n_transposed = 0
@@ -240,7 +235,7 @@ def test_transposed_layout(converted, tmp_path):
     assert verify(tmp_path / "t").ok
     # split accepts any layout back: transposed -> fused equals the plain merge's tensors
     split(tmp_path / "t", tmp_path / "f2", layout="hf")
-    f2 = _all_tensors(tmp_path / "f2")
+    f2 = folder_tensors(tmp_path / "f2")
     disk = {mapping.to_model_key(k): v for k, v in f2.items()}
     assert set(disk) == set(f) and all(torch.equal(disk[k], f[k]) for k in f)
 
@@ -255,8 +250,8 @@ def test_towers_pass_through_untouched(converted):
     """Vision / audio towers and everything else no group claims: copied byte for byte (renamed only)."""
     name, src, fused, _ = converted
     res = merge(src, fused.parent / "dry", dry_run=True)
-    raw = _all_tensors(src)
-    ours = _all_tensors(fused)
+    raw = folder_tensors(src)
+    ours = folder_tensors(fused)
     passthrough = [t for t in res.plan.outputs if t.group is None and len(t.sources) == 1]
     towers = [t for t in passthrough if re.search(r"visual|vision|audio|code2wav", t.name)]
     for t in passthrough:
@@ -304,7 +299,7 @@ def test_qwen3_vl_moe_square_dims(tmp_path, hidden, inter):
     whole checkpoint (where transformers, checking each tensor alone, leaves the square one untransposed). Exact."""
     src, truth = _square_qwen3_vl_moe(tmp_path, hidden, inter)
     merge(src, tmp_path / "fused")
-    ours = _all_tensors(tmp_path / "fused")
+    ours = folder_tensors(tmp_path / "fused")
     assert set(ours) == set(truth)
     for k, v in ours.items():
         assert torch.equal(v, truth[k]), k

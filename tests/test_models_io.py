@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
 
 from automodel_convert.models import AutoModelForCausalLM, MoECausalLM
 from automodel_convert.models.common import hf_experts
 from automodel_convert.models.registry import VERIFIED
 from automodel_convert.models.testing import max_abs
+
+from conftest import folder_tensors
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -26,11 +27,6 @@ def fixture(name: str) -> Path:
     return path
 
 
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -52,18 +48,18 @@ def test_save_original_layout_is_bit_exact_and_fused_round_trips(model_type: str
     src = fixture(model_type)
     model = AutoModelForCausalLM.from_pretrained(src)
     model.save_pretrained(tmp_path / "original")
-    want, got = tensors(src), tensors(tmp_path / "original")
+    want, got = folder_tensors(src), folder_tensors(tmp_path / "original")
     assert set(got) == set(want)
     assert [k for k in want if not same_bits(want[k], got[k])] == []
 
     model.save_pretrained(tmp_path / "fused", layout="fused")
-    fused_keys = set(tensors(tmp_path / "fused"))
+    fused_keys = set(folder_tensors(tmp_path / "fused"))
     assert any(k.endswith("experts.gate_up_proj") for k in fused_keys)
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "fused")
     a, b = model.state_dict(), again.state_dict()
     assert set(a) == set(b) and all(same_bits(a[k], b[k]) for k in a)
     again.save_pretrained(tmp_path / "original2")
-    back = tensors(tmp_path / "original2")
+    back = folder_tensors(tmp_path / "original2")
     assert set(back) == set(want) and all(same_bits(want[k], back[k]) for k in want)
 
 
@@ -76,4 +72,4 @@ def test_other_type_loads_as_transformers_with_our_experts(tmp_path: Path) -> No
     ids = torch.randint(3, 60, (1, 9), generator=torch.Generator().manual_seed(1))
     assert max_abs(model.eval()(input_ids=ids).logits, ref.eval()(input_ids=ids, use_cache=False).logits) < 1e-5
     AutoModelForCausalLM.save_pretrained(model, tmp_path / "out")
-    assert set(tensors(tmp_path / "out")) == set(tensors(src))
+    assert set(folder_tensors(tmp_path / "out")) == set(folder_tensors(src))

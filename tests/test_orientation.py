@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from automodel_convert.convert import ConvertError, merge, split
 from automodel_convert.convert.mapping import Layout
 from automodel_convert.convert.registry import get_mapping
 
-from conftest import fixture_path, folder_bytes
+from conftest import fixture_path, folder_bytes, folder_tensors
 
 
 def _transformers_saved_qwen3_vl_moe(folder: Path, hidden: int, inter: int) -> dict[str, torch.Tensor]:
@@ -34,17 +33,12 @@ def _transformers_saved_qwen3_vl_moe(folder: Path, hidden: int, inter: int) -> d
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for p in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(p))
-    return out
 
 
 def test_transformers_saved_qwen3_vl_moe_is_not_transposed(tmp_path: Path) -> None:
     truth = _transformers_saved_qwen3_vl_moe(tmp_path / "src", 96, 24)
     merge(tmp_path / "src", tmp_path / "fused")
-    ours = _tensors(tmp_path / "fused")
+    ours = folder_tensors(tmp_path / "fused")
     key = "model.language_model.layers.0.mlp.experts.gate_up_proj"
     assert ours[key].shape == (6, 48, 96)
     for k, v in ours.items():

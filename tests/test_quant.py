@@ -21,22 +21,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from automodel_convert.convert import merge, split, verify
 
-from conftest import fixture_path, folder_bytes
+from conftest import fixture_path, folder_bytes, folder_tensors
 
 FP8 = "deepseek_v3_fp8"
 MXFP4 = "gpt_oss_mxfp4"
 FP4 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
 
 
-def _all_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for p in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(p))
-    return out
 
 
 def _config(folder: Path) -> dict:
@@ -82,7 +76,7 @@ def test_fp8_merge_split_bit_exact_and_config_kept(fp8):
 def test_fp8_fused_weights_and_scale_grids(fp8):
     """I = 24 with 16x16 blocks: each expert's gate and up grids ([2, 4] each) are kept whole in the fused grid."""
     src, tmp, block = fp8
-    raw, fused = _all_tensors(src), _all_tensors(tmp / "fused")
+    raw, fused = folder_tensors(src), folder_tensors(tmp / "fused")
     cfg = _config(src)
     E, I, H = cfg["n_routed_experts"], cfg["moe_intermediate_size"], cfg["hidden_size"]
     assert I % block[0] != 0
@@ -108,7 +102,7 @@ def test_fp8_fused_weights_and_scale_grids(fp8):
 
 def test_fp8_dequantize_bf16_matches_float64_reference(fp8):
     src, tmp, block = fp8
-    raw, ours = _all_tensors(src), _all_tensors(tmp / "bf16")
+    raw, ours = folder_tensors(src), folder_tensors(tmp / "bf16")
     assert "quantization_config" not in _config(tmp / "bf16")
     assert not any(k.endswith("scale_inv") for k in ours)
     assert all(v.dtype == torch.bfloat16 for v in ours.values())
@@ -140,23 +134,23 @@ def test_fp8_dequantize_bf16_matches_float64_reference(fp8):
 def test_fp8_dequantize_from_fused_and_transposed(fp8, tmp_path):
     """Dequantizing an already-fused FP8 checkpoint, or into the transposed layout, gives the same weights."""
     _, tmp, _ = fp8
-    ref = _all_tensors(tmp / "bf16")
+    ref = folder_tensors(tmp / "bf16")
     merge(tmp / "fused", tmp_path / "again", dequantize="bf16")
-    assert _all_tensors(tmp_path / "again").keys() == ref.keys()
-    assert all(torch.equal(v, ref[k]) for k, v in _all_tensors(tmp_path / "again").items())
+    assert folder_tensors(tmp_path / "again").keys() == ref.keys()
+    assert all(torch.equal(v, ref[k]) for k, v in folder_tensors(tmp_path / "again").items())
     merge(fixture_path(FP8), tmp_path / "t", dequantize="bf16", layout="transposed")
-    t = _all_tensors(tmp_path / "t")
+    t = folder_tensors(tmp_path / "t")
     for k, v in ref.items():
         assert torch.equal(t[k], v.transpose(1, 2) if k.endswith(("experts.gate_up_proj", "experts.down_proj")) else v), k
     # a transposed FP8 checkpoint (weights and scale grids transposed per expert) dequantizes to the same weights
     merge(fixture_path(FP8), tmp_path / "t8", layout="transposed")
-    assert _all_tensors(tmp_path / "t8")["model.layers.1.mlp.experts.gate_up_proj_scale_inv"].shape[1:] == (4, 4)
+    assert folder_tensors(tmp_path / "t8")["model.layers.1.mlp.experts.gate_up_proj_scale_inv"].shape[1:] == (4, 4)
     merge(tmp_path / "t8", tmp_path / "from_t8", dequantize="bf16")
-    got = _all_tensors(tmp_path / "from_t8")
+    got = folder_tensors(tmp_path / "from_t8")
     assert got.keys() == ref.keys() and all(torch.equal(got[k], v) for k, v in ref.items())
     # and split takes the dequantized checkpoint to the per-expert hub naming (bf16 now)
     split(tmp / "bf16", tmp_path / "pe")
-    pe = _all_tensors(tmp_path / "pe")
+    pe = folder_tensors(tmp_path / "pe")
     I = _config(fixture_path(FP8))["moe_intermediate_size"]
     assert torch.equal(pe["model.layers.1.mlp.experts.3.up_proj.weight"], ref["model.layers.1.mlp.experts.gate_up_proj"][3, I:])
 
@@ -187,7 +181,7 @@ def test_fp8_dequantized_loads_in_transformers(fp8):
     _, tmp, _ = fp8
     model, info = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp / "bf16", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    ours = _all_tensors(tmp / "bf16")
+    ours = folder_tensors(tmp / "bf16")
     sd = model.state_dict()
     assert all(torch.equal(sd[k], v) for k, v in ours.items())
     assert model.config.quantization_config is None if hasattr(model.config, "quantization_config") else True
@@ -198,7 +192,7 @@ def test_fp8_partial_blocks_transformers_dequantizer_diverges(fp8):
     from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 
     src, _, block = fp8
-    raw = _all_tensors(src)
+    raw = folder_tensors(src)
     q, s = raw["model.layers.1.mlp.experts.0.gate_proj.weight"], raw["model.layers.1.mlp.experts.0.gate_proj.weight_scale_inv"]
     truth = ref_fp8(q, s, block).to(torch.float32)
     try:
@@ -219,11 +213,11 @@ def test_fp8_transformers_dequantize_then_save(fp8, tmp_path):
     src, tmp, block = fp8
     model = transformers.DeepseekV3ForCausalLM.from_pretrained(src)
     model.save_pretrained(tmp_path / "hf")
-    theirs = _all_tensors(tmp_path / "hf")
+    theirs = folder_tensors(tmp_path / "hf")
     split(tmp / "bf16", tmp_path / "ours")
-    ours = _all_tensors(tmp_path / "ours")
+    ours = folder_tensors(tmp_path / "ours")
     assert set(theirs) == set(ours)
-    raw = _all_tensors(src)
+    raw = folder_tensors(src)
     wrong = []
     for k, v in ours.items():
         aligned = raw[k].dtype != torch.float8_e4m3fn or all(n % b == 0 for n, b in zip(raw[k].shape, block))
@@ -268,7 +262,7 @@ def mxfp4(tmp_path_factory):
 def test_mxfp4_kept_bit_for_bit(mxfp4):
     src, tmp = mxfp4
     assert folder_bytes(tmp / "split") == folder_bytes(src)
-    raw, fused = _all_tensors(src), _all_tensors(tmp / "fused")
+    raw, fused = folder_tensors(src), folder_tensors(tmp / "fused")
     assert raw.keys() == fused.keys() and all(torch.equal(raw[k], fused[k]) for k in raw)
     assert _config(tmp / "fused")["quantization_config"]["quant_method"] == "mxfp4"
     assert verify(tmp / "fused").ok
@@ -276,7 +270,7 @@ def test_mxfp4_kept_bit_for_bit(mxfp4):
 
 def test_mxfp4_dequantize_bf16_matches_reference_decode(mxfp4):
     src, tmp = mxfp4
-    raw, ours = _all_tensors(src), _all_tensors(tmp / "bf16")
+    raw, ours = folder_tensors(src), folder_tensors(tmp / "bf16")
     assert "quantization_config" not in _config(tmp / "bf16")
     assert not any(k.endswith(("_blocks", "_scales")) for k in ours)
     cfg = _config(src)
@@ -299,7 +293,7 @@ def test_mxfp4_dequantized_equals_transformers_decode_and_loads(mxfp4):
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     src, tmp = mxfp4
-    raw, ours = _all_tensors(src), _all_tensors(tmp / "bf16")
+    raw, ours = folder_tensors(src), folder_tensors(tmp / "bf16")
     for k in [k for k in raw if k.endswith("_blocks")]:
         theirs = convert_moe_packed_tensors(raw[k], raw[k[: -len("_blocks")] + "_scales"], dtype=torch.bfloat16)
         assert torch.equal(ours[k[: -len("_blocks")]], theirs), k
@@ -319,7 +313,7 @@ def test_mxfp4_transformers_dequantize_then_save(mxfp4, tmp_path):
     src, tmp = mxfp4
     model = transformers.GptOssForCausalLM.from_pretrained(src, quantization_config=transformers.Mxfp4Config(dequantize=True))
     model.save_pretrained(tmp_path / "hf")
-    theirs, ours = _all_tensors(tmp_path / "hf"), _all_tensors(tmp / "bf16")
+    theirs, ours = folder_tensors(tmp_path / "hf"), folder_tensors(tmp / "bf16")
     assert set(theirs) == set(ours)
     for k, v in ours.items():
         assert torch.equal(theirs[k], v), k

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tiny_transformers import tiny_config, tiny_model
 
 from automodel_convert.convert import merge, split, verify
@@ -33,7 +33,7 @@ from automodel_convert.convert.transformers_mapping import (
     try_generic_mapping,
 )
 
-from conftest import fixture_path, folder_bytes
+from conftest import fixture_path, folder_bytes, folder_tensors
 
 
 @functools.cache
@@ -83,11 +83,6 @@ def _refused_types() -> list[str]:
     return [row["model_type"] for row in unsupported_rows()]  # the same list as docs/MODELS.md
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for p in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(p))
-    return out
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -120,7 +115,7 @@ def test_round_trip_against_transformers(model_type: str, class_name: str, tmp_p
     merge(src, fused)
 
     expected = model.state_dict()
-    ours = _tensors(fused)
+    ours = folder_tensors(fused)
     tied = set(expected) - set(ours)
     assert set(ours) <= set(expected), sorted(set(ours) - set(expected))[:5]
     for k in tied:  # tied weights are not stored: each equals a stored tensor

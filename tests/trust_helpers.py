@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 E, H, I, LAYERS = 4, 16, 8, 2
 
@@ -51,11 +51,6 @@ def make_qwen3_moe(folder: Path, *, experts: int = E, hidden: int = H, inter: in
     return folder
 
 
-def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for p in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(p))
-    return out
 
 
 def run_cli_subprocess(args: list[str], prelude: str = "") -> subprocess.CompletedProcess:
