@@ -250,10 +250,9 @@ class _SplitState(MutableMapping):
 
 
 class SplitOverlappedAdamW:
-    """AdamW for expert parallelism with the update inside backward where it can be: `overlapped` (an
-    `OverlappedAdamW`) steps the plain-tensor parameters, i.e. the experts when ep equals the world size (nothing
-    reduces their gradients, so each is complete the moment autograd accumulates it), during backward on its side
-    stream; `dense` (one fused/foreach AdamW) steps the FSDP2 (DTensor) parameters in `step()`, after FSDP has
+    """AdamW with the update inside backward where it can be: `overlapped` (an `OverlappedAdamW`) steps the
+    plain-tensor parameters (all of them on one rank; the experts when ep equals the world size: nothing reduces
+    their gradients, so each is complete the moment autograd accumulates it), during backward on its side stream; `dense` (one fused/foreach AdamW) steps the FSDP2 (DTensor) parameters in `step()`, after FSDP has
     reduce-scattered their gradients, on the current stream, so the next forward's all-gathers read updated shards.
     Both run AdamW's per-element arithmetic, so the result equals one AdamW over all parameters bit for bit
     (tests/test_ep_overlap_optimizer.py). Same interface as `OverlappedAdamW` (`param_groups`, `state`, `defaults`,

@@ -200,19 +200,15 @@ class Trainer:
 
         cfg, fused = self.cfg, self.device.type == "cuda"
         params = list(self.model.parameters())
-        if cfg.overlap_optimizer and self.world > 1:  # experts inside backward, FSDP parameters after it (optim.py)
+        # FSDP parameters (DTensors) and plain ones (everything on one rank; the experts at ep = world) apart:
+        # foreach/fused kernels cannot mix them, and only plain ones have their gradient complete inside backward
+        dense, plain = [p for p in params if isinstance(p, DTensor)], [p for p in params if not isinstance(p, DTensor)]
+        if cfg.overlap_optimizer:  # plain ones stepped inside backward, FSDP ones after it (optim.py)
             from .optim import SplitOverlappedAdamW
 
-            plain, dense = [p for p in params if not isinstance(p, DTensor)], [p for p in params if isinstance(p, DTensor)]
             self.optimizer = SplitOverlappedAdamW(plain, dense, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=fused)
             return
-        if cfg.overlap_optimizer:  # the same AdamW, stepped per parameter inside backward (optim.py)
-            from .optim import OverlappedAdamW
-
-            self.optimizer = OverlappedAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=fused)
-            return
-        # foreach/fused kernels cannot mix DTensors (FSDP) with plain tensors (unreduced experts): one group each
-        groups = [g for g in ([p for p in params if isinstance(p, DTensor)], [p for p in params if not isinstance(p, DTensor)]) if g]
+        groups = [g for g in (dense, plain) if g]
         self.optimizer = torch.optim.AdamW([{"params": g} for g in groups], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=fused, foreach=not fused)
 
     # ------------------------------------------------------------ one step
