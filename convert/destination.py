@@ -310,16 +310,29 @@ def _replace(staging: Path, dst: Path) -> Path | None:
 
 
 @contextmanager
-def signals_deferred() -> Iterator[None]:
+def signals_deferred(on_signal: Callable[[], None] | None = None) -> Iterator[None]:
     """SIGINT/SIGTERM arriving during the block (delivered to any thread, or already pending in Python when it
-    starts) are recorded instead of raising, and delivered again when the block ends. Main thread only (elsewhere a
-    no-op): Python runs signal handlers there."""
+    starts) are recorded instead of raising (`on_signal` is called for each, e.g. to tell worker threads to stop),
+    and delivered again when the block ends. Main thread only (elsewhere a no-op): Python runs signal handlers
+    there. Ignored signals stay ignored. A signal arriving while the handlers are being swapped in is delivered as
+    if before the block: the handlers swapped so far are put back first."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
-    old = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in _TERMINATING}
+
+    def record(signum, frame):  # noqa: ARG001
+        caught.append(signum)
+        if on_signal is not None:
+            on_signal()
+
+    old: dict[int, object] = {}
     try:
+        for sig in _TERMINATING:
+            if signal.getsignal(sig) is signal.SIG_IGN:
+                continue  # ignored (nohup, a background job): it stays ignored
+            old[sig] = signal.getsignal(sig)
+            signal.signal(sig, record)
         yield
     finally:
         for sig, handler in old.items():

@@ -35,6 +35,7 @@ import mmap
 import os
 import queue
 import stat
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -266,6 +267,10 @@ class WriteResult:
     checksums: dict | None = None
 
 
+class WorkersStopped(Exception):
+    """Raised in a worker that was told to stop (a signal or another task's error) before its next piece."""
+
+
 Task = tuple[Shard, int, list]  # (output shard, first byte, [(out tensor, piece, tensor base offset)])
 
 
@@ -292,12 +297,15 @@ def _run_task(
     digests: Digests,
     progress: Callable[[int], None] | None,
     buffers: queue.SimpleQueue,
+    stop: threading.Event,
 ) -> None:
     shard, start, batch = task
     buf = buffers.get()
     try:
         out = RangeWriter(shard, start, buf)
         for t, p, base in batch:
+            if stop.is_set():
+                raise WorkersStopped
             if base + p.dst != out.offset:
                 raise AssertionError(f"internal error: the pieces of {shard.name!r} are not contiguous at {out.offset}")
             hasher, src_key, out_name = digests.hasher_for(t, p) if digests.active else (None, None, None)
@@ -358,13 +366,21 @@ def _run_pool(
     buffers: queue.SimpleQueue = queue.SimpleQueue()
     for m in maps:
         buffers.put(memoryview(m))
-    pool = ThreadPoolExecutor(max_workers=n)
+    stop = threading.Event()
     try:
-        for _ in pool.map(lambda task: _run_task(task, source, digests, progress, buffers), tasks):
-            pass
+        # Ctrl-C / SIGTERM while the workers run only sets `stop` (each quits at its next piece); the signal is
+        # delivered again once every worker has stopped, so clean-up never races a worker still writing
+        with signals_deferred(on_signal=stop.set):
+            pool = ThreadPoolExecutor(max_workers=n)
+            try:
+                for _ in pool.map(lambda task: _run_task(task, source, digests, progress, buffers, stop), tasks):
+                    pass
+            finally:
+                stop.set()  # an error in one task stops the others too
+                pool.shutdown(wait=True, cancel_futures=True)
+    except WorkersStopped:  # a signal stopped them and its own handler did not raise
+        raise KeyboardInterrupt("interrupted") from None
     finally:
-        with signals_deferred():  # the workers stop before any clean-up starts, whatever signals keep arriving
-            pool.shutdown(wait=True, cancel_futures=True)
         while not buffers.empty():
             buffers.get().release()
         for m in maps:

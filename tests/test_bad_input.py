@@ -269,6 +269,89 @@ def test_sigterm_leaves_nothing(ckpt, tmp_path):
     assert leftovers(tmp_path, "out") == []
 
 
+_SIGNAL_STORM = """
+import os, signal, sys, threading, time
+import automodel_convert.convert.engine as e
+real = e.copy_range
+calls = []
+def storm(*a, **k):
+    calls.append(time.monotonic())
+    os.kill(os.getpid(), signal.SIGTERM)  # every piece, from every worker: signals keep arriving during clean-up
+    time.sleep(0.001)
+    return real(*a, **k)
+e.copy_range = storm
+from automodel_convert.cli import main
+rc = main(sys.argv[1:])
+n = len(calls)
+time.sleep(0.2)
+print(f"threads={threading.active_count()} late_calls={len(calls) - n}")
+sys.exit(rc)
+"""
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_sigterm_storm_stops_every_worker_before_clean_up(ckpt, tmp_path, attempt):
+    """SIGTERM from the workers at every piece (so some arrive while the first one is being handled): exit 130,
+    nothing left, and no worker still copying once the command has returned (the race that once killed the process
+    with the default SIGTERM action after clean-up)."""
+    args = ["merge", str(ckpt), str(tmp_path / "out"), "--workers", "2", "--max-shard-size", "20KB"]
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_STORM, *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr
+    assert "interrupted: nothing was written" in proc.stderr
+    assert proc.stdout.strip() == "threads=1 late_calls=0"
+    assert leftovers(tmp_path, "out") == []
+
+
+def test_signals_deferred_keeps_ignored_signals_ignored():
+    """An ignored SIGINT (a background job, nohup) must not start interrupting a conversion."""
+    import signal
+
+    from automodel_convert.convert.destination import signals_deferred
+
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        seen = []
+        with signals_deferred(on_signal=lambda: seen.append(1)):
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGINT)
+        assert seen == [] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def test_signal_stops_the_workers_at_their_next_piece(ckpt, tmp_path, monkeypatch):
+    """In-process: Ctrl-C during a copy stops every worker at its next piece (no more copies after the first
+    one), then raises KeyboardInterrupt with nothing left behind."""
+    import os
+    import signal
+    import threading
+
+    import automodel_convert.convert.engine as engine
+    from automodel_convert.convert import merge
+
+    calls = []
+    handled = threading.Event()
+    real_copy, real_deferred = engine.copy_range, engine.signals_deferred
+
+    def interrupt_once(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: to the process; Python handles it in the main thread
+            assert handled.wait(30), "the main thread did not handle SIGINT"
+        return real_copy(*a, **k)
+
+    def deferred_and_seen(on_signal):
+        return real_deferred(on_signal=lambda: (on_signal(), handled.set()))
+
+    monkeypatch.setattr(engine, "copy_range", interrupt_once)
+    monkeypatch.setattr(engine, "signals_deferred", deferred_and_seen)
+    with pytest.raises(KeyboardInterrupt):
+        merge(ckpt, tmp_path / "out", workers=1, max_shard_size=20_000)
+    assert len(calls) == 1
+    assert threading.active_count() == 1
+    assert leftovers(tmp_path, "out") == []
+
+
 def test_bad_max_shard_size(run_cli, ckpt, tmp_path):
     _assert_bad(run_cli, ["merge", ckpt, tmp_path / "out", "--max-shard-size", "lots"], tmp_path / "out", "--max-shard-size")
 
