@@ -5,6 +5,8 @@
   weights agree within bf16 tolerance; and both agree with a float32 one-process reference.
 - A 20-step EP=2 training run (trainer, random init, synthetic random tokens, so the loss moves around ln(vocab) rather
   than falling) gives the same loss curve, step for step, with both dispatchers.
+- Save and resume with each dispatcher: a run saved at step 2 and resumed continues with the losses and ends with the
+  parameters of the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -152,3 +154,38 @@ def test_overlap_optimizer_at_ep2_trains_bit_identically_on_two_gpus(tmp_path):
     for rank in range(2):
         assert std[rank]["losses"] == ovl[rank]["losses"], (rank, std[rank]["losses"], ovl[rank]["losses"])
         assert std[rank]["params"] == ovl[rank]["params"], [n for n in std[rank]["params"] if std[rank]["params"][n] != ovl[rank]["params"][n]]
+
+
+def _resume_worker(rank: int, world: int, folder: str, out: str, dispatcher: str) -> dict:
+    from automodel_convert.train import TrainArgs, Trainer
+
+    common = dict(model=folder, seed=0, ep=2, seq=512, steps=4, lr=3e-4, warmup=1, dispatcher=dispatcher, quiet=True, device="cuda")
+    a = Trainer(TrainArgs(**common, save=f"{out}/a", save_every=2))
+    losses_a = [m["loss"] for m in a.run()]
+    b = Trainer(TrainArgs(**common, resume=f"{out}/a/step-2"))
+    losses_b = [m["loss"] for m in b.run()]
+    params = {}
+    for name, t in (("a", a), ("b", b)):
+        params[name] = {n: (p.to_local() if hasattr(p, "to_local") else p).detach().float().cpu() for n, p in t.model.named_parameters()}
+    return {"a": losses_a, "b": losses_b, "params": params}
+
+
+@pytest.mark.parametrize("dispatcher", ["alltoall", pytest.param("deepep", marks=pytest.mark.skipif(
+    not __import__("importlib").util.find_spec("deep_ep"), reason="needs deep_ep (docs/DEEPEP.md)"))])
+def test_save_and_resume_continue_the_run_with_each_dispatcher(tmp_path, dispatcher):
+    """NCCL, bf16: 4 EP=2 steps saved at step 2; the run resumed from step-2 gives steps 3-4's losses and the final
+    parameters of the uninterrupted run (within bf16 rounding: GPU kernels need not reduce in the same order)."""
+    import transformers
+
+    cfg = transformers.Qwen3MoeConfig(vocab_size=2048, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=4,
+                                      norm_topk_prob=True, tie_word_embeddings=False, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    transformers.Qwen3MoeForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "model")  # --save needs weights
+    res = run_ranks(_resume_worker, 2, str(tmp_path / "model"), str(tmp_path / "runs"), dispatcher, timeout_s=400)
+    for rank, r in enumerate(res):
+        assert len(r["a"]) == 4 and len(r["b"]) == 2, r
+        for got, want in zip(r["b"], r["a"][2:]):
+            assert abs(got - want) <= 1e-3 * abs(want), (rank, r["a"], r["b"])
+        for n, want in r["params"]["a"].items():
+            _close(r["params"]["b"][n], want, f"rank {rank} {n} resumed vs uninterrupted", rel=1e-2)
