@@ -114,6 +114,9 @@ class BackendConfig:
     rope: str = "auto"
     compile: bool = False
     loss_chunk_tokens: int = 0  # tokens per cross-entropy chunk; 0 = from the vocabulary size (about 1-2 GB a chunk)
+    # the experts rebuild their gathered rows and activation in backward instead of saving them (bit-identical
+    # gradients, ~1/2 of the experts' saved activations; models/common/recompute.py)
+    expert_recompute: bool = False
 
     def __post_init__(self) -> None:
         for field, allowed in (
@@ -175,8 +178,9 @@ def as_backend(backend: BackendConfig | dict | str | None) -> BackendConfig:
         return BackendConfig(**backend)
     if isinstance(backend, str):
         fields = dict(part.split("=", 1) for part in backend.split(",") if part)
-        if "compile" in fields:
-            fields["compile"] = fields["compile"].lower() in ("1", "true", "yes")  # type: ignore[assignment]
+        for flag in ("compile", "expert_recompute"):
+            if flag in fields:
+                fields[flag] = fields[flag].lower() in ("1", "true", "yes")  # type: ignore[assignment]
         if "loss_chunk_tokens" in fields:
             fields["loss_chunk_tokens"] = int(fields["loss_chunk_tokens"])  # type: ignore[assignment]
         return BackendConfig(**fields)  # type: ignore[arg-type]

@@ -105,6 +105,8 @@ class RoutedRows:
     expert_ids: torch.Tensor
     weights: torch.Tensor | None
     state: Any
+    source: torch.Tensor | None = None  # x == source.index_select(0, source_rows): what backward can re-gather x from
+    source_rows: torch.Tensor | None = None
 
 
 class TokenDispatcher:
@@ -132,7 +134,7 @@ class LocalDispatcher(TokenDispatcher):
         plan = dispatch_plan(indices, self.num_experts)
         xs = gather_rows(x, plan, self.kernels)
         row_weight = weights.reshape(-1).index_select(0, plan.perm).to(x.dtype)
-        return RoutedRows(xs, plan.offsets, plan.sorted_ids, row_weight, plan)
+        return RoutedRows(xs, plan.offsets, plan.sorted_ids, row_weight, plan, source=x, source_rows=plan.token_idx)
 
     def combine(self, y: torch.Tensor, routed: RoutedRows) -> torch.Tensor:
         plan: DispatchPlan = routed.state
@@ -206,7 +208,7 @@ def expand_received(
     pairs = SlotRows.build(perm // k, perm % k, recv_x.shape[0], k, triton_ok(recv_x, "auto"))
     xs = gather_slots(recv_x, pairs)
     row_weight = recv_weights.reshape(-1).index_select(0, perm).to(recv_x.dtype)
-    return RoutedRows(xs, offsets, sorted_ids, row_weight, pairs)
+    return RoutedRows(xs, offsets, sorted_ids, row_weight, pairs, source=recv_x, source_rows=pairs.token)
 
 
 def gather_slots(x: torch.Tensor, rows: SlotRows) -> torch.Tensor:

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..backend import triton_ok
 from .dispatch import DispatchPlan, LocalDispatcher, TokenDispatcher, combine_rows, dispatch_plan, gather_rows  # noqa: F401 - re-exported
+from .recompute import RecomputeInBackward, regather
 
 # ---------------------------------------------------------------- grouped GEMM back-ends
 
@@ -123,6 +124,7 @@ class GroupedExperts(nn.Module):
         swiglu_limit: float = 7.0,
         impl: str = "grouped_mm",
         swiglu_impl: str = "torch",
+        recompute: bool = False,
     ) -> None:
         super().__init__()
         from transformers.activations import ACT2FN
@@ -144,6 +146,7 @@ class GroupedExperts(nn.Module):
         self.act_fn = F.silu if act == "silu" else ACT2FN[act]
         self.alpha, self.limit = swiglu_alpha, swiglu_limit
         self.impl, self.swiglu_impl = impl, swiglu_impl
+        self.recompute = recompute  # rebuild the gathered rows and the activation in backward (models/common/recompute.py)
         self.dispatcher: TokenDispatcher = LocalDispatcher(num_experts, swiglu_impl)
         self.grad_scale = 1.0  # multiplies the weights' gradients (expert parallelism: 1/ep, see parallel/)
 
@@ -156,11 +159,13 @@ class GroupedExperts(nn.Module):
         offsets: torch.Tensor,
         sorted_ids: torch.Tensor,
         row_weight: torch.Tensor | None = None,
+        hooks: RecomputeInBackward | None = None,
     ) -> torch.Tensor:
         """Experts on rows already sorted by expert: `[S, H] -> [S, H]`, scaled by `row_weight [S]` if given.
 
         A rank may hold no experts (torch.chunk's uneven `Shard(0)` rule) or receive no rows: the weights and the
-        rows still enter the autograd graph, so every rank reaches the same collectives in backward.
+        rows still enter the autograd graph, so every rank reaches the same collectives in backward. With `hooks`,
+        the activation fed to the down projection is rebuilt in backward instead of saved.
         """
         gate_up, down = self.gate_up_proj, self.down_proj
         if self.grad_scale != 1.0:
@@ -174,17 +179,37 @@ class GroupedExperts(nn.Module):
             w1, w2 = gate_up, down
         h = grouped_linear(x_sorted, w1, offsets, sorted_ids, self.impl)
         if self.layout == "concat":
-            a = swiglu(h, row_weight, self.act_fn, self.swiglu_impl)
+            a = self._activation(h, row_weight, hooks)
             return grouped_linear(a, w2, offsets, sorted_ids, self.impl)
         h = h + self.gate_up_proj_bias[sorted_ids].to(h.dtype)
-        a = gpt_oss_glu(h, row_weight, self.alpha, self.limit)
+        a = self._activation(h, row_weight, hooks)
         y = grouped_linear(a, w2, offsets, sorted_ids, self.impl)
         bias = self.down_proj_bias[sorted_ids].to(y.dtype)
         return y + (bias if row_weight is None else bias * row_weight[:, None])
 
+    def _activation(self, h: torch.Tensor, row_weight: torch.Tensor | None, hooks: RecomputeInBackward | None) -> torch.Tensor:
+        def act(h: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+            if self.layout == "concat":
+                return swiglu(h, w, self.act_fn, self.swiglu_impl)
+            return gpt_oss_glu(h, w, self.alpha, self.limit)
+
+        a = act(h, row_weight)
+        if hooks is not None:
+            w = None if row_weight is None else row_weight.detach()
+            h_kept = h.detach()  # the activation's own backward keeps h
+            hooks.rebuild(a, lambda: act(h_kept, w))
+        return a
+
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         routed = self.dispatcher.dispatch(x, indices, weights.to(x.dtype))
-        y = self.run_grouped(routed.x, routed.offsets, routed.expert_ids, routed.weights)
+        if not (self.recompute and torch.is_grad_enabled()):
+            y = self.run_grouped(routed.x, routed.offsets, routed.expert_ids, routed.weights)
+            return self.dispatcher.combine(y, routed)
+        hooks = RecomputeInBackward()
+        with hooks:
+            if routed.source is not None:
+                hooks.rebuild(routed.x, regather(routed.source, routed.source_rows))
+            y = self.run_grouped(routed.x, routed.offsets, routed.expert_ids, routed.weights, hooks)
         return self.dispatcher.combine(y, routed)
 
 

@@ -155,7 +155,7 @@ class MoECausalLM(nn.Module, ZooGenerationMixin):
         c = self.config
         return GroupedExperts(
             num_experts, c.hidden_size, intermediate, act=getattr(c, "hidden_act", "silu"), impl=self.backend.experts,
-            swiglu_impl=self.backend.swiglu, **kwargs,
+            swiglu_impl=self.backend.swiglu, recompute=self.backend.expert_recompute, **kwargs,
         )
 
     @property
