@@ -34,7 +34,7 @@ def _problem(rank: int):
     return w_gu, w_down, x, idx, w / w.sum(-1, keepdim=True)
 
 
-def _run(rank: int, world: int, dispatcher: str, dtype: torch.dtype, full: bool) -> dict:
+def _run(rank: int, world: int, dispatcher: str, dtype: torch.dtype, full: bool, recompute: bool = False) -> dict:
     """One rank's experts (or all of them, `full`) through `dispatcher`; outputs and gradients as float32 on CPU."""
     import torch.distributed as dist
 
@@ -44,7 +44,7 @@ def _run(rank: int, world: int, dispatcher: str, dtype: torch.dtype, full: bool)
     w_gu, w_down, x, idx, w = _problem(rank)
     dev = torch.device("cuda", rank)
     lo, hi = (0, E) if full else expert_bounds(E, world)[rank : rank + 2]
-    mod = GroupedExperts(E, H, I, impl="grouped_mm" if dtype == torch.bfloat16 else "loop").to(dev)
+    mod = GroupedExperts(E, H, I, impl="grouped_mm" if dtype == torch.bfloat16 else "loop", recompute=recompute).to(dev)
     mod.gate_up_proj = torch.nn.Parameter(w_gu[lo:hi].to(dev, dtype))
     mod.down_proj = torch.nn.Parameter(w_down[lo:hi].to(dev, dtype))
     if not full:
@@ -63,6 +63,25 @@ def _dispatch_worker(rank: int, world: int) -> dict:
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
     return {name: _run(rank, world, name, torch.bfloat16, False) for name in ("alltoall", "deepep")}
+
+
+def _recompute_worker(rank: int, world: int, dispatchers: tuple[str, ...]) -> dict:
+    import torch.distributed as dist
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
+    return {(name, r): _run(rank, world, name, torch.bfloat16, False, r) for name in dispatchers for r in (False, True)}
+
+
+def test_expert_recompute_is_bit_identical_with_each_dispatcher():
+    """The gathered rows are rebuilt from the rows each dispatcher received (all-to-all: a fresh buffer; DeepEP: its
+    returned tensor): outputs and gradients equal keeping them, bit for bit."""
+    has_deepep = __import__("importlib").util.find_spec("deep_ep") is not None
+    dispatchers = ("alltoall", "deepep") if has_deepep else ("alltoall",)
+    for rank, res in enumerate(run_ranks(_recompute_worker, 2, dispatchers, timeout_s=300)):
+        for name in dispatchers:
+            for key, v in res[(name, False)].items():
+                assert torch.equal(res[(name, True)][key], v), (rank, name, key)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, name: str, rel: float = 2e-2) -> None:
