@@ -20,6 +20,8 @@ Contract:
   `merge` records a checksum of every source tensor (hashed while it is copied), `split` checks its output against
   them before the rename (`checksums.Digests`). Source I/O errors are reported as source problems.
 - Output files take the source's permission bits (the first shard's; the folder's for the folder).
+- Signals: Ctrl-C or SIGTERM while the workers copy only tells them to stop (each stops before its next piece); the
+  signal is delivered again once all have stopped, so the clean-up never runs beside a worker still writing.
 
 The pieces live in: `files.py` (which shards, the index), `sources.py` (reading), `staging.py` (the atomic folder,
 extra files), `checksums.py` (hashing); their public names are re-exported here.
