@@ -251,3 +251,47 @@ def transformers_config(model_type: str, **kwargs):
     import transformers
 
     return transformers.AutoConfig.for_model(model_type, **kwargs)
+
+
+def _ernie_vl_checkpoint(src: Path, experts: int, text_config: dict) -> None:
+    """A one-layer ernie4_5_vl_moe checkpoint whose one expert list has `experts` entries (2x2 zeros each)."""
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "ernie4_5_vl_moe", "text_config": text_config}))
+    names = ("gate_proj", "up_proj", "down_proj")
+    tensors = {f"model.layers.1.mlp.experts.{e}.{p}.weight": torch.zeros(2, 2) for e in range(experts) for p in names}
+    save_file(tensors, src / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("experts", "text_config", "says"),
+    [
+        (5, {"moe_num_experts": 2}, "expert index(es) [4] beyond num_experts=2"),  # 2 text + 2 vision + one more
+        (3, {"moe_num_experts": 2}, "missing expert(s) [3]"),
+        (4, {}, "config.json gives no moe_num_experts"),  # E tells the text experts from the vision ones
+    ],
+)
+def test_ernie_vl_expert_list_that_does_not_fit_the_config_is_refused(
+    experts: int, text_config: dict, says: str, tmp_path: Path, run_cli
+) -> None:
+    """ernie4_5_vl_moe's one on-disk expert list is E text experts, then E vision experts (E: the config's
+    moe_num_experts): a list of another length, or no E, is refused in one line naming the on-disk index."""
+    _ernie_vl_checkpoint(tmp_path / "src", experts, text_config)
+    code, out, err = run_cli("merge", tmp_path / "src", tmp_path / "dst")
+    assert code == 2 and not out and len(err.strip().splitlines()) == 1, err
+    assert says in err, err
+    assert not (tmp_path / "dst").exists()
+
+
+def test_ernie_vl_dry_run_tells_text_from_vision_experts(tmp_path: Path) -> None:
+    """Key coverage (names only) routes each on-disk expert index to its stack: E text experts, then E vision; an
+    index past both is a problem named by its on-disk index."""
+    from automodel_convert.convert.inspection import inspect_dry_run
+
+    _ernie_vl_checkpoint(tmp_path / "src", 4, {"moe_num_experts": 2})
+    report = inspect_dry_run(tmp_path / "src")
+    assert report["complete"], report["problems"]
+    rows = {row["fused"].removeprefix("{prefix}"): (row["experts"], row["keys"]) for row in report["groups"]}
+    assert rows == {f"{s}_moe.experts.{f}": (2, 2 * n) for s in ("text", "vision") for f, n in (("gate_up_proj", 2), ("down_proj", 1))}
+    _ernie_vl_checkpoint(tmp_path / "more", 5, {"moe_num_experts": 2})
+    problems = inspect_dry_run(tmp_path / "more")["problems"]
+    assert len(problems) == 2 and all("vision_moe" in p and "experts [4] beyond num_experts=2" in p for p in problems), problems

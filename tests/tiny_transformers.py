@@ -65,7 +65,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         "audio_config": {"adapter_input_size": 64, "adapter_out_dim": 64},  # the audio hidden size; the text's
     },
     "ernie4_5_vl_moe": {  # the 3-D rotary sections sum to head_dim // 2; text and vision experts of different sizes
-        "text_config": {"rope_parameters": {"mrope_section": [3, 3, 2]}, "moe_intermediate_size": [24, 16]},
+        "text_config": {"rope_parameters": {"mrope_section": [3, 3, 2]}, "moe_intermediate_size": [24, 16], "moe_k": 2},
     },
     "glm4v_moe_text": {"rope_parameters": {"mrope_section": [2, 1, 1]}},  # sums to the rotary half
     "diffusion_gemma": {"text_config": {k: v for k, v in _GEMMA4_MOE.items() if k != "enable_moe_block"}},
