@@ -104,9 +104,9 @@ def _layout_text(m: MoEMapping, layout: Layout, naming: str) -> str:
     stacked = [g for g in m.groups if g.stacked]
     name = _disk if naming == "disk" else _model
     if layout is Layout.PER_EXPERT:
-        parts = [name(m, p) for g in stacked for p in g.parts]
+        parts = list(dict.fromkeys(name(m, p) for g in stacked for p in g.parts))
         # one pattern for all parts of all groups: gate|up|down side by side
-        text = "per-expert " + _join(parts)
+        text = "per-expert " + _join(parts) + _blocks_text(m, stacked)
     else:
         items = []
         for g in stacked:
@@ -119,6 +119,20 @@ def _layout_text(m: MoEMapping, layout: Layout, naming: str) -> str:
             parts_side = (naming == "disk") != g.unfused_in_model
             texts.append(_join([name(m, p) for p in g.parts]) if parts_side else f"{name(m, g.fused)} (fused)")
     return "; ".join(texts) + _prefix(m, naming)
+
+
+def _blocks_text(m: MoEMapping, stacked: list[ExpertGroup]) -> str:
+    """Which runs of one on-disk expert list each stack takes (`expert_block` groups), or nothing."""
+    owners: dict[int, str] = {}
+    for g in stacked:
+        if g.expert_block is not None:
+            owners.setdefault(g.expert_block, _model(m, g.fused).rsplit(".", 1)[0])
+
+    def times_e(n: int) -> str:
+        return {0: "0", 1: "E"}.get(n, f"{n}E")
+
+    runs = [f"[{times_e(k)},{times_e(k + 1)}) {owner}" for k, owner in sorted(owners.items())]
+    return f" (one list: {', '.join(runs)})" if runs else ""
 
 
 def _config_fields(m: MoEMapping) -> str:
@@ -150,13 +164,17 @@ def _status(name: str, m: MoEMapping) -> str:
 
 
 def _layouts(m: MoEMapping) -> tuple[str, str]:
-    """(on-disk experts, fused (model)) texts of a mapping."""
+    """(on-disk experts, fused (model)) texts of a mapping; tensors kept as stored are named on the model side."""
+    kept = "".join(
+        f"; {k.key.removeprefix('{prefix}')} kept as stored (the model holds its first {k.rows_field} rows)"
+        for k in m.kept_as_stored
+    )
     if not m.groups:
-        return "as the model (disk equals model)", str(m.extra.get("fused", "unchanged"))
+        return "as the model (disk equals model)", str(m.extra.get("fused", "unchanged")) + kept
     disk = _layout_text(m, m.disk_layout, "disk")
     if m.disk_layout is not Layout.PER_EXPERT:
         disk = f"{m.disk_layout}: {disk}"
-    return disk, _layout_text(m, Layout.FUSED, "model")
+    return disk, _layout_text(m, Layout.FUSED, "model") + kept
 
 
 def catalog_rows() -> list[dict]:

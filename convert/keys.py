@@ -30,17 +30,27 @@ class GroupMatch:
 
 def match_key(groups: tuple[ExpertGroup, ...], model_key: str) -> tuple[tuple[int, tuple], int | None, int] | None:
     """The one key matcher (planning, key coverage, dry runs): the group instance `(group index, captures)` a model
-    key belongs to, with its expert and part index, or expert None for a fused tensor; None if no group claims it."""
+    key belongs to, with its expert and part index, or expert None for a fused tensor; None if no group claims it.
+
+    The expert index is the group's own (the on-disk index less its `expert_offset`): a part key goes to the group
+    whose on-disk range holds its index; an index beyond every range goes to the matching group that starts last
+    (as its expert `count` or more, which its instance then refuses as beyond num_experts)."""
+    beyond: tuple[tuple[int, tuple], int, int] | None = None
     for gi, g in enumerate(groups):
         for pi, tpl in enumerate(g.part_templates):
             caps = tpl.match(model_key)
-            if caps is not None:
-                e = int(caps.pop("expert", 0))  # a non-stacked group has one "expert"
-                return (gi, tuple(sorted(caps.items()))), e, pi
+            if caps is None:
+                continue
+            e = int(caps.pop("expert", 0))  # a non-stacked group has one "expert"
+            hit = (gi, tuple(sorted(caps.items()))), e - g.expert_offset, pi
+            if g.holds_expert(e):
+                return hit
+            if g.bound and e >= g.expert_offset and (beyond is None or g.expert_offset > groups[beyond[0][0]].expert_offset):
+                beyond = hit
         caps = g.fused_template.match(model_key)
         if caps is not None:
             return (gi, tuple(sorted(caps.items()))), None, 0
-    return None
+    return beyond
 
 
 def match_groups(groups: tuple[ExpertGroup, ...], model_keys: dict[str, str]) -> GroupMatch:
@@ -94,6 +104,7 @@ def key_coverage(keys: list[str], mapping: MoEMapping, config: dict, *, model_ty
     """Classify every key: an expert-group part or fused tensor, an `expert_tensors` tensor, a (renamed)
     pass-through, or unmapped: a key under an `experts.` module that no group or template of the mapping claims."""
     model_type = model_type or mapping.model_type
+    mapping = mapping.for_config(config)  # expert blocks (one on-disk list of several stacks) need the config's E
     cov = KeyCoverage(model_type, None, len(keys))
     per_expert, fused = _classify_keys(keys, mapping, cov)
     _coverage_layout(cov, mapping, per_expert, fused, model_type)
@@ -157,9 +168,11 @@ def _coverage_groups(cov: KeyCoverage, mapping: MoEMapping, per_expert: dict, fu
     for inst, experts in per_expert.items():
         g = groups[inst[0]]
         name = g.fused_template.format(**dict(inst[1]))
-        n = 1 if not g.stacked else cfg_experts if cfg_experts is not None else max(experts) + 1
-        missing = list(itertools.islice((e for e in range(n) if len(experts.get(e, ())) != len(g.parts)), 5))
-        extra = [e for e in experts if e >= n]
+        n_cfg = g.expert_count if g.expert_count is not None else cfg_experts
+        n = 1 if not g.stacked else n_cfg if n_cfg is not None else max(experts) + 1
+        off = g.expert_offset  # problems name on-disk indices
+        missing = [e + off for e in itertools.islice((e for e in range(n) if len(experts.get(e, ())) != len(g.parts)), 5)]
+        extra = [e + off for e in experts if e >= n]
         if missing or extra:
             cov.problems.append(
                 f"{name!r}: "

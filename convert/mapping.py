@@ -127,6 +127,11 @@ class ExpertGroup:
     holds `parts` (transformers' one-to-many `Chunk`, e.g. a vision tower's `qkv_proj -> q_proj|k_proj|v_proj`), so
     merge writes the parts and split the fused tensor; a fused source splits into equal parts along the dim of the
     group's first op (`split_dim`).
+    `expert_offset`/`expert_count`: the group's experts 0..count-1 are the on-disk (parts side) indices
+    `[offset, offset + count)` (count None: every index from the offset on), for one on-disk expert list that holds
+    several stacks (ernie4_5_vl_moe: the text experts, then the vision experts); split writes them back there.
+    `expert_block=k` takes them from the config (`MoEMapping.for_config`): the k-th run of the mapping's
+    `num_experts` on-disk indices (offset k*E, count E); until bound the group matches no expert key.
     """
 
     fused: str
@@ -135,6 +140,9 @@ class ExpertGroup:
     companions: tuple[tuple[str, str], ...] = ((".weight_scale_inv", "_scale_inv"),)
     stacked: bool = True
     unfused_in_model: bool = False
+    expert_offset: int = 0
+    expert_count: int | None = None
+    expert_block: int | None = None
 
     @cached_property
     def fused_template(self) -> Template:
@@ -167,19 +175,32 @@ class ExpertGroup:
     def chain(self, layout: Layout, part_shapes: Sequence[Shape]) -> Chain:
         return Chain.bind(self.ops_for(layout), part_shapes)
 
+    @property
+    def bound(self) -> bool:
+        """False while an `expert_block` waits for the config's E (`MoEMapping.for_config`)."""
+        return self.expert_block is None or self.expert_count is not None
+
+    def holds_expert(self, disk_index: int) -> bool:
+        """Whether on-disk expert `disk_index` is one of this group's experts."""
+        end = None if self.expert_count is None else self.expert_offset + self.expert_count
+        return self.bound and self.expert_offset <= disk_index and (end is None or disk_index < end)
+
+    def bind_experts(self, num_experts: int) -> ExpertGroup:
+        """An `expert_block` group with its on-disk range taken from the config's E."""
+        k = self.expert_block
+        return self if k is None else replace(self, expert_offset=k * num_experts, expert_count=num_experts)
+
     def variants(self) -> list[ExpertGroup]:
         """This group and one per companion (same rule, suffixed keys)."""
         out = [self]
         for part_suffix, fused_suffix in self.companions:
             if all(p.endswith(".weight") for p in self.parts):
                 out.append(
-                    ExpertGroup(
+                    replace(
+                        self,
                         fused=self.fused + fused_suffix,
                         parts=tuple(p[: -len(".weight")] + part_suffix for p in self.parts),
-                        fused_ops=self.fused_ops,
                         companions=(),
-                        stacked=self.stacked,
-                        unfused_in_model=self.unfused_in_model,
                     )
                 )
         return out
@@ -210,6 +231,24 @@ def tensor_fusion(
     return ExpertGroup(fused=fused, parts=parts, fused_ops=fused_ops, companions=(), stacked=False, unfused_in_model=unfused_in_model)
 
 
+@dataclass(frozen=True)
+class KeptAsStored:
+    """A tensor that converts as the checkpoint stores it although transformers' model holds only its first rows:
+    transformers drops the others on load (the text config's `rows_field` gives how many it keeps) and pads zeros
+    back on save (inkling2's `Inkling2UnpadVocab` on `lm_head.weight`). That op is not a bijection (non-zero padding
+    would be lost) and changes the element count, so it is not inverted: the conversion keeps the stored tensor
+    (lossless) under its name, and transformers drops the rows again when it loads the converted folder. `key`:
+    model-naming template; `reason`: transformers' op, for the catalog and the tests."""
+
+    key: str
+    rows_field: str
+    reason: str = ""
+
+    @cached_property
+    def template(self) -> Template:
+        return Template(self.key)
+
+
 @dataclass(frozen=True, kw_only=True)
 class MoEMapping:
     """Everything the converter knows about one model type.
@@ -222,6 +261,8 @@ class MoEMapping:
     - `num_experts_fields` / `intermediate_fields`: config fields giving E and I (first present wins).
     - `not_experts`: model-naming templates of tensors under an `experts.` module that are not expert weights
       (a shared bias, a router); key coverage (dry runs) reports any other unclaimed `experts.` tensor.
+    - `kept_as_stored`: tensors kept as the checkpoint stores them although transformers' model holds fewer rows
+      (`KeptAsStored`: a load-time op with no exact inverse that transformers applies again to the converted folder).
     - `extra`: descriptive data for the catalog (`prefix`, `fused`).
     """
 
@@ -237,6 +278,7 @@ class MoEMapping:
     text_config_field: str | None = None  # multimodal configs keep the MoE fields under e.g. `text_config`
     notes: str = ""
     not_experts: tuple[str, ...] = ()
+    kept_as_stored: tuple[KeptAsStored, ...] = ()
     extra: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
 
     def to_model_key(self, disk_key: str) -> str:
@@ -250,9 +292,12 @@ class MoEMapping:
         return model_key
 
     def for_config(self, config: dict) -> MoEMapping:
-        """This mapping with the ops that read the checkpoint's config bound to it (an op with `bind_config`, e.g.
-        transformers' `PermuteForRope`, whose head count is a config field); itself when it has none."""
-        if not any(hasattr(op, "bind_config") for g in self.groups for op in g.fused_ops or ()):
+        """This mapping with what reads the checkpoint's config bound to it: ops with `bind_config` (e.g.
+        transformers' `PermuteForRope`, whose head count is a config field) and `expert_block` groups (their on-disk
+        expert range, from E); itself when it has none."""
+        if not any(hasattr(op, "bind_config") for g in self.groups for op in g.fused_ops or ()) and all(
+            g.bound for g in self.groups
+        ):
             return self
         groups = tuple(
             replace(g, fused_ops=tuple(op.bind_config(config) if hasattr(op, "bind_config") else op for op in g.fused_ops))
@@ -260,7 +305,20 @@ class MoEMapping:
             else g
             for g in self.groups
         )
+        if not all(g.bound for g in groups):
+            groups = self._bind_expert_blocks(groups, config)
         return replace(self, groups=groups)
+
+    def _bind_expert_blocks(self, groups: tuple[ExpertGroup, ...], config: dict) -> tuple[ExpertGroup, ...]:
+        from .errors import MappingError
+
+        e = self.num_experts(config)
+        if e is None or e < 1:
+            fields = " or ".join(self.num_experts_fields) or "its expert count"
+            raise MappingError(
+                f"config.json gives no {fields} (a positive integer): {self.model_type} keeps several stacks of experts in one on-disk list and E tells them apart"
+            )
+        return tuple(g.bind_experts(e) for g in groups)
 
     @cached_property
     def all_groups(self) -> tuple[ExpertGroup, ...]:

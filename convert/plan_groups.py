@@ -82,11 +82,14 @@ def group_instances(
     instances: list[GroupInstance] = []
     first_key_of_inst: dict[tuple[int, tuple], str] = {}
     for inst, experts in match.per_expert.items():
-        instances.append(_per_expert_instance(ckpt, match.groups[inst[0]], dict(inst[1]), experts, cfg_experts))
+        g = match.groups[inst[0]]
+        n_cfg = g.expert_count if g.expert_count is not None else cfg_experts
+        instances.append(_per_expert_instance(ckpt, g, dict(inst[1]), experts, n_cfg))
         first_key_of_inst[inst] = min((k for e in experts.values() for k in e.values()), key=_order_index(ckpt))
     for inst, key in match.fused_keys.items():
         g, caps = match.groups[inst[0]], dict(inst[1])
-        instances.append(_fused_instance(ckpt, g, caps, key, layout, cfg_experts, recorded_parts))
+        n_cfg = g.expert_count if g.expert_count is not None else cfg_experts
+        instances.append(_fused_instance(ckpt, g, caps, key, layout, n_cfg, recorded_parts))
         first_key_of_inst[inst] = key
     return instances, first_key_of_inst
 
@@ -97,19 +100,21 @@ def _per_expert_instance(
     fused_name = g.fused_template.format(**caps)
     present = sorted(experts)
     n_exp = 1 if not g.stacked else cfg_experts if cfg_experts is not None else present[-1] + 1
-    missing = _first_missing(experts, n_exp)
-    extra = [e for e in present if e >= n_exp]
+    off = g.expert_offset  # messages name on-disk indices
+    missing = [e + off for e in _first_missing(experts, n_exp)]
+    extra = [e + off for e in present if e >= n_exp]
     if missing or extra:
         what = f"missing expert(s) {missing}" if missing else f"expert index(es) {extra[:5]} beyond num_experts={n_exp}"
+        where = f" from on-disk expert {off}" if off else ""
         raise MappingError(
-            f"{fused_name!r}: {what} (found {len(present)} of num_experts={n_exp}); the checkpoint is incomplete or its config is wrong"
+            f"{fused_name!r}: {what} (found {len(present)} of num_experts={n_exp}{where}); the checkpoint is incomplete or its config is wrong"
         )
     shapes: list[Shape] | None = None
     dtype = None
     for e in range(n_exp):
         slot = experts[e]
         if len(slot) != len(g.parts):
-            miss = [g.part_templates[p].format(**caps, expert=e) for p in range(len(g.parts)) if p not in slot]
+            miss = [g.part_templates[p].format(**caps, expert=e + off) for p in range(len(g.parts)) if p not in slot]
             raise MappingError(f"{fused_name!r}: expert {e} lacks {_fmt_keys(miss)}; the checkpoint is incomplete")
         infos = [ckpt.tensors[slot[p]] for p in range(len(g.parts))]
         s = [t.shape for t in infos]
@@ -241,7 +246,7 @@ class _InstanceEmitter:
                     piece: Piece = Copy(rng[0], rng[1], rng[2], 0, ex)
                 else:
                     piece = Transform((self.expert_slice_input(e),), decode, p, self.itemsize, 0, self.part_nbytes[p], ex)
-                name = self._name(tpl.format(**gi.captures, expert=e))
+                name = self._name(tpl.format(**gi.captures, expert=e + g.expert_offset))  # the on-disk index
                 outs.append(OutTensor(name, gi.dtype, gi.part_shapes[p], [piece], g.fused if g.stacked else None, False, self.sources))
         return outs
 

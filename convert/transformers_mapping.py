@@ -14,6 +14,10 @@ Contract:
     `Transpose` become `Concat` and `Transpose`; transformers' `Interleave` is not translated, no supported type
     needs it and nothing here tests it); the split direction is the group's derived inverse, never declared;
   - `WeightConverter(Concatenate(d))` without `MergeModulelist` -> a non-stacked group (e.g. q/k/v conv1d);
+  - `ErnieFuseAndSplitTextVisionExperts` (one on-disk expert list cut into a text and a vision stack) -> one group
+    per stack taking its run of the on-disk indices (`expert_block`, E from the config field behind `num_experts`);
+  - a converter that only drops padding rows of a tensor keeping its name (`Inkling2UnpadVocab`) -> `KeptAsStored`:
+    not inverted, the tensor converts as stored and transformers drops the rows again when it loads the result;
   - `PrefixChange` is dropped, as transformers drops it when it saves a model it did not load (not a bijection);
   - parameters of a fused-experts module that no converter produces are `expert_tensors` (disk equals model).
   Anything else (custom ops, one-to-many splits, regex patterns that are not plain key paths) raises
@@ -28,24 +32,26 @@ layout needs more (declared hub layouts, quantized companions, multi-stack E).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
-from .mapping import ExpertGroup, Layout, MoEMapping
+from .mapping import ExpertGroup, KeptAsStored, Layout, MoEMapping
 from .transformers_translate import (  # noqa: F401 - fused_expert_types, is_fused_experts, language_model_types: public here
     _INDEX,
     RefusedKeys,
     TransformersRename,
     TransformersRenames,
     Untranslatable,
-    _group,
     _infix,
     _scoped,
     _shape_of_key,
     _template,
     _transformers,
     fused_expert_types,
+    groups_of,
     is_fused_experts,
+    kept_as_stored,
     language_model_types,
 )
 
@@ -161,60 +167,74 @@ def _check_groups(groups: list[ExpertGroup], model: Any) -> None:
                 raise Untranslatable(f"converter target {t.text!r} names no parameter of the model")
 
 
-def _translate(model: Any, model_type: str) -> tuple[list, list, list[ExpertGroup]]:
+@dataclass
+class _Translation:
+    """What `_translate` collects from transformers' declarations of one model."""
+
+    keys: list[str]
+    renames: list = field(default_factory=list)
+    groups: list[ExpertGroup] = field(default_factory=list)
+    refused: list[RefusedKeys] = field(default_factory=list)
+    kept: list[KeptAsStored] = field(default_factory=list)
+    untranslatable: list[str] = field(default_factory=list)  # every reason, not just the first
+    unscoped_of: dict[ExpertGroup, ExpertGroup] = field(default_factory=dict)  # scoped group -> before scoping
+    plain: set[ExpertGroup] = field(default_factory=set)  # groups of unscoped converters
+
+    def converter(self, t: Any, model_type: str) -> None:
+        kept = kept_as_stored(t)
+        if kept is not None:
+            if kept not in self.kept:  # a sub-model's declarations repeat it
+                self.kept.append(kept)
+            return
+        try:
+            pairs = [(g, h) for grp in groups_of(t, model_type) for g in _infix(grp, self.keys) for h in _scoped(g, t, self.keys)]
+        except Untranslatable as e:
+            reverse = t.reverse_transform()
+            if any(reverse._scoped_match(k) is not None for k in self.keys):
+                if str(e) not in self.untranslatable:  # the built model uses it: the type is refused
+                    self.untranslatable.append(str(e))
+            else:
+                self.refused.append(RefusedKeys(t, tuple(t._original_source_patterns), str(e)))
+            return
+        if t.scope_prefix:
+            self.unscoped_of.update({h: g for g, h in pairs})
+        else:
+            self.plain.update(g for g, _ in pairs)
+        for _, g in pairs:
+            clash = [h for h in self.groups if h.fused == g.fused and h != g]
+            if clash:
+                raise Untranslatable(f"two converters produce {g.fused!r} from {clash[0].parts} and {g.parts}")
+            if g not in self.groups:  # the same converter declared twice
+                self.groups.append(g)
+
+    def ordered_groups(self) -> list[ExpertGroup]:
+        """A scoped converter that an unscoped one repeats (glm5_next declares its text converters for the root and
+        the language model) adds nothing; the others are matched before the unscoped groups, whose `{prefix}` would
+        also take their keys."""
+        scoped = [g for g in self.groups if g in self.unscoped_of and self.unscoped_of[g] not in self.plain]
+        return scoped + [g for g in self.groups if g not in self.unscoped_of]
+
+
+def _translate(model: Any, model_type: str) -> _Translation:
     from transformers.conversion_mapping import get_model_conversion_mapping
 
-    renames: list = []
-    groups: list[ExpertGroup] = []
-    refused: list[RefusedKeys] = []
-    untranslatable: list[str] = []  # every reason, not just the first
-    unscoped_of: dict[ExpertGroup, ExpertGroup] = {}  # scoped group -> the group before scoping
-    plain: set[ExpertGroup] = set()  # groups of unscoped converters
-    keys = list(model.state_dict())
+    out = _Translation(list(model.state_dict()))
     for t in get_model_conversion_mapping(model, add_legacy=False):
         kind = type(t).__name__
         if kind == "PrefixChange":
             continue
         if kind in ("WeightRenaming", "Inkling2IndexOffsetWeightRename"):
-            r = TransformersRename(
-                tuple(t._original_source_patterns),
-                tuple(t._original_target_patterns),
-                t.scope_prefix,
-                t.base_model_prefix,
-                getattr(t, "offset", None),
+            args = (t._original_source_patterns, t._original_target_patterns)
+            out.renames.append(
+                TransformersRename(*map(tuple, args), t.scope_prefix, t.base_model_prefix, getattr(t, "offset", None))
             )
-            renames.append(r)
         elif kind == "WeightConverter":
-            try:
-                pairs = [(g, h) for g in _infix(_group(t, model_type), keys) for h in _scoped(g, t, keys)]
-            except Untranslatable as e:
-                reverse = t.reverse_transform()
-                if any(reverse._scoped_match(k) is not None for k in keys):
-                    if str(e) not in untranslatable:  # the built model uses it: the type is refused
-                        untranslatable.append(str(e))
-                else:
-                    refused.append(RefusedKeys(t, tuple(t._original_source_patterns), str(e)))
-                continue
-            translated = [h for _, h in pairs]
-            if t.scope_prefix:
-                unscoped_of.update({h: g for g, h in pairs})
-            else:
-                plain.update(g for g, _ in pairs)
-            for g in translated:
-                clash = [h for h in groups if h.fused == g.fused and h != g]
-                if clash:
-                    raise Untranslatable(f"two converters produce {g.fused!r} from {clash[0].parts} and {g.parts}")
-                if g not in groups:  # the same converter declared twice
-                    groups.append(g)
+            out.converter(t, model_type)
         else:
-            untranslatable.append(f"transformers' {kind} has no exact inverse here")
-    if untranslatable:
-        raise Untranslatable("; and ".join(untranslatable))
-    # a scoped converter that an unscoped one repeats (glm5_next declares its text converters for the root and the
-    # language model) adds nothing; the others are matched before the unscoped groups, whose `{prefix}` would also
-    # take their keys
-    scoped = [g for g in groups if g in unscoped_of and unscoped_of[g] not in plain]
-    return renames, refused, scoped + [g for g in groups if g not in unscoped_of]
+            out.untranslatable.append(f"transformers' {kind} has no exact inverse here")
+    if out.untranslatable:
+        raise Untranslatable("; and ".join(out.untranslatable))
+    return out
 
 
 @cache
@@ -223,7 +243,8 @@ def generic_mapping(model_type: str) -> MoEMapping:
     if model_type not in fused_expert_types():
         raise Untranslatable("transformers declares no fused experts for it")
     model = _build_meta_model(model_type)
-    renames, refused, groups = _translate(model, model_type)
+    tr = _translate(model, model_type)
+    groups, renames = tr.ordered_groups(), tr.renames
     _check_groups(groups, model)
     model_keys = frozenset(_shape_of_key(k) for k in model.state_dict())
     stacked = [g for g in groups if g.stacked]
@@ -239,13 +260,15 @@ def generic_mapping(model_type: str) -> MoEMapping:
         model_type=model_type,
         family=FAMILY,
         groups=tuple(groups),
-        renames=((TransformersRenames(tuple(renames), model_keys),) if renames else ()) + tuple(refused),
+        renames=((TransformersRenames(tuple(renames), model_keys),) if renames else ()) + tuple(tr.refused),
         disk_layout=Layout.PER_EXPERT if stacked else Layout.FUSED,
         expert_tensors=expert_tensors,
-        num_experts_fields=(),
+        num_experts_fields=_num_experts_fields(model) if any(g.expert_block is not None for g in groups) else (),
         intermediate_fields=_intermediate_fields(model),
         text_config_field=text_field,
-        notes=f"translated from transformers {_transformers().__version__} conversion_mapping ({type(model).__name__})",
+        notes=f"translated from transformers {_transformers().__version__} conversion_mapping ({type(model).__name__})"
+        + "".join(f"; {k.key.removeprefix('{prefix}')} kept as stored ({k.reason})" for k in tr.kept),
+        kept_as_stored=tuple(tr.kept),
         extra={
             "prefix": prefix,
             "config": "-",
@@ -253,6 +276,19 @@ def generic_mapping(model_type: str) -> MoEMapping:
             "transformers": _transformers().__version__,
         },
     )
+
+
+def _num_experts_fields(model: Any) -> tuple[str, ...]:
+    """The config field giving E when one on-disk expert list holds several stacks (`expert_block` groups): the field
+    behind the `num_experts` attribute of the (text) config (`attribute_map`, e.g. ernie's `moe_num_experts`), which
+    must equal every fused stack's expert count in the built model; else the type is refused."""
+    cfg = model.config.get_text_config()
+    name = type(cfg).attribute_map.get("num_experts", "num_experts")
+    e = cfg.to_dict().get(name)
+    stacks = {p.shape[0] for m in model.modules() if is_fused_experts(m) for p in m.parameters(recurse=False) if p.dim() == 3}
+    if not isinstance(e, int) or stacks != {e}:
+        raise Untranslatable(f"one on-disk expert list holds several stacks, but the config's {name} ({e!r}) is not their expert count {sorted(stacks)}")
+    return (name,)
 
 
 def _intermediate_fields(model: Any) -> tuple[str, ...]:

@@ -1,36 +1,29 @@
 """transformers' declared load-time conversions translated into our reversible data (the half of the generic path
 that does not assemble a mapping): which types declare fused experts (`fused_expert_types`, `is_fused_experts`,
 `language_model_types`), renamings (`TransformersRename`, `TransformersRenames`, `RefusedKeys`), converters into
-`ExpertGroup`s (`_group`: MergeModulelist/Concatenate/Transpose/Interleave/Chunk/Split, sub-model scopes), and the ops
-transformers needs that `convert.ops` lacks (`RopePermute`, `ModelSizedConcat`). `Untranslatable` carries the
+`ExpertGroup`s (`groups_of`: MergeModulelist/Concatenate/Transpose/Interleave/Chunk/Split, one expert list cut into
+stacks, sub-model scopes), tensors kept as stored (`kept_as_stored`: a padding-row drop), with the ops
+transformers needs that `convert.ops` lacks (`transformers_ops`: `RopePermute`, `ModelSizedConcat`). `Untranslatable` carries the
 one-line reason a declaration has no exact inverse. `transformers_mapping` builds the model of a type and assembles
 its `MoEMapping` from these pieces."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .mapping import ExpertGroup, tensor_fusion
+from .mapping import ExpertGroup, KeptAsStored, tensor_fusion
 from .ops import Concat, Deinterleave, Interleave, Op, Transpose
+from .transformers_ops import ModelSizedConcat, RopePermute, _transformers
 
 _PLAIN = re.compile(r"^[A-Za-z0-9_.*]+$")
 
 class Untranslatable(Exception):
     """transformers declares something this translation has no exact inverse for."""
-
-
-def _transformers() -> Any:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import transformers
-
-    return transformers
 
 
 _EXPERTS_CLASS = re.compile(r"class \w+Experts\(nn\.Module\):")
@@ -234,13 +227,51 @@ def _group(conv: Any, model_type: str) -> ExpertGroup:
     raise Untranslatable(_why(sources, targets, ops))
 
 
+def groups_of(conv: Any, model_type: str) -> list[ExpertGroup]:
+    """One `WeightConverter` -> its `ExpertGroup`s: one (`_group`), or one per stack that transformers cuts one
+    on-disk expert list into (`_expert_blocks`)."""
+    ops = list(conv.operations)
+    if len(ops) == 1 and _is(ops[0], "ErnieFuseAndSplitTextVisionExperts"):
+        return _expert_blocks(conv, ops[0])
+    return [_group(conv, model_type)]
+
+
+def _expert_blocks(conv: Any, op: Any) -> list[ExpertGroup]:
+    """transformers' `ErnieFuseAndSplitTextVisionExperts(stack_dim=0, concat_dim=d)`: each source part's on-disk
+    expert list is cut into one run per target (text experts, then vision experts), each run stacked and the parts
+    concatenated along d. Target k becomes a group of the k-th run of E on-disk experts (`expert_block=k`, E from the
+    config; transformers cuts at ceil(N / targets), the same run when N = targets * E as the model's stacks need)."""
+    sources, targets = conv._original_source_patterns, conv._original_target_patterns
+    parts = tuple(_template(p) for p in sources)
+    fused = [_template(t) for t in targets]
+    if op.stack_dim != 0 or op.concat_dim < 1 or not all("{expert}" in p for p in parts) or any("{expert}" in f for f in fused):
+        raise Untranslatable(f"{_why(sources, targets, [op])} has no exact translation")
+    ops = (Concat(op.concat_dim - 1),) if len(parts) > 1 else ()
+    fused_ops = None if ops == ((Concat(0),) if len(parts) > 1 else ()) else ops
+    return [ExpertGroup(fused=f, parts=parts, fused_ops=fused_ops, expert_block=k) for k, f in enumerate(fused)]
+
+
+# transformers' ops that drop a tensor's padding rows on load and pad zeros back on save (the key keeps its name):
+# the config field giving the rows its model keeps
+_KEPT_ROWS = {"Inkling2UnpadVocab": "unpadded_vocab_size"}
+
+
+def kept_as_stored(conv: Any) -> KeptAsStored | None:
+    """A converter that only drops padding rows of one tensor keeping its name (inkling2's `Inkling2UnpadVocab` on
+    `lm_head.weight`), as a `KeptAsStored` declaration; None for any other converter."""
+    ops = list(conv.operations)
+    sources, targets = conv._original_source_patterns, conv._original_target_patterns
+    if len(ops) != 1 or type(ops[0]).__name__ not in _KEPT_ROWS or getattr(ops[0], "inverse", False):
+        return None
+    if len(sources) != 1 or len(targets) != 1 or _template(sources[0]) != _template(targets[0]):
+        return None
+    name = type(ops[0]).__name__
+    reason = f"transformers' {name} keeps the first {_KEPT_ROWS[name]} rows on load and pads zeros back on save"
+    return KeptAsStored(_template(targets[0]), _KEPT_ROWS[name], reason)
+
+
 # Why transformers' custom ops have no exact translation here (the refusal says it in one line).
 _EXPLAIN = {
-    "ErnieFuseAndSplitTextVisionExperts": "one on-disk expert list holds the text experts, then the vision experts, "
-    "and transformers splits it into two fused stacks: a group here cannot start its experts at an index offset",
-    "Inkling2UnpadVocab": "transformers drops the unembedding's padding rows on load and writes zeros back on save: "
-    "not a bijection (non-zero padding is lost), it changes the element count (ops here only move elements), and "
-    "the key keeps its name",
     "Inkling2LoopMergeMessageQueries": "a custom interleaving of two tensors into one (no translated op)",
     "Inkling2LoopDequantizeExperts": "NVFP4/MXFP8 experts dequantized on load: not reversible bit for bit",
     "PermuteForRope": "a rotary permutation in a position not translated",
@@ -286,120 +317,6 @@ def _one_to_many(conv: Any, ops: list, sources: list, targets: list, model_type:
 def _rope(op: Any, model_type: str) -> RopePermute:
     """transformers' `PermuteForRope` in its load direction (disk -> model)."""
     return RopePermute(model_type, op.subconfig_key, interleave=bool(op.inverse))
-
-
-@dataclass(frozen=True)
-class RopePermute(Op):
-    """transformers' `PermuteForRope`: in each of `heads` row blocks of dim 0 (one head), the interleaved rotary pairs
-    `[x0, y0, x1, y1, ...]` become halves `[x0, x1, ..., y0, y1, ...]` (`interleave=False`, transformers' load
-    direction) or back (`interleave=True`). `heads` is `num_attention_heads` of the config's `sub_config` (1 when
-    absent, as transformers reads it), bound from the checkpoint's config.json (`bind_config`, called by the planner
-    through `MoEMapping.for_config`); `select`: the list positions it permutes (None: all). 1-D and 2-D tensors only,
-    as transformers; it only moves elements (bit-exact)."""
-
-    model_type: str
-    sub_config: str | None
-    interleave: bool = False
-    select: tuple[int, ...] | None = None
-    heads: int | None = None
-
-    def bind_config(self, config: dict) -> RopePermute:
-        return dataclasses.replace(self, heads=_config_heads(self.model_type, self.sub_config, config))
-
-    def _applies(self, i: int, shape: tuple) -> bool:
-        return (self.select is None or i in self.select) and len(shape) in (1, 2)
-
-    def apply(self, xs: Any) -> list:
-        if self.heads is None:
-            raise ValueError("RopePermute needs the config's head count: bind_config(config) first")
-        out = []
-        for i, x in enumerate(xs):
-            if self._applies(i, tuple(x.shape)):
-                half = x.shape[0] // self.heads // 2
-                pair = (2, half) if self.interleave else (half, 2)
-                x = x.reshape(self.heads, *pair, *x.shape[1:]).transpose(1, 2).reshape(x.shape).contiguous()
-            out.append(x)
-        return out
-
-    def inverse(self) -> RopePermute:
-        return dataclasses.replace(self, interleave=not self.interleave)
-
-    def out_shapes(self, shapes: Any) -> list:
-        for i, sh in enumerate(shapes):
-            if self.heads is not None and self._applies(i, tuple(sh)) and sh[0] % (2 * self.heads):
-                raise ValueError(f"dim 0 of {list(sh)} is not {self.heads} heads of rotary pairs")
-        return [tuple(sh) for sh in shapes]
-
-
-@dataclass(frozen=True)
-class ModelSizedConcat(Concat):
-    """The inverse of transformers' `Split(dim)`: parts sized like the model's parameters named by `targets` (key
-    infixes), which the model built from the checkpoint's config (meta device) gives (`bind_config` -> a `Concat`
-    with those sizes; a fused tensor of another total is refused)."""
-
-    model_type: str = ""
-    targets: tuple[str, ...] = ()
-
-    def __init__(self, model_type: str, targets: tuple[str, ...], dim: int) -> None:
-        object.__setattr__(self, "dim", dim)
-        object.__setattr__(self, "sizes", None)
-        object.__setattr__(self, "model_type", model_type)
-        object.__setattr__(self, "targets", targets)
-
-    def bind(self, shapes: Any) -> Concat:
-        return Concat(self.dim).bind(shapes)
-
-    def bind_config(self, config: dict) -> Concat:
-        shapes = _config_model(self.model_type, json.dumps(config, sort_keys=True))
-        sizes = []
-        for t in self.targets:
-            hit = re.compile(re.escape(t.replace("\\.", ".")) + r"(?!\w)")
-            name = next((n for n in shapes if hit.search(n)), None)
-            if name is None:
-                from .errors import MappingError
-
-                raise MappingError(f"the {self.model_type} model of this config.json has no {t!r} parameter to size a split by")
-            sizes.append(shapes[name][self.dim])
-        return Concat(self.dim, tuple(sizes))
-
-
-@cache
-def _config_model(model_type: str, config_json: str) -> dict[str, tuple[int, ...]]:
-    """Parameter name -> shape of transformers' model of `model_type` built from a config.json (meta device)."""
-    from .errors import MappingError
-
-    tf = _transformers()
-    import torch
-
-    try:
-        cfg = tf.CONFIG_MAPPING[model_type].from_dict(json.loads(config_json))
-        with torch.device("meta"):
-            model = getattr(tf, fused_expert_types()[model_type])._from_config(cfg)
-    except Exception as e:
-        raise MappingError(
-            f"transformers cannot build {model_type} from config.json ({type(e).__name__}: {e}); its parameter shapes size a split"
-        ) from e
-    return {n: tuple(p.shape) for n, p in model.named_parameters()}
-
-
-def _config_heads(model_type: str, sub_config: str | None, config: dict) -> int:
-    """`num_attention_heads` of the checkpoint's config (its `sub_config`), with transformers' defaults filled in: a
-    config.json written by transformers leaves out values equal to the defaults."""
-    from .errors import MappingError
-
-    tf = _transformers()
-    try:
-        cfg = tf.CONFIG_MAPPING[model_type].from_dict(dict(config))
-    except Exception as e:
-        raise MappingError(
-            f"cannot read config.json as a {model_type} config ({type(e).__name__}: {e}); its attention heads decide a rotary permutation"
-        ) from e
-    if sub_config is not None:
-        cfg = getattr(cfg, sub_config, cfg)
-    heads = getattr(cfg, "num_attention_heads", 1)
-    if not isinstance(heads, int) or heads < 1:
-        raise MappingError(f"config.json's {sub_config or model_type} num_attention_heads is {heads!r}; expected a positive integer")
-    return heads
 
 
 def _infix(g: ExpertGroup, model_keys: list[str]) -> list[ExpertGroup]:

@@ -9,7 +9,10 @@ is built from transformers' own class (`tests/tiny_transformers.py`) and written
 - `verify` passes on both folders.
 The mapping used is the one `get_mapping` returns: hand-written where a family exists, else the translation of
 transformers' declared conversions. A type fails by name; xfail only where transformers itself cannot build, save or
-run the tiny model (the reason says which).
+run the tiny model (the reason says which). Every type transformers builds with fused experts is collected except
+those in `STILL_REFUSED` (each with why), and the refused types must be exactly those: a new refusal fails here.
+One declared exception to "merge equals the state dict": a tensor the mapping keeps as stored (`kept_as_stored`,
+e.g. inkling2's padded `lm_head.weight`) is compared on the rows transformers' model holds.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from tiny_transformers import tiny_config, tiny_model
 
 from automodel_convert.convert import merge, split, verify
 from automodel_convert.convert.catalog import unsupported_rows
-from automodel_convert.convert.registry import registry
+from automodel_convert.convert.registry import get_mapping, registry
 from automodel_convert.convert.transformers_mapping import (
     fused_expert_types,
     is_fused_experts,
@@ -64,11 +67,20 @@ def _supported(model_type: str) -> bool:
     return model_type in registry() or try_generic_mapping(model_type)[0] is not None
 
 
+# transformers types with fused experts that stay refused, and a word of the reason their refusal gives
+STILL_REFUSED = {
+    "inkling2_loop": "dequantized on load",  # NVFP4/MXFP8 experts dequantized, a custom interleave of two queries
+    "inkling2_loop_text": "dequantized on load",
+}
+
+
 def _types() -> list:
-    """Every supported transformers type with fused experts (xfail where transformers cannot build it)."""
+    """Every transformers type with fused experts but `STILL_REFUSED` (xfail where transformers cannot build it); an
+    unsupported one is collected too, so it fails by name."""
     out = []
+    refused = set(_refused_types())
     for mt, cls in fused_expert_types().items():
-        if cls is None or not _supported(mt):
+        if cls is None or mt in STILL_REFUSED or not (_supported(mt) or mt in refused):
             continue
         has = _has_fused_experts(mt, cls)
         if isinstance(has, str):
@@ -120,7 +132,10 @@ def test_round_trip_against_transformers(model_type: str, class_name: str, tmp_p
     assert set(ours) <= set(expected), sorted(set(ours) - set(expected))[:5]
     for k in tied:  # tied weights are not stored: each equals a stored tensor
         assert any(expected[k].data_ptr() == expected[n].data_ptr() for n in ours), f"{k} is neither merged nor tied"
+    kept = _kept_rows(model_type, model, ours)
     for k, v in ours.items():
+        if k in kept:  # stored padded; transformers' model holds the first rows (it drops the rest on load)
+            v = v[: kept[k]]
         assert v.dtype == expected[k].dtype and v.shape == expected[k].shape, k
         assert torch.equal(v, expected[k]), k
 
@@ -143,6 +158,31 @@ def test_round_trip_against_transformers(model_type: str, class_name: str, tmp_p
         pytest.xfail(f"transformers' tiny {class_name} has no text-only forward: {type(e).__name__}: {e}"[:300])
     # same weights; the kernels may round differently on differently laid-out (but equal) inputs
     torch.testing.assert_close(_logits(loaded.eval(), ids), ref, rtol=0, atol=1e-5)
+
+
+def _kept_rows(model_type: str, model, ours: dict) -> dict[str, int]:
+    """Merged tensors the mapping declares kept as stored (`kept_as_stored`), with the rows transformers' model holds
+    of each (the config field the declaration names): transformers drops the other rows on load and pads zeros back
+    on save, which is not a bijection, so the merge keeps the stored tensor and transformers unpads it again when it
+    loads the merge (its key keeps its name). The merged tensor must have more rows than that: else it is no
+    exception."""
+    out = {}
+    for kept in get_mapping(model_type).kept_as_stored:
+        rows = getattr(model.config.get_text_config(), kept.rows_field)
+        for k in ours:
+            if kept.template.match(k) is not None:
+                assert ours[k].shape[0] > rows, (k, ours[k].shape, kept.rows_field, rows)
+                out[k] = rows
+    assert out or not get_mapping(model_type).kept_as_stored, "no merged tensor is the declared kept one"
+    return out
+
+
+def test_refused_types_are_the_declared_ones() -> None:
+    """Coverage follows transformers: only `STILL_REFUSED` types are refused, each for its reason."""
+    reasons = {row["model_type"]: row["reason"] for row in unsupported_rows()}
+    assert set(reasons) == set(STILL_REFUSED), {mt: r[:200] for mt, r in reasons.items() if mt not in STILL_REFUSED}
+    for mt, word in STILL_REFUSED.items():
+        assert word in reasons[mt], (mt, reasons[mt][:300])
 
 
 @pytest.mark.parametrize("model_type", _refused_types())
@@ -211,3 +251,47 @@ def transformers_config(model_type: str, **kwargs):
     import transformers
 
     return transformers.AutoConfig.for_model(model_type, **kwargs)
+
+
+def _ernie_vl_checkpoint(src: Path, experts: int, text_config: dict) -> None:
+    """A one-layer ernie4_5_vl_moe checkpoint whose one expert list has `experts` entries (2x2 zeros each)."""
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "ernie4_5_vl_moe", "text_config": text_config}))
+    names = ("gate_proj", "up_proj", "down_proj")
+    tensors = {f"model.layers.1.mlp.experts.{e}.{p}.weight": torch.zeros(2, 2) for e in range(experts) for p in names}
+    save_file(tensors, src / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("experts", "text_config", "says"),
+    [
+        (5, {"moe_num_experts": 2}, "expert index(es) [4] beyond num_experts=2"),  # 2 text + 2 vision + one more
+        (3, {"moe_num_experts": 2}, "missing expert(s) [3]"),
+        (4, {}, "config.json gives no moe_num_experts"),  # E tells the text experts from the vision ones
+    ],
+)
+def test_ernie_vl_expert_list_that_does_not_fit_the_config_is_refused(
+    experts: int, text_config: dict, says: str, tmp_path: Path, run_cli
+) -> None:
+    """ernie4_5_vl_moe's one on-disk expert list is E text experts, then E vision experts (E: the config's
+    moe_num_experts): a list of another length, or no E, is refused in one line naming the on-disk index."""
+    _ernie_vl_checkpoint(tmp_path / "src", experts, text_config)
+    code, out, err = run_cli("merge", tmp_path / "src", tmp_path / "dst")
+    assert code == 2 and not out and len(err.strip().splitlines()) == 1, err
+    assert says in err, err
+    assert not (tmp_path / "dst").exists()
+
+
+def test_ernie_vl_dry_run_tells_text_from_vision_experts(tmp_path: Path) -> None:
+    """Key coverage (names only) routes each on-disk expert index to its stack: E text experts, then E vision; an
+    index past both is a problem named by its on-disk index."""
+    from automodel_convert.convert.inspection import inspect_dry_run
+
+    _ernie_vl_checkpoint(tmp_path / "src", 4, {"moe_num_experts": 2})
+    report = inspect_dry_run(tmp_path / "src")
+    assert report["complete"], report["problems"]
+    rows = {row["fused"].removeprefix("{prefix}"): (row["experts"], row["keys"]) for row in report["groups"]}
+    assert rows == {f"{s}_moe.experts.{f}": (2, 2 * n) for s in ("text", "vision") for f, n in (("gate_up_proj", 2), ("down_proj", 1))}
+    _ernie_vl_checkpoint(tmp_path / "more", 5, {"moe_num_experts": 2})
+    problems = inspect_dry_run(tmp_path / "more")["problems"]
+    assert len(problems) == 2 and all("vision_moe" in p and "experts [4] beyond num_experts=2" in p for p in problems), problems

@@ -57,11 +57,15 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "hy_v4_vl_text": {"rope_parameters": {"mrope_section": [2, 1, 1]}},  # sums to qk_rope_head_dim // 2
     "hy_v4_vl": {"text_config": {"rope_parameters": {"mrope_section": [2, 1, 1]}}},
     "inkling2_text": {"unpadded_vocab_size": 250},
+    "inkling2": {"text_config": {"unpadded_vocab_size": 250}, "vision_config": {"text_hidden_size": 64}},
     "dots3_note_text": {"head_dim": 16},  # the sliding-window head is qk_nope + qk_rope
     "dots3_note": {
         "text_config": {"head_dim": 16},
         "vision_config": {"adapter_in_dim": 64, "adapter_out_dim": 64},
         "audio_config": {"adapter_input_size": 64, "adapter_out_dim": 64},  # the audio hidden size; the text's
+    },
+    "ernie4_5_vl_moe": {  # the 3-D rotary sections sum to head_dim // 2; text and vision experts of different sizes
+        "text_config": {"rope_parameters": {"mrope_section": [3, 3, 2]}, "moe_intermediate_size": [24, 16], "moe_k": 2},
     },
     "glm4v_moe_text": {"rope_parameters": {"mrope_section": [2, 1, 1]}},  # sums to the rotary half
     "diffusion_gemma": {"text_config": {k: v for k, v in _GEMMA4_MOE.items() if k != "enable_moe_block"}},
