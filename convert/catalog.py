@@ -78,13 +78,13 @@ def _join(names: list[str]) -> str:
     return f"{pre}{{{','.join(mids)}}}{post}"
 
 
-def _disk(m: MoEMapping, name: str) -> str:
-    prefix = m.extra.get("prefix", "model.")
+def _disk(m: MoEMapping, name: str, prefix: str | None = None) -> str:
+    prefix = prefix or m.extra.get("prefix", "model.")
     return _strip(m.to_disk_key(name.format(prefix=prefix, layer=7, expert=9)))
 
 
-def _model(m: MoEMapping, name: str) -> str:
-    return _strip(name.format(prefix=m.extra.get("prefix", "model."), layer=7, expert=9))
+def _model(m: MoEMapping, name: str, prefix: str | None = None) -> str:
+    return _strip(name.format(prefix=prefix or m.extra.get("prefix", "model."), layer=7, expert=9))
 
 
 def _prefix(m: MoEMapping, naming: str) -> str:
@@ -117,7 +117,8 @@ def _layout_text(m: MoEMapping, layout: Layout, naming: str) -> str:
     for g in m.groups:
         if not g.stacked:  # a non-expert fusion: the parts on one side, one tensor on the other
             parts_side = (naming == "disk") != g.unfused_in_model
-            texts.append(_join([name(m, p) for p in g.parts]) if parts_side else f"{name(m, g.fused)} (fused)")
+            pre = m.extra.get("group_prefixes", {}).get(g.fused)
+            texts.append(_join([name(m, p, pre) for p in g.parts]) if parts_side else f"{name(m, g.fused, pre)} (fused)")
     return "; ".join(texts) + _prefix(m, naming)
 
 

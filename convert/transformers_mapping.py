@@ -271,6 +271,11 @@ def generic_mapping(model_type: str) -> MoEMapping:
         kept_as_stored=tuple(tr.kept),
         extra={
             "prefix": prefix,
+            # transformers' patterns are unanchored, so `{prefix}` may stand for a different path in a non-expert
+            # group (ernie's `mlp.gate.weight_1` vs its experts under `mlp.`): the catalog shows each with its own
+            "group_prefixes": {
+                g.fused: _prefix_of(model, g.parts[0] if g.unfused_in_model else g.fused) for g in groups if not g.stacked
+            },
             "config": "-",
             "fused": _fused_text(model, expert_tensors),
             "transformers": _transformers().__version__,

@@ -192,3 +192,16 @@ def test_expert_tensors_have_a_leading_expert_dim(model_type, tmp_path):
     for name, shape in hits.items():
         assert shape[0] in (E, E * info["moe_intermediate_size"]), (name, shape)
         assert "router" not in name and "gate.weight" not in name
+
+
+def test_catalog_shows_each_translated_fusion_under_its_own_path():
+    """transformers' patterns are unanchored, so a non-expert fusion's `{prefix}` may be another path than the
+    experts' one: the rows show ernie4_5_vl_moe's routers as its hub keys (`layers.N.mlp.gate.weight_1`), and no
+    row doubles a path segment (`mlp.mlp.`, as it once did)."""
+    import re
+
+    rows = {r["model_type"]: r for r in catalog_rows()}
+    ernie = rows["ernie4_5_vl_moe"]
+    assert "; mlp.gate.weight_1;" in ernie["disk_layout"] and "; mlp.text_moe.gate.weight (fused)" in ernie["fused_layout"], ernie
+    doubled = {name: m.group(0) for name, r in rows.items() for col in ("disk_layout", "fused_layout") if (m := re.search(r"\b(\w+)\.\1\.", r[col]))}
+    assert not doubled, doubled
