@@ -23,7 +23,7 @@ try:  # Ctrl-C while the heavy imports run: one line, not an 18-line traceback
     from rich.table import Table
 
     from .convert import api
-    from .convert.destination import COMMITTED
+    from .convert.destination import COMMITTED, sigterm_interrupts
     from .convert.errors import ConvertError
 except KeyboardInterrupt:
     sys.stderr.write("interrupted while starting: nothing was written\n")
@@ -403,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        rc = app(args=argv, prog_name="automodel-convert", standalone_mode=False)
+        with sigterm_interrupts():  # SIGTERM anywhere: the same clean exit 130 as Ctrl-C
+            rc = app(args=argv, prog_name="automodel-convert", standalone_mode=False)
         if rc == 130:  # typer turns KeyboardInterrupt / SIGTERM into exit code 130 in non-standalone mode
             return _interrupted()
         return rc if isinstance(rc, int) else 0

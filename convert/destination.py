@@ -310,6 +310,24 @@ def _replace(staging: Path, dst: Path) -> Path | None:
 
 
 @contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt in the main thread during the block, so that it cleans up as Ctrl-C does
+    (elsewhere a no-op). An ignored SIGTERM stays ignored."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        yield
+        return
+
+    def _term(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt("terminated")
+
+    old = signal.signal(signal.SIGTERM, _term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextmanager
 def signals_deferred(on_signal: Callable[[], None] | None = None) -> Iterator[None]:
     """SIGINT/SIGTERM arriving during the block (delivered to any thread, or already pending in Python when it
     starts) are recorded instead of raising (`on_signal` is called for each, e.g. to tell worker threads to stop),

@@ -14,8 +14,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import signal
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +28,7 @@ from .destination import (
     fsync_dir,
     remove_tree,
     signals_deferred,
+    sigterm_interrupts,
     staging_path,
 )
 from .errors import ConvertError
@@ -54,23 +53,6 @@ def pwrite_all(fd: int, data: bytes | memoryview, off: int) -> None:
         view, off = view[k:], off + k
 
 
-@contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt in the main thread for the block (so clean-up code runs)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _term(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt("terminated")
-
-    old = signal.signal(signal.SIGTERM, _term)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 def _remove_quietly(folder: Path) -> None:
     """Remove a staging folder; a second Ctrl-C / SIGTERM must not interrupt it."""
     with signals_deferred():
@@ -93,25 +75,24 @@ def atomic_folder(
         raise ConvertError(f"destination {str(dst)!r} is a filesystem root; write to a new folder")
     if not dst.parent.is_dir():
         raise ConvertError(f"the parent folder of {str(dst)!r} does not exist; create it first")
-    with destination_lock(dst):
+    with sigterm_interrupts(), destination_lock(dst):  # SIGTERM from here on cleans up like Ctrl-C (the lock too)
         tidied = clean_stale_partials(dst)  # first: it may put back a destination a killed run moved aside
         if notes is not None:
             notes.extend(tidied)
         check_destination(dst, source, overwrite, force)
         staging = staging_path(dst)
-        with _sigterm_raises():
-            try:
-                _make_staging(staging, dst)
-                yield staging
-                if dir_mode is not None:
-                    os.chmod(staging, dir_mode)
-                if FSYNC:
-                    fsync_dir(staging)
-                commit(staging, dst, overwrite, force)
-            except BaseException as e:
-                if not (isinstance(e, Interrupted) and e.committed):
-                    _remove_quietly(staging)
-                raise
+        try:
+            _make_staging(staging, dst)
+            yield staging
+            if dir_mode is not None:
+                os.chmod(staging, dir_mode)
+            if FSYNC:
+                fsync_dir(staging)
+            commit(staging, dst, overwrite, force)
+        except BaseException as e:
+            if not (isinstance(e, Interrupted) and e.committed):
+                _remove_quietly(staging)
+            raise
 
 
 def _make_staging(staging: Path, dst: Path) -> None:
