@@ -10,7 +10,9 @@ were active outside the context (CPU offload, a measurement), or is kept as auto
 The experts use it for their two largest saved tensors: the rows gathered by expert (`[S, H]`, S = tokens x top-k,
 rebuilt by re-gathering the dispatcher's compact source) and the activation fed to the down projection (`[S, I]`,
 rebuilt from the gate_up output that the activation's own backward keeps). Recipes are deterministic gathers and
-element-wise kernels, so gradients are bit-identical to keeping the tensors.
+element-wise kernels, so gradients are bit-identical to keeping the tensors. A source must not change after
+forward: the dispatchers' sources are fresh tensors (the layer input; `_a2a`'s `new_empty`; DeepEP 1.2.1's
+`intranode_dispatch` allocates `recv_x` with `torch::empty`), and `regather` refuses a source modified in place.
 """
 
 from __future__ import annotations
