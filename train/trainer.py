@@ -26,12 +26,19 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import shutil
 import signal
+import threading
 import time
 import uuid
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+import torch
+import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .checks import check_memory, check_run, count_params, flops_per_token, load_config, load_tokenizer, meta_model
@@ -44,8 +51,6 @@ class Trainer:
     """Everything one rank needs; `step()` runs one optimizer step and returns its metrics."""
 
     def __init__(self, cfg: TrainConfig) -> None:
-        import torch
-
         self.resume_path, self.resume_meta = (None, None)
         self.restored: dict[str, Any] = {}  # run-shape arguments taken from trainer.json
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -113,8 +118,6 @@ class Trainer:
             self.config.router_aux_loss_coef = coef
 
     def _build_mesh(self) -> None:
-        import torch
-
         from ..parallel import build_mesh
         from ..parallel.ep_dispatch import DispatcherError, choose_dispatcher
 
@@ -155,8 +158,6 @@ class Trainer:
         return Packed(stream, cfg.seq, cfg.batch, self.rank, self.world, cfg.seed, self.device, shuffle=spec == cfg.data)
 
     def _load_model(self, backend: Any) -> None:
-        import torch
-
         from ..models import AutoModelForCausalLM
         from ..parallel.expert_parallel import parallelize
         from .masking import DocumentMasking
@@ -195,7 +196,6 @@ class Trainer:
         expert_load(self.model, reset=True)  # drop the counts of the capture's warm-up passes
 
     def _make_optimizer(self) -> None:
-        import torch
         from torch.distributed.tensor import DTensor
 
         cfg, fused = self.cfg, self.device.type == "cuda"
@@ -213,8 +213,6 @@ class Trainer:
 
     # ------------------------------------------------------------ one step
     def _forward(self, batch: dict, num_items: Any) -> Any:
-        from contextlib import nullcontext
-
         docs = batch.get("doc_ids")
         ctx = self.masking.documents(docs) if self.masking is not None and docs is not None else nullcontext()
         with ctx:
@@ -222,9 +220,6 @@ class Trainer:
                               num_items_in_batch=num_items)
 
     def step(self) -> dict[str, Any]:
-        import torch
-        import torch.distributed as dist
-
         from ..parallel.expert_parallel import expert_load
 
         cfg, cuda = self.cfg, self.device.type == "cuda"
@@ -283,8 +278,6 @@ class Trainer:
         return m
 
     def _update_router_bias(self) -> None:
-        import torch.distributed as dist
-
         if not self.cfg.router_bias_rate:
             return
         from ..models.common.router import SigmoidGroupRouter
@@ -297,8 +290,6 @@ class Trainer:
 
     def evaluate(self) -> float:
         """Mean loss per target token over the whole `--eval-data` (every rank evaluates its share)."""
-        import torch
-        import torch.distributed as dist
 
         self.model.eval()
         tot = torch.zeros(2, device=self.device)
@@ -314,9 +305,6 @@ class Trainer:
     # ------------------------------------------------------------ save
     def save(self, root: Path) -> Path:
         """`root/step-N` (model + train_state + trainer.json), atomically; collective. Prints where it went."""
-        import shutil
-
-        import torch.distributed as dist
 
         from ..convert.source import resolve_source
         from ..parallel import save_sharded
@@ -399,8 +387,6 @@ class Trainer:
         return history
 
     def _claim(self, root: Path) -> None:
-        import torch.distributed as dist
-
         err = [None]
         if self.rank == 0:
             try:
@@ -424,8 +410,6 @@ class _Clock:
     """Seconds per phase of a step (CUDA events on a GPU, wall clock on CPU), summed over micro-batches."""
 
     def __init__(self, cuda: bool) -> None:
-        import torch
-
         self.cuda, self.t0, self.marks = cuda, time.perf_counter(), []
         self._event = (lambda: _recorded(torch.cuda.Event(enable_timing=True))) if cuda else time.perf_counter
 
@@ -433,8 +417,6 @@ class _Clock:
         self.marks.append((phase, self._event()))
 
     def finish(self) -> dict[str, float]:
-        import torch
-
         if self.cuda:
             torch.cuda.synchronize()
         self.total_s = time.perf_counter() - self.t0
@@ -451,13 +433,11 @@ def _recorded(ev: Any) -> Any:
 
 
 def _main_thread() -> bool:
-    import threading
 
     return threading.current_thread() is threading.main_thread()
 
 
 def _rss_gib() -> float:
-    import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
