@@ -284,6 +284,14 @@ def inspect(
     if as_json:
         print(json.dumps(info, indent=2))
         return
+    out.print(_inspect_summary(info))
+    out.print(_inspect_groups(info))
+    if "ep" in info:
+        out.print(_inspect_ep_ranks(info))
+
+
+def _inspect_summary(info: dict) -> Table:
+    """The checkpoint table: type, layout, files, tensors, bytes, plan notes."""
     t = Table(title=f"{info['model_type']} checkpoint", show_header=False)
     t.add_column(style="bold")
     t.add_column()
@@ -293,7 +301,11 @@ def inspect(
     t.add_row("pass-through tensors", str(info["passthrough"]))
     for note in info["plan"]["notes"]:
         t.add_row("note", note)
-    out.print(t)
+    return t
+
+
+def _inspect_groups(info: dict) -> Table:
+    """One row per expert group: fused key, its per-expert parts, layers, experts, part shape, dtype."""
     g = Table(title="expert groups")
     for c in ("fused key", "per-expert parts", "layers", "experts", "part shape", "dtype"):
         g.add_column(c, overflow="fold")
@@ -306,21 +318,24 @@ def inspect(
             str(grp["part_shapes"][0]),
             grp["dtype"],
         )
-    out.print(g)
-    if "ep" in info:
-        r = Table(title=f"expert parallel, ep={info['ep']['size']} (Shard(0) rule: first ranks get ceil(E/ep))")
-        for c in ("rank", "experts", "expert bytes", "non-expert bytes", "bytes read"):
-            r.add_column(c, justify="right")
-        for row in info["ep"]["ranks"]:
-            ex = f"{row['experts'][0]}-{row['experts'][1]}" if row["experts"] else "none"
-            r.add_row(
-                str(row["rank"]),
-                ex,
-                _human(row["expert_bytes"]),
-                _human(row["non_expert_bytes"]),
-                _human(row["bytes_read"]),
-            )
-        out.print(r)
+    return g
+
+
+def _inspect_ep_ranks(info: dict) -> Table:
+    """One row per expert-parallel rank (--ep): its experts and the bytes it reads."""
+    r = Table(title=f"expert parallel, ep={info['ep']['size']} (Shard(0) rule: first ranks get ceil(E/ep))")
+    for c in ("rank", "experts", "expert bytes", "non-expert bytes", "bytes read"):
+        r.add_column(c, justify="right")
+    for row in info["ep"]["ranks"]:
+        ex = f"{row['experts'][0]}-{row['experts'][1]}" if row["experts"] else "none"
+        r.add_row(
+            str(row["rank"]),
+            ex,
+            _human(row["expert_bytes"]),
+            _human(row["non_expert_bytes"]),
+            _human(row["bytes_read"]),
+        )
+    return r
 
 
 def _inspect_dry_run(src: str, model_type: str | None, revision: str | None, as_json: bool) -> None:

@@ -114,6 +114,19 @@ def _safe_shard_name(root: Path, name: object) -> str:
 
 def open_checkpoint(root: str | Path, *, require_config: bool = True) -> Checkpoint:
     root = Path(root)
+    shard_paths = _list_shards(root)
+    config = load_config(root, required=require_config, beside="the shards")
+    weight_map, index_metadata = _read_index(root)
+    shard_names = sorted(set(weight_map.values())) if weight_map is not None else shard_paths
+    files, tensors, stamps = _read_shard_headers(root, shard_names, weight_map)
+    if weight_map is not None:
+        _check_index_complete(root / INDEX_NAME, weight_map, tensors)
+    sidecar = _load_sidecar(root)
+    return Checkpoint(root, files, tensors, config, index_metadata, sidecar, stamps)
+
+
+def _list_shards(root: Path) -> list[str]:
+    """The folder's `.safetensors` names, sorted; refuses a missing folder, a file, and a folder of pickles only."""
     if not root.exists():
         raise ConvertError(f"source {str(root)!r} does not exist; give a checkpoint folder or a hub repo id")
     if not root.is_dir():
@@ -121,8 +134,7 @@ def open_checkpoint(root: str | Path, *, require_config: bool = True) -> Checkpo
             f"source {str(root)!r} is not a folder; give the folder that holds config.json and the safetensors shards"
         )
     shard_paths = sorted(p.name for p in root.iterdir() if p.is_file() and p.name.endswith(".safetensors"))
-    index_path = root / INDEX_NAME
-    if not shard_paths and not index_path.exists():
+    if not shard_paths and not (root / INDEX_NAME).exists():
         pickles = sorted(p.name for p in root.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES))
         if pickles:
             raise ConvertError(
@@ -131,27 +143,32 @@ def open_checkpoint(root: str | Path, *, require_config: bool = True) -> Checkpo
         raise ConvertError(
             f"no .safetensors files in {root}; point at a checkpoint folder that holds safetensors shards"
         )
+    return shard_paths
 
-    config = load_config(root, required=require_config, beside="the shards")
 
-    index_metadata = None
-    weight_map: dict[str, str] | None = None
-    if index_path.exists():
-        index = _load_json(index_path, "the safetensors index")
-        wm = index.get("weight_map")
-        if not isinstance(wm, dict) or not wm:
-            raise ConvertError(f"{index_path}: no weight_map; fix the index or delete it to use the shards directly")
-        weight_map = {str(k): _safe_shard_name(root, v) for k, v in wm.items()}
-        index_metadata = index.get("metadata") or {}
-        shard_names = sorted(set(weight_map.values()))
-        for name in shard_names:
-            if not (root / name).is_file():
-                raise ConvertError(
-                    f"{index_path} names shard {name!r}, which is missing; re-download it or fix the index"
-                )
-    else:
-        shard_names = shard_paths
+def _read_index(root: Path) -> tuple[dict[str, str] | None, dict | None]:
+    """The index's (weight_map, metadata), both None without an index; every named shard must exist in `root`."""
+    index_path = root / INDEX_NAME
+    if not index_path.exists():
+        return None, None
+    index = _load_json(index_path, "the safetensors index")
+    wm = index.get("weight_map")
+    if not isinstance(wm, dict) or not wm:
+        raise ConvertError(f"{index_path}: no weight_map; fix the index or delete it to use the shards directly")
+    weight_map = {str(k): _safe_shard_name(root, v) for k, v in wm.items()}
+    index_metadata = index.get("metadata") or {}
+    for name in sorted(set(weight_map.values())):
+        if not (root / name).is_file():
+            raise ConvertError(
+                f"{index_path} names shard {name!r}, which is missing; re-download it or fix the index"
+            )
+    return weight_map, index_metadata
 
+
+def _read_shard_headers(
+    root: Path, shard_names: list[str], weight_map: dict[str, str] | None
+) -> tuple[dict[str, FileHeader], dict[str, TensorInfo], dict[str, tuple[int, int, int, int]]]:
+    """Each shard's stamp and header, and every tensor once, where the index (if any) says it is."""
     files: dict[str, FileHeader] = {}
     tensors: dict[str, TensorInfo] = {}
     stamps: dict[str, tuple[int, int, int, int]] = {}
@@ -170,17 +187,24 @@ def open_checkpoint(root: str | Path, *, require_config: bool = True) -> Checkpo
                     f"tensor {t.name!r} is stored twice ({tensors[t.name].file} and {name}); remove the duplicate shard"
                 )
             tensors[t.name] = t
-    if weight_map is not None:
-        missing = [k for k in weight_map if k not in tensors]
-        if missing:
-            raise ConvertError(
-                f"{index_path}: {len(missing)} indexed tensors are missing from their shards (e.g. {missing[0]!r} in {weight_map[missing[0]]}); re-download the shards"
-            )
+    return files, tensors, stamps
 
+
+def _check_index_complete(index_path: Path, weight_map: dict[str, str], tensors: dict[str, TensorInfo]) -> None:
+    """Every indexed tensor was found in its shard."""
+    missing = [k for k in weight_map if k not in tensors]
+    if missing:
+        raise ConvertError(
+            f"{index_path}: {len(missing)} indexed tensors are missing from their shards (e.g. {missing[0]!r} in {weight_map[missing[0]]}); re-download the shards"
+        )
+
+
+def _load_sidecar(root: Path) -> dict | None:
+    """The validated sidecar, or None when the folder has none."""
     sidecar = _load_json(root / SIDECAR_NAME, SIDECAR_NAME) if (root / SIDECAR_NAME).exists() else None
     if sidecar is not None:
         validate_sidecar(sidecar, root / SIDECAR_NAME)
-    return Checkpoint(root, files, tensors, config, index_metadata, sidecar, stamps)
+    return sidecar
 
 
 class _Bad(Exception):

@@ -433,37 +433,60 @@ def write_checkpoint(
     dir_mode, file_mode = source_modes(ckpt) if on_disk else (None, 0o644)
     files = SourceFiles(ckpt) if on_disk else source
     digests = Digests(ckpt, record_checksums, expected_checksums)
-    shards: list[Shard] = []
     src_root = ckpt.root if on_disk else None
     try:
         with atomic_folder(dst, overwrite, source=src_root, force=force, notes=notes, dir_mode=dir_mode) as staging:
-            try:
-                copied = copy_extra_files(ckpt.root, staging, set(extra_files or ())) if on_disk else []
-                for name, data in (extra_files or {}).items():
-                    write_small_file(staging / name, data, file_mode)
-                per_file, placed, total = _open_outputs(staging, layout, file_mode, shards)
-                _run_pool(per_file, workers, files, digests, progress)
-                for shard in shards:
-                    fsync_fd(shard.fd)
-                hash_remaining_sources(files, digests)
-                ckpt.check_unchanged()
-                check_outputs(staging, layout, placed, digests)
-                if layout.write_index:
-                    index = render_index(layout, sum(of.nbytes for of in layout.files)).encode()
-                    write_small_file(staging / INDEX_NAME, index, file_mode)
-                if sidecar is not None:
-                    if digests.sources is not None:
-                        sidecar = {**sidecar, "checksums": digests.sources.sidecar_block()}
-                    write_small_file(staging / SIDECAR_NAME, (json.dumps(sidecar, indent=1) + "\n").encode(), file_mode)
-            except OSError as e:
-                raise write_error(e, dst) from e
-            finally:
-                for shard in shards:
-                    shard.close()
-                shards.clear()
+            copied, total = _fill_staging(
+                staging, dst, ckpt, layout, files, digests, file_mode=file_mode, copy_extras=on_disk,
+                extra_files=extra_files, sidecar=sidecar, workers=workers, progress=progress,
+            )
     finally:
         files.close()
     checks = digests.sources.sidecar_block() if digests.sources is not None else None
     return WriteResult(
         [of.name for of in layout.files], sum(len(of.tensors) for of in layout.files), total, copied, notes, checks
     )
+
+
+def _fill_staging(
+    staging: Path, dst: Path, ckpt: Checkpoint, layout: FileLayout, files: SourceFiles | MemorySource,
+    digests: Digests, *, file_mode: int, copy_extras: bool, extra_files: dict[str, bytes] | None,
+    sidecar: dict | None, workers: int, progress: Callable[[int], None] | None,
+) -> tuple[list[str], int]:
+    """Write the staging folder: non-weight files, shards (copied, fsynced, checked), index, sidecar.
+
+    Returns (non-weight files copied from the source, total shard bytes); an OSError is reported against `dst`.
+    """
+    shards: list[Shard] = []
+    try:
+        copied = copy_extra_files(ckpt.root, staging, set(extra_files or ())) if copy_extras else []
+        for name, data in (extra_files or {}).items():
+            write_small_file(staging / name, data, file_mode)
+        per_file, placed, total = _open_outputs(staging, layout, file_mode, shards)
+        _run_pool(per_file, workers, files, digests, progress)
+        for shard in shards:
+            fsync_fd(shard.fd)
+        hash_remaining_sources(files, digests)
+        ckpt.check_unchanged()
+        check_outputs(staging, layout, placed, digests)
+        _write_index_and_sidecar(staging, layout, sidecar, digests, file_mode)
+    except OSError as e:
+        raise write_error(e, dst) from e
+    finally:
+        for shard in shards:
+            shard.close()
+        shards.clear()
+    return copied, total
+
+
+def _write_index_and_sidecar(
+    staging: Path, layout: FileLayout, sidecar: dict | None, digests: Digests, file_mode: int
+) -> None:
+    """The index (when the layout has one) and the sidecar (with the source checksums when they were recorded)."""
+    if layout.write_index:
+        index = render_index(layout, sum(of.nbytes for of in layout.files)).encode()
+        write_small_file(staging / INDEX_NAME, index, file_mode)
+    if sidecar is not None:
+        if digests.sources is not None:
+            sidecar = {**sidecar, "checksums": digests.sources.sidecar_block()}
+        write_small_file(staging / SIDECAR_NAME, (json.dumps(sidecar, indent=1) + "\n").encode(), file_mode)

@@ -100,6 +100,18 @@ def read_header(path: str | os.PathLike[str], name: str | None = None) -> FileHe
     """Parse and validate the header of one safetensors file (reads at most the header's bytes)."""
     path = Path(path)
     name = name or path.name
+    size, header_len, raw = _read_raw_header(path, name)
+    header, metadata = _decode_header(name, raw)
+    data_start = 8 + header_len
+    infos = [_tensor_info(name, key, entry, data_start, size - data_start) for key, entry in header.items()]
+    infos.sort(key=lambda t: (t.start, t.nbytes))
+    _check_no_overlap(name, infos)
+    _check_tiling(name, infos, data_start, size)
+    return FileHeader(name, tuple(infos), metadata, header_len, size)
+
+
+def _read_raw_header(path: Path, name: str) -> tuple[int, int, bytes]:
+    """(file size, header length, header bytes), the length checked against the file and the limit before reading."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -120,6 +132,11 @@ def read_header(path: str | os.PathLike[str], name: str | None = None) -> FileHe
             raw = f.read(header_len)
     except OSError as e:
         raise ConvertError(f"{name}: cannot read ({e.strerror}); check the path and its permissions") from e
+    return size, header_len, raw
+
+
+def _decode_header(name: str, raw: bytes) -> tuple[dict, dict[str, str] | None]:
+    """The header's tensor entries and its `__metadata__` (None when absent)."""
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -131,37 +148,39 @@ def read_header(path: str | os.PathLike[str], name: str | None = None) -> FileHe
     metadata = header.pop("__metadata__", None)
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise ConvertError(f"{name}: `__metadata__` must map strings to strings; the file is corrupt")
-    data_start = 8 + header_len
-    data_len = size - data_start
-    infos: list[TensorInfo] = []
-    for key, entry in header.items():
-        dtype, shape, (begin, end) = _parse_entry(name, key, entry)
-        if dtype not in DTYPE_SIZES:
-            raise ConvertError(
-                f"{name}: tensor {key!r} has dtype {dtype!r}, which this tool does not support ({', '.join(DTYPE_SIZES)})"
-            )
-        if any(d < 0 for d in shape) or begin < 0 or end < begin:
-            raise ConvertError(
-                f"{name}: tensor {key!r} has invalid shape or offsets {list(shape)} {[begin, end]}; the file is corrupt"
-            )
-        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
-        if end - begin != nbytes:
-            raise ConvertError(
-                f"{name}: tensor {key!r} spans {end - begin} bytes but {dtype}{list(shape)} needs {nbytes}; the file is corrupt"
-            )
-        if end > data_len:
-            raise ConvertError(
-                f"{name}: tensor {key!r} ends at byte {end} of a {data_len}-byte data area: the file is truncated or its offsets are outside the data; re-download it"
-            )
-        infos.append(TensorInfo(key, dtype, shape, name, data_start + begin, nbytes))
-    infos.sort(key=lambda t: (t.start, t.nbytes))
+    return header, metadata
+
+
+def _tensor_info(name: str, key: str, entry: object, data_start: int, data_len: int) -> TensorInfo:
+    """One validated header entry: known dtype, size matching its shape, inside the data area."""
+    dtype, shape, (begin, end) = _parse_entry(name, key, entry)
+    if dtype not in DTYPE_SIZES:
+        raise ConvertError(
+            f"{name}: tensor {key!r} has dtype {dtype!r}, which this tool does not support ({', '.join(DTYPE_SIZES)})"
+        )
+    if any(d < 0 for d in shape) or begin < 0 or end < begin:
+        raise ConvertError(
+            f"{name}: tensor {key!r} has invalid shape or offsets {list(shape)} {[begin, end]}; the file is corrupt"
+        )
+    nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+    if end - begin != nbytes:
+        raise ConvertError(
+            f"{name}: tensor {key!r} spans {end - begin} bytes but {dtype}{list(shape)} needs {nbytes}; the file is corrupt"
+        )
+    if end > data_len:
+        raise ConvertError(
+            f"{name}: tensor {key!r} ends at byte {end} of a {data_len}-byte data area: the file is truncated or its offsets are outside the data; re-download it"
+        )
+    return TensorInfo(key, dtype, shape, name, data_start + begin, nbytes)
+
+
+def _check_no_overlap(name: str, infos: list[TensorInfo]) -> None:
+    """No two tensors (sorted by start) share a byte."""
     for a, b in zip(infos, infos[1:]):
         if b.start < a.start + a.nbytes:
             raise ConvertError(
                 f"{name}: tensors {a.name!r} and {b.name!r} overlap in the data area; the file is corrupt, re-download it"
             )
-    _check_tiling(name, infos, data_start, size)
-    return FileHeader(name, tuple(infos), metadata, header_len, size)
 
 
 def _is_json_int(x: object) -> bool:

@@ -141,8 +141,6 @@ def _from_pretrained_sharded(
     **kwargs: Any,
 ) -> nn.Module:
     """`from_pretrained(device_mesh=...)`: expert shards straight from disk (see the module docstring)."""
-    from transformers import AutoConfig
-
     # the hook: the mesh loads its own shards (parallel.ParallelMesh.load_sharded_state); models never imports parallel
     load_state = getattr(mesh, "load_sharded_state", None)
     if load_state is None:
@@ -150,6 +148,26 @@ def _from_pretrained_sharded(
     from ..convert.source import resolve_source
 
     folder = resolve_source(str(src), revision)  # resolved once: config, shards and generation config read from it
+    config, model = _meta_zoo_model(folder, backend, model_class, **kwargs)
+    # dtype=None here: `cast` below applies the same rules as the unsharded path (fp32 routers stay fp32)
+    state = load_state(folder)
+    sd = _clean_state_dict(model, dict(state), config.num_hidden_layers)
+    _check_sharded_keys(src, model, config, sd)
+    dev = _sharded_device(device, mesh)
+    _assign_local_tensors(model, sd, dev)
+    if getattr(config, "tie_word_embeddings", False):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.reset_buffers(dev)
+    model.cast(dtype)
+    model.generation_config = load_generation_config(str(folder), config)
+    model._sharded_source = state.source
+    return model
+
+
+def _meta_zoo_model(folder: Path, backend: BackendConfig, model_class: type | None, **kwargs: Any) -> tuple[Any, nn.Module]:
+    """The folder's config and its zoo model built on the meta device; a type without a zoo model is refused."""
+    from transformers import AutoConfig
+
     config = AutoConfig.from_pretrained(str(folder), **kwargs)
     cls = model_class or get_model_class(config.model_type)
     if cls is None:
@@ -159,17 +177,28 @@ def _from_pretrained_sharded(
         )
     with torch.device("meta"):
         model = cls(config, backend)
+    return config, model
+
+
+def _check_sharded_keys(src: str | Path, model: nn.Module, config: Any, sd: dict[str, torch.Tensor]) -> None:
+    """Strict: the loaded keys are exactly the model's (a tied head may be absent)."""
     wanted = model.state_dict()
     if getattr(config, "tie_word_embeddings", False):
         wanted.pop("lm_head.weight", None)
-    # dtype=None here: `cast` below applies the same rules as the unsharded path (fp32 routers stay fp32)
-    state = load_state(folder)
-    sd = _clean_state_dict(model, dict(state), config.num_hidden_layers)
     missing = [n for n in wanted if n not in sd]
     unexpected = [n for n in sd if n not in model.state_dict()]
     if missing or unexpected:
-        raise ValueError(f"{src}: checkpoint does not match the {cls.__name__} model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    dev = torch.device(device) if device is not None else torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
+        raise ValueError(f"{src}: checkpoint does not match the {type(model).__name__} model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def _sharded_device(device: torch.device | str | None, mesh: Any) -> torch.device:
+    """`device` if given, else the current CUDA device of a CUDA mesh, else the CPU."""
+    return torch.device(device) if device is not None else torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
+
+
+def _assign_local_tensors(model: nn.Module, sd: dict[str, torch.Tensor], dev: torch.device) -> None:
+    """Each tensor's local part becomes the module's parameter or buffer on `dev`; experts modules holding a slice of
+    their experts record the global E as `_ep_num_experts`."""
     experts_prefixes = set()
     for name, value in sd.items():
         local = value.to_local() if hasattr(value, "to_local") else value
@@ -183,11 +212,3 @@ def _from_pretrained_sharded(
             mod._buffers[leaf] = local.to(dev)
     for prefix in experts_prefixes:
         model.get_submodule(prefix)._ep_num_experts = int(model.get_submodule(prefix).num_experts)  # global E
-    if getattr(config, "tie_word_embeddings", False):
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.reset_buffers(dev)
-    model.cast(dtype)
-    model.generation_config = load_generation_config(str(folder), config)
-    model._sharded_source = state.source
-    return model
-

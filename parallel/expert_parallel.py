@@ -31,6 +31,7 @@ Contract:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,9 @@ from ..models.common.experts import GroupedExperts
 from ..models.common.hf_experts import default_gate
 from .ep_dispatch import DispatcherError, choose_dispatcher, expert_bounds, make_dispatcher
 from .mesh import ParallelMesh
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
 
 class ExpertParallelError(ValueError):
@@ -176,8 +180,20 @@ def parallelize(
     `reduce_dtype`: a dtype, or "auto" (see the module docstring); the dtypes used are left in
     `model.grad_reduce_dtypes` ({"dense": ..., "experts": ...}).
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    experts = _shard_and_dispatch(model, meshes, dispatcher)
+    layers = decoder_layers(model)
+    if activation_checkpointing:
+        _checkpoint_layers(model, layers)
+    stored = next(model.parameters()).dtype
+    mp, mp_experts = _precision_policies(model, meshes, param_dtype, reduce_dtype, stored)
+    skip = _fsdp_experts(experts, meshes, mp_experts, reshard_after_forward)
+    if meshes.world > 1:
+        _fsdp_dense(model, layers, meshes, mp, skip, stored, reduce_dtype, reshard_after_forward)
+    return model
 
+
+def _shard_and_dispatch(model: nn.Module, meshes: ParallelMesh, dispatcher: str) -> list[GroupedExperts]:
+    """Resolve the dispatcher, keep this rank's experts with it (`shard_experts`); the name goes to `model.ep_dispatcher`."""
     try:
         name = choose_dispatcher(dispatcher, meshes.ep, meshes.device_type)
     except DispatcherError as e:
@@ -185,20 +201,41 @@ def parallelize(
     group = meshes.ep_group if meshes.ep > 1 else None
     experts = shard_experts(model, meshes.ep, meshes.ep_rank, lambda E: make_dispatcher(name, E, group))
     model.ep_dispatcher = name if meshes.ep > 1 else "local"
-    layers = decoder_layers(model)
-    if activation_checkpointing and hasattr(model, "gradient_checkpointing"):  # zoo models: same parameter names
-        model.gradient_checkpointing = True
-    elif activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    return experts
 
-        for i, layer in enumerate(list(layers)):
-            layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
-    stored = next(model.parameters()).dtype
+
+def _checkpoint_layers(model: nn.Module, layers: nn.ModuleList) -> None:
+    """Activation checkpointing: the zoo model's own switch, else each decoder layer wrapped in place."""
+    if hasattr(model, "gradient_checkpointing"):  # zoo models: same parameter names
+        model.gradient_checkpointing = True
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, layer in enumerate(list(layers)):
+        layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+
+
+def _precision_policies(
+    model: nn.Module, meshes: ParallelMesh, param_dtype: torch.dtype | None, reduce_dtype: torch.dtype | str,
+    stored: torch.dtype,
+) -> tuple[MixedPrecisionPolicy, MixedPrecisionPolicy]:
+    """(dense, experts) FSDP2 mixed-precision policies; the reduce dtypes chosen go to `model.grad_reduce_dtypes`."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
     dense_rd = grad_reduce_dtype(reduce_dtype, meshes.world, stored)
     expert_rd = grad_reduce_dtype(reduce_dtype, meshes.world // meshes.ep, stored)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=dense_rd)
     mp_experts = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=expert_rd)
     model.grad_reduce_dtypes = {"dense": dense_rd, "experts": expert_rd}
+    return mp, mp_experts
+
+
+def _fsdp_experts(
+    experts: list[GroupedExperts], meshes: ParallelMesh, mp_experts: MixedPrecisionPolicy, reshard_after_forward: bool
+) -> set[nn.Parameter]:
+    """FSDP2-shard the experts over `ep_dp` where that helps; returns the expert parameters left unwrapped."""
+    from torch.distributed.fsdp import fully_shard
+
     # Experts are FSDP-sharded over ep_dp (the ranks holding the same experts) only where that group has more than
     # one rank; with ep == world each expert lives on one rank, its gradient is complete after the all-to-all
     # backward and needs no reduction. A rank may also hold no experts (uneven Shard(0)); so do all ranks of its
@@ -210,20 +247,28 @@ def parallelize(
             skip.update(mod.parameters(recurse=False))
         else:
             fully_shard(mod, mesh=meshes.ep_dp_mesh, mp_policy=mp_experts, reshard_after_forward=reshard_after_forward)
-    if meshes.world > 1:
-        for layer in layers:
-            for sub in kept_dtype_modules(layer, stored, skip):  # fp32 routers of bf16 models: units of their own
-                own = grad_reduce_dtype(reduce_dtype, meshes.world, next(sub.parameters(recurse=False)).dtype)
-                fully_shard(sub, mesh=meshes.dp_mesh, mp_policy=MixedPrecisionPolicy(param_dtype=None, reduce_dtype=own),
-                            reshard_after_forward=reshard_after_forward)
-            fully_shard(layer, mesh=meshes.dp_mesh, mp_policy=mp, ignored_params=skip or None, reshard_after_forward=reshard_after_forward)
-        head = separate_head(model)
-        if head is not None:
-            fully_shard(head, mesh=meshes.dp_mesh, mp_policy=mp, reshard_after_forward=False)
-            register_fsdp_forward_method(head, "loss")
-        fully_shard(model, mesh=meshes.dp_mesh, mp_policy=mp, ignored_params=skip or None)
-        prefetch_forward(list(layers) + ([head] if head is not None else []))
-    return model
+    return skip
+
+
+def _fsdp_dense(
+    model: nn.Module, layers: nn.ModuleList, meshes: ParallelMesh, mp: MixedPrecisionPolicy, skip: set[nn.Parameter],
+    stored: torch.dtype, reduce_dtype: torch.dtype | str, reshard_after_forward: bool,
+) -> None:
+    """FSDP2 units over `dp`: kept-dtype submodules, each decoder layer, the separate head, the root; then prefetch."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    for layer in layers:
+        for sub in kept_dtype_modules(layer, stored, skip):  # fp32 routers of bf16 models: units of their own
+            own = grad_reduce_dtype(reduce_dtype, meshes.world, next(sub.parameters(recurse=False)).dtype)
+            fully_shard(sub, mesh=meshes.dp_mesh, mp_policy=MixedPrecisionPolicy(param_dtype=None, reduce_dtype=own),
+                        reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, mesh=meshes.dp_mesh, mp_policy=mp, ignored_params=skip or None, reshard_after_forward=reshard_after_forward)
+    head = separate_head(model)
+    if head is not None:
+        fully_shard(head, mesh=meshes.dp_mesh, mp_policy=mp, reshard_after_forward=False)
+        register_fsdp_forward_method(head, "loss")
+    fully_shard(model, mesh=meshes.dp_mesh, mp_policy=mp, ignored_params=skip or None)
+    prefetch_forward(list(layers) + ([head] if head is not None else []))
 
 
 def prefetch_forward(units: list[nn.Module]) -> None:
