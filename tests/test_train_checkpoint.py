@@ -121,6 +121,27 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert (run / f"step-{last}" / "trainer.json").is_file() and (run / f"step-{last}" / "model" / "config.json").is_file()
 
 
+def test_a_signal_between_the_ranks_stop_vote_and_its_result_is_not_lost(tmp_path, monkeypatch, capsys):
+    """The ranks agree on stopping through a reduction inside `step()`. A signal handled after this rank's vote was
+    taken but before the result came back must stop the run at the next step, not be overwritten by the vote (CI
+    once saw a SIGTERM ignored that way: the run trained on until the test's deadline)."""
+    import automodel_convert.parallel.expert_parallel as ep
+
+    t = Trainer(TrainConfig(**{**COMMON, "steps": 6, "save": str(tmp_path / "run"), "quiet": False}))
+    real = ep.expert_load
+
+    def signal_inside_the_vote(model):  # runs after the vote is read, before the result is assigned
+        if t.step_index == 1:
+            t._on_signal(signal.SIGTERM, None)
+        return real(model)
+
+    monkeypatch.setattr(ep, "expert_load", signal_inside_the_vote)
+    history = t.run()
+    assert [m["step"] for m in history] == [1, 2, 3], history
+    assert (tmp_path / "run" / "step-3" / "trainer.json").is_file()
+    assert "SIGTERM: stopping after step 3" in capsys.readouterr().out
+
+
 def test_logs_tensorboard_wandb_offline_plot_and_cpu_progress(tmp_path, capsys, monkeypatch):
     import importlib.util
 

@@ -92,7 +92,8 @@ class Trainer:
         self._load_model(backend)
         self._make_optimizer()
         self.step_index = 0
-        self.stop_requested = False
+        self.stop_requested = False  # the ranks' agreed decision, taken in step()
+        self.signalled: str | None = None  # this rank's SIGINT/SIGTERM, set only by the handler
         if self.resume_path is not None:
             ckpt.load_train_state(self.resume_path / "train_state", self.model, self.optimizer, self.mesh.ep_root, self.device)
             self.data.load_state_dict(self.resume_meta["data"])
@@ -245,7 +246,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self._update_router_bias()
         clock.mark("optimizer")
-        stats = torch.stack([loss_sum, torch.tensor(float(self.stop_requested), device=self.device)])
+        # the stop vote: a signal handled after this read is not lost, it votes at the next step
+        stats = torch.stack([loss_sum, torch.tensor(float(self.signalled is not None), device=self.device)])
         load = expert_load(self.model)
         if dist.is_initialized() and self.world > 1:
             dist.all_reduce(stats)
@@ -376,6 +378,9 @@ class Trainer:
                 sinks.write(m, log=last or self.step_index % cfg.log_every == 0)
                 if on_step is not None:
                     on_step(m)
+                if self.stop_requested and self.rank == 0 and not cfg.quiet:
+                    print(f"{self.signalled or 'a signal on another rank'}: stopping after step {self.step_index}"
+                          + (" and saving" if cfg.save else ""), flush=True)
                 if root is not None and (last or self.stop_requested or (cfg.save_every and self.step_index % cfg.save_every == 0)):
                     self.save(root)
                 if self.stop_requested:
@@ -399,11 +404,11 @@ class Trainer:
             raise TrainError(err[0])
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.stop_requested:  # a second signal: stop now
+        """Record the signal (the ranks vote on stopping in `step()`); a second one stops at once. Nothing is printed
+        here: a print inside a handler can interrupt the main thread's own print (a reentrant-write error)."""
+        if self.signalled is not None:
             raise KeyboardInterrupt
-        self.stop_requested = True
-        if self.rank == 0 and not self.cfg.quiet:
-            print(f"{signal.Signals(signum).name}: stopping after step {self.step_index + 1}" + (" and saving" if self.cfg.save else ""), flush=True)
+        self.signalled = signal.Signals(signum).name
 
 
 class _Clock:
