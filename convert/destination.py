@@ -347,9 +347,10 @@ def signals_deferred(on_signal: Callable[[], None] | None = None) -> Iterator[No
     old: dict[int, object] = {}
     try:
         for sig in _TERMINATING:
-            if signal.getsignal(sig) is signal.SIG_IGN:
+            current = signal.getsignal(sig)
+            if current is signal.SIG_IGN:
                 continue  # ignored (nohup, a background job): it stays ignored
-            old[sig] = signal.getsignal(sig)
+            old[sig] = current
             signal.signal(sig, record)
         yield
     finally:
