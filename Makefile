@@ -41,7 +41,8 @@ repeat-dist: $(VENV)/.installed
 	$(PY) -m pytest -q -p no:randomly --count $(N) tests/test_ep_dispatch.py tests/test_ep_train.py \
 		tests/test_parallel_load_save.py "tests/test_train.py::test_ep2_save_resume_and_transformers_logits" \
 		tests/test_ep_head_reduce.py tests/test_ep_overlap_optimizer.py tests/test_parallel_save_failures.py \
-		tests/test_spawn_ranks.py tests/test_train_checkpoint.py tests/test_train_control.py tests/test_train_data.py -k "$(K)"
+		tests/test_spawn_ranks.py tests/test_train_checkpoint.py tests/test_train_control.py tests/test_train_data.py \
+		tests/test_models_recompute.py -k "$(K)"
 
 fixtures: $(VENV)/.installed
 	$(PY) fixtures/make_fixtures.py
