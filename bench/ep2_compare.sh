@@ -7,7 +7,7 @@
 #   DEPTHS=8 bash bench/ep2_compare.sh        # results and the side-by-side table (bench/ep2_summary.py) in $OUT
 # Env: DEPTHS (8 16), OURS_ARGS (default: --dispatcher auto --no-reshard), EXTRA_OURS ('|'-separated extra argument
 # sets for labelled runs of ours, e.g. the configuration before a change), NEMO_STAGES (deepep deepep_bal; add torch
-# torch_bal for its own dispatcher)
+# torch_bal for its own dispatcher), SKIP_NEMO=1 (no NeMo rows)
 set -uo pipefail
 source bench/device_env.sh
 source bench/deepep_build.sh
@@ -22,6 +22,6 @@ for L in ${DEPTHS:-8 16}; do
     timeout 240 torchrun --nproc_per_node 2 bench/train_bench.py --runs trainer --ep 2 --layers "$L" --seq 4096 --gate balanced --steps 8 --warmup 3 $OURS_ARGS $extra 2>&1 | grep '^{"impl' | tee -a "$OUT/ep2_${L}l.txt"
   done
   CUDA_VISIBLE_DEVICES=0 timeout 150 python3 bench/train_bench.py --runs trainer --ep 1 --layers "$L" --seq 4096 --steps 8 --warmup 3 2>&1 | grep '^{"impl' | tee "$OUT/ep1_${L}l.txt"
-  OUT="$OUT/nemo_${L}l" LAYERS="$L" bash .carry/nemo/run.sh setup ${NEMO_STAGES:-deepep deepep_bal} 2>&1 | grep -E '^(===|rc=|\{)' | cut -c1-300
+  [ -n "${SKIP_NEMO:-}" ] || OUT="$OUT/nemo_${L}l" LAYERS="$L" bash .carry/nemo/run.sh setup ${NEMO_STAGES:-deepep deepep_bal} 2>&1 | grep -E '^(===|rc=|\{)' | cut -c1-300
 done
 python3 bench/ep2_summary.py "$OUT" | tee "$OUT/summary.md"

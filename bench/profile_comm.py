@@ -2,7 +2,8 @@
 
 Contract: `comm_exposure(trace_path, steps)` reads a chrome trace and returns, per step in ms, the GPU time spent in
 communication kernels (NCCL, DeepEP) and the part of it during which no compute kernel ran on any stream (exposed),
-also per kind of collective. `profile_steps(kind, gate, step_fn, device, path)` profiles two calls of `step_fn`,
+also per kind of collective, and the GPU's idle time (no kernel on any stream between the first kernel and the last:
+the host was behind, e.g. after a host sync). `profile_steps(kind, gate, step_fn, device, path)` profiles two calls of `step_fn`,
 appends a kernel table to `path` and returns `comm_exposure` of them (CUDA only). Unit-tested on a hand-made trace
 (tests/test_bench_smoke.py).
 """
@@ -62,6 +63,9 @@ def comm_exposure(trace_path: str, steps: int) -> dict[str, float]:
     all_u = _union_ms([s for spans in comm.values() for s in spans])
     total = sum(b - a for a, b in all_u)
     out = {"comm_ms": round(total / 1e3 / steps, 2), "exposed_comm_ms": round((total - _overlap_ms(all_u, comp_u)) / 1e3 / steps, 2)}
+    busy = _union_ms(comp_u + all_u)
+    if busy:  # between the first kernel and the last: no kernel on any stream (the host was behind, or waiting)
+        out["gpu_idle_ms"] = round((busy[-1][1] - busy[0][0] - sum(b - a for a, b in busy)) / 1e3 / steps, 2)
     for kind, spans in comm.items():
         u = _union_ms(spans)
         if u:

@@ -217,7 +217,7 @@ def run_trainer(gate: str, args: argparse.Namespace, device: torch.device, dtype
     tps = args.batch * args.seq / step
     tflops = train_flops_per_token(cfg, args.seq) * tps / 1e12
     res = dict(
-        impl=f"trainer(ep={args.ep},world={trainer.world}" + (f",{trainer.dispatcher}" if args.ep > 1 else "") + ("" if args.reshard_after_forward else ",noreshard") + ("" if args.reduce_dtype == "auto" else f",reduce={args.reduce_dtype}") + (",fsdp-before" if args.fsdp_before else "") + ")" + ("+graphs" if args.cuda_graphs else "") + ("+overlap" if args.overlap_optimizer else "") + ("+balanced" if gate == "balanced" else ""), gate=gate,
+        impl=_trainer_label(args, trainer, gate), gate=gate,
         layers=args.layers, seq=args.seq, batch=args.batch, params_b=round(trainer.total_params / 1e9, 3), adamw="fused" if device.type == "cuda" else "foreach",
         fwd_ms=round(med([m["forward_ms"] for m in hist]), 2), bwd_ms=round(med([m["backward_ms"] for m in hist]), 2),
         fb_ms=round(med([m["forward_ms"] + m["backward_ms"] for m in hist]), 2), opt_ms=round(med([m["optimizer_ms"] for m in hist]), 2),
@@ -233,6 +233,15 @@ def run_trainer(gate: str, args: argparse.Namespace, device: torch.device, dtype
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return res
+
+
+def _trainer_label(args: argparse.Namespace, trainer, gate: str) -> str:  # noqa: ANN001
+    """The row's name: every option that changes how the trainer runs."""
+    inner = [f"ep={args.ep}", f"world={trainer.world}"] + ([trainer.dispatcher] if args.ep > 1 else [])
+    inner += ([] if args.reshard_after_forward else ["noreshard"]) + ([] if args.reduce_dtype == "auto" else [f"reduce={args.reduce_dtype}"])
+    inner += (["fsdp-before"] if args.fsdp_before else []) + ([args.backend] if args.backend else [])
+    tail = ("+graphs" if args.cuda_graphs else "") + ("+overlap" if args.overlap_optimizer else "") + ("+balanced" if gate == "balanced" else "")
+    return f"trainer({','.join(inner)}){tail}"
 
 
 def run(kind: str, gate: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -402,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", default="transformers,ours", help="comma list of runs (order kept): transformers[_overlap], ours[_graphs][_overlap], trainer[_graphs][_overlap]")
     ap.add_argument("--ep", type=int, default=1, help="trainer runs: expert-parallel degree (under torchrun)")
     ap.add_argument("--ac", action="store_true", help="trainer runs: activation checkpointing")
-    ap.add_argument("--dispatcher", default="auto", help="trainer runs with ep > 1: auto, alltoall or deepep")
+    ap.add_argument("--dispatcher", default="auto", help="trainer runs with ep > 1: auto, alltoall, deepep or deepep_static")
     ap.add_argument("--no-reshard", dest="reshard_after_forward", action="store_false", help="trainer runs: FSDP2 reshard_after_forward=False")
     ap.add_argument("--reduce-dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="trainer runs: gradient reduce dtype")
     ap.add_argument("--fsdp-before", action="store_true", help="trainer runs: the FSDP arrangement before (head in the root unit, no explicit forward prefetch)")

@@ -16,6 +16,9 @@ Host syncs, and why they remain: the all-to-all needs its split sizes on the hos
 reads one small tensor per layer (rows to send, rows and (token, expert) pairs to receive, per rank) in one `.tolist()`
 after one tiny all-to-all; combine and both backward passes reuse those sizes (no further sync). DeepEP's
 dispatch waits on the host for the received-token count (its notify step) for the same reason. Nothing else syncs.
+`deepep_static` (`DeepEPDispatcher(max_tokens=N)`) removes that last one with DeepEP's `num_worst_tokens`: its buffers
+and rows are sized for the worst case (every rank's N tokens arrive, each at k local experts) and padded, so it
+trades memory for a step with no EP host sync; values and gradients equal `deepep`'s.
 """
 
 from __future__ import annotations
@@ -164,23 +167,23 @@ class _DeepEPDispatch(torch.autograd.Function):
     """DeepEP dispatch; backward is DeepEP combine (gradients of rows and of the routing weights go home summed)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, buffer, num_experts: int, box: list):  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, buffer, num_experts: int, box: list, worst: int):  # noqa: ANN001
         per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(indices, num_experts)
         recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
             x, topk_idx=indices, topk_weights=weights, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert,
+            num_tokens_per_expert=per_expert, num_worst_tokens=worst,
         )
         ctx.buffer, ctx.handle = buffer, handle
-        box.extend([recv_idx, sum(counts), handle])
+        box.extend([recv_idx, sum(counts) if not worst else None, handle])
         return recv_x, recv_w
 
     @staticmethod
     def backward(ctx, g_x: torch.Tensor | None, g_w: torch.Tensor | None):  # noqa: ANN001, ANN205
         if g_x is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         gw_in = None if g_w is None else g_w.float().contiguous()
         gx, gw, _ = ctx.buffer.combine(g_x.contiguous(), ctx.handle, topk_weights=gw_in)
-        return gx, gw, None, None, None, None
+        return gx, gw, None, None, None, None, None
 
 
 class _DeepEPCombine(torch.autograd.Function):
@@ -199,14 +202,19 @@ class _DeepEPCombine(torch.autograd.Function):
 
 
 class DeepEPDispatcher(TokenDispatcher):
-    """Expert parallelism through DeepEP's intranode (NVLink) kernels; bf16 rows, E divisible by ep."""
+    """Expert parallelism through DeepEP's intranode (NVLink) kernels; bf16 rows, E divisible by ep.
 
-    name = "deepep"
+    `max_tokens=None` ("deepep"): DeepEP's host waits once per layer for the received-token count, and the rows are
+    sized exactly. `max_tokens=N` ("deepep_static", every rank passes at most N tokens per layer): no host sync
+    anywhere (DeepEP's `num_worst_tokens = ep * N`); the received tokens and their (token, expert) rows are sized for
+    the worst case and padded (`expand_received(num_pairs=None)`): more memory for the padding, the same values.
+    """
 
-    def __init__(self, num_experts: int, group) -> None:  # noqa: ANN001
+    def __init__(self, num_experts: int, group, max_tokens: int | None = None) -> None:  # noqa: ANN001
         if not deepep_available():
             raise DispatcherError("dispatcher 'deepep' needs the deep_ep package (build it: docs/DEEPEP.md); or use --dispatcher alltoall")
-        self.num_experts, self.group = num_experts, group
+        self.num_experts, self.group, self.max_tokens = num_experts, group, max_tokens
+        self.name = "deepep" if max_tokens is None else "deepep_static"
         self.ep, self.rank = dist.get_world_size(group), dist.get_rank(group)
         if num_experts % self.ep:
             raise DispatcherError(f"dispatcher 'deepep' needs the {num_experts} experts to divide evenly over ep={self.ep}; use --dispatcher alltoall")
@@ -215,9 +223,12 @@ class DeepEPDispatcher(TokenDispatcher):
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> RoutedRows:
         if x.dtype != torch.bfloat16 or not x.is_cuda:
             raise DispatcherError(f"dispatcher 'deepep' moves bf16 CUDA rows, got {x.dtype} on {x.device}; use --dispatcher alltoall")
+        if self.max_tokens is not None and x.shape[0] > self.max_tokens:
+            raise DispatcherError(f"dispatcher 'deepep_static' was sized for {self.max_tokens} tokens per rank and got {x.shape[0]}; use --dispatcher deepep")
         buffer = deepep_buffer(self.group, x.shape[1] * x.element_size())
         box: list = []
-        recv_x, recv_w = _DeepEPDispatch.apply(x, weights.float(), indices.long(), buffer, self.num_experts, box)
+        worst = 0 if self.max_tokens is None else self.ep * self.max_tokens
+        recv_x, recv_w = _DeepEPDispatch.apply(x, weights.float(), indices.long(), buffer, self.num_experts, box, worst)
         recv_idx, num_pairs, handle = box
         routed = expand_received(recv_x, recv_idx, recv_w, self.num_local, num_pairs)
         routed.state = (routed.state, buffer, handle)
@@ -228,7 +239,7 @@ class DeepEPDispatcher(TokenDispatcher):
         return _DeepEPCombine.apply(sum_slots(y, pairs), buffer, handle)
 
 
-DISPATCHERS = ("auto", "alltoall", "deepep")
+DISPATCHERS = ("auto", "alltoall", "deepep", "deepep_static")
 
 
 def choose_dispatcher(name: str, ep: int, device_type: str) -> str:
@@ -237,13 +248,18 @@ def choose_dispatcher(name: str, ep: int, device_type: str) -> str:
         raise DispatcherError(f"dispatcher {name!r} is unknown; use one of {', '.join(DISPATCHERS)}")
     if name == "auto":
         return "deepep" if ep > 1 and device_type == "cuda" and deepep_available() else "alltoall"
-    if name == "deepep" and not deepep_available():
-        raise DispatcherError("dispatcher 'deepep' needs the deep_ep package (build it: docs/DEEPEP.md); or use --dispatcher alltoall")
-    if name == "deepep" and device_type != "cuda":
-        raise DispatcherError("dispatcher 'deepep' runs on CUDA GPUs only; use --dispatcher alltoall")
+    if name.startswith("deepep") and not deepep_available():
+        raise DispatcherError(f"dispatcher {name!r} needs the deep_ep package (build it: docs/DEEPEP.md); or use --dispatcher alltoall")
+    if name.startswith("deepep") and device_type != "cuda":
+        raise DispatcherError(f"dispatcher {name!r} runs on CUDA GPUs only; use --dispatcher alltoall")
     return name
 
 
-def make_dispatcher(name: str, num_experts: int, group) -> TokenDispatcher:  # noqa: ANN001
-    """A resolved dispatcher name (see `choose_dispatcher`) -> the dispatcher for one experts module."""
+def make_dispatcher(name: str, num_experts: int, group, max_tokens: int | None = None) -> TokenDispatcher:  # noqa: ANN001
+    """A resolved dispatcher name (see `choose_dispatcher`) -> the dispatcher for one experts module. `deepep_static`
+    needs `max_tokens`, the most tokens any rank passes to one experts module in one call (batch x seq)."""
+    if name == "deepep_static":
+        if not max_tokens:
+            raise DispatcherError("dispatcher 'deepep_static' needs the tokens per rank (batch x seq) to size its buffers; use --dispatcher deepep")
+        return DeepEPDispatcher(num_experts, group, max_tokens)
     return DeepEPDispatcher(num_experts, group) if name == "deepep" else AllToAllDispatcher(num_experts, group)

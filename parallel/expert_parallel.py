@@ -171,6 +171,7 @@ def parallelize(
     activation_checkpointing: bool = False,
     dispatcher: str = "auto",
     reshard_after_forward: bool = True,
+    max_tokens: int | None = None,
 ) -> nn.Module:
     """Expert-shard, (optionally) checkpoint and FSDP2-wrap `model` in place; returns it.
 
@@ -178,9 +179,10 @@ def parallelize(
     imports, else all-to-all); the name used is left in `model.ep_dispatcher`. `reshard_after_forward=False` keeps
     the dense layers' gathered parameters from forward to backward (no second all-gather, more memory).
     `reduce_dtype`: a dtype, or "auto" (see the module docstring); the dtypes used are left in
-    `model.grad_reduce_dtypes` ({"dense": ..., "experts": ...}).
+    `model.grad_reduce_dtypes` ({"dense": ..., "experts": ...}). `max_tokens`: the most tokens a rank passes to an
+    experts module in one call (batch x seq); `dispatcher="deepep_static"` sizes its buffers by it.
     """
-    experts = _shard_and_dispatch(model, meshes, dispatcher)
+    experts = _shard_and_dispatch(model, meshes, dispatcher, max_tokens)
     layers = decoder_layers(model)
     if activation_checkpointing:
         _checkpoint_layers(model, layers)
@@ -192,14 +194,16 @@ def parallelize(
     return model
 
 
-def _shard_and_dispatch(model: nn.Module, meshes: ParallelMesh, dispatcher: str) -> list[GroupedExperts]:
+def _shard_and_dispatch(model: nn.Module, meshes: ParallelMesh, dispatcher: str, max_tokens: int | None = None) -> list[GroupedExperts]:
     """Resolve the dispatcher, keep this rank's experts with it (`shard_experts`); the name goes to `model.ep_dispatcher`."""
     try:
         name = choose_dispatcher(dispatcher, meshes.ep, meshes.device_type)
     except DispatcherError as e:
         raise ExpertParallelError(str(e)) from e
     group = meshes.ep_group if meshes.ep > 1 else None
-    experts = shard_experts(model, meshes.ep, meshes.ep_rank, lambda E: make_dispatcher(name, E, group))
+    if name == "deepep_static" and not max_tokens:
+        raise ExpertParallelError("dispatcher 'deepep_static' needs max_tokens (batch x seq per rank) to size its buffers; use --dispatcher deepep")
+    experts = shard_experts(model, meshes.ep, meshes.ep_rank, lambda E: make_dispatcher(name, E, group, max_tokens))
     model.ep_dispatcher = name if meshes.ep > 1 else "local"
     return experts
 

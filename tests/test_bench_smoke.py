@@ -41,4 +41,5 @@ def test_comm_exposure_counts_only_communication_no_compute_overlaps(tmp_path) -
     (tmp_path / "t.json").write_text(json.dumps({"traceEvents": events}))
     got = train_bench.comm_exposure(str(tmp_path / "t.json"), steps=1)  # microseconds in, ms out
     # RS 0-100 overlaps the GEMM 50-100: 50 exposed; DeepEP 30 exposed; AG 300-340 overlaps 320-340: 20 exposed
-    assert got == {"comm_ms": 0.17, "exposed_comm_ms": 0.1, "exposed_reduce_scatter_ms": 0.05, "exposed_all_gather_ms": 0.02, "exposed_deepep_ms": 0.03}
+    assert got == {"comm_ms": 0.17, "exposed_comm_ms": 0.1, "exposed_reduce_scatter_ms": 0.05, "exposed_all_gather_ms": 0.02, "exposed_deepep_ms": 0.03,
+                   "gpu_idle_ms": 0.12}  # no kernel in 150-200 and 230-300

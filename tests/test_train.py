@@ -148,7 +148,8 @@ def test_ep2_save_resume_and_transformers_logits(ckpt):
         assert not torch.equal(orig.state_dict()[key], model.state_dict()[key])
 
 
-@pytest.mark.parametrize("name,says", [("deepep", "dispatcher 'deepep'"), ("nccl2", "dispatcher 'nccl2' is unknown")])
+@pytest.mark.parametrize("name,says", [("deepep", "dispatcher 'deepep'"), ("deepep_static", "dispatcher 'deepep_static'"),
+                                       ("nccl2", "dispatcher 'nccl2' is unknown")])
 def test_dispatcher_that_cannot_run_is_a_one_line_error(ckpt, capsys, monkeypatch, name, says):
     """deep_ep not importable (CI) or no CUDA, or an unknown name: one line, exit 2, before any weight is read."""
     monkeypatch.setenv("WORLD_SIZE", "1")

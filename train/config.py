@@ -83,7 +83,8 @@ class TrainConfig:
     init: str = opt("pretrained", "pretrained, or random (config only, benchmarks)", ("pretrained", "random"))
     num_layers: int | None = opt(None, "override num_hidden_layers (with --init random)")
     backend: str = opt("", "BackendConfig as key=value,...")
-    dispatcher: str = opt("auto", "token dispatcher for ep > 1: auto, alltoall, deepep (checked with the mesh)")
+    dispatcher: str = opt("auto", "token dispatcher for ep > 1: auto, alltoall, deepep, deepep_static (DeepEP with no host sync, buffers "
+                                   "sized for the worst case; checked with the mesh)")
     ac: bool = opt(False, "activation checkpointing per decoder layer")
     cuda_graphs: bool = opt(False, "experimental: CUDA graphs per decoder layer (one GPU, ep=1)")
     overlap_optimizer: bool = opt(False, "step AdamW per parameter inside backward (one rank, or the experts at ep = world; needs --grad-clip 0 and "

@@ -176,7 +176,8 @@ class Trainer:
         mp_dtype = None if self.dtype == torch.float32 else self.dtype
         reduce = cfg.reduce_dtype if cfg.reduce_dtype == "auto" else getattr(torch, cfg.reduce_dtype)
         parallelize(self.model, self.mesh, param_dtype=mp_dtype, reduce_dtype=reduce, activation_checkpointing=cfg.ac,
-                    dispatcher=self.dispatcher if cfg.ep > 1 else "auto", reshard_after_forward=cfg.reshard_after_forward)
+                    dispatcher=self.dispatcher if cfg.ep > 1 else "auto", reshard_after_forward=cfg.reshard_after_forward,
+                    max_tokens=cfg.batch * cfg.seq)
         self.model.train()
         self.masking = DocumentMasking(self.model, cfg.doc_attention) if cfg.packing_mask == "document" else None
         if cfg.cuda_graphs:

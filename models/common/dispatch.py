@@ -107,6 +107,7 @@ class RoutedRows:
     state: Any
     source: torch.Tensor | None = None  # x == source.index_select(0, source_rows): what backward can re-gather x from
     source_rows: torch.Tensor | None = None
+    padded: bool = False  # rows past offsets[-1] are padding: undefined values that only the grouped GEMM may skip
 
 
 class TokenDispatcher:
@@ -156,12 +157,15 @@ class SlotRows:
     fused: bool
 
     @staticmethod
-    def build(group: torch.Tensor, slot: torch.Tensor, num_groups: int, k: int, fused: bool) -> SlotRows:
-        """Rows whose group and slot are `group [S]`, `slot [S]`."""
+    def build(group: torch.Tensor, slot: torch.Tensor, num_groups: int, k: int, fused: bool, valid: torch.Tensor | None = None) -> SlotRows:
+        """Rows whose group and slot are `group [S]`, `slot [S]`; rows where `valid` is False fill no slot."""
         n = group.numel()
-        slots = torch.full((num_groups * k,), n, dtype=torch.long, device=group.device)
-        slots.scatter_(0, group * k + slot, torch.arange(n, device=group.device))
-        return SlotRows(group, slots, k, fused)
+        slots = torch.full((num_groups * k + 1,), n, dtype=torch.long, device=group.device)
+        target = group * k + slot
+        if valid is not None:
+            target = torch.where(valid, target, num_groups * k)  # the spare last slot, dropped below
+        slots.scatter_(0, target, torch.arange(n, device=group.device))
+        return SlotRows(group, slots[:-1], k, fused)
 
 
 class _GatherSlots(torch.autograd.Function):
@@ -192,23 +196,35 @@ class _SumSlots(torch.autograd.Function):
 
 
 def expand_received(
-    recv_x: torch.Tensor, recv_idx: torch.Tensor, recv_weights: torch.Tensor, num_local: int, num_pairs: int
+    recv_x: torch.Tensor, recv_idx: torch.Tensor, recv_weights: torch.Tensor, num_local: int, num_pairs: int | None
 ) -> RoutedRows:
     """Tokens that arrived once per rank (`recv_x [R, H]`, `recv_idx [R, k]` local expert ids or -1 for experts on
     other ranks, `recv_weights [R, k]`) -> rows per (token, local expert) pair sorted by local expert. `num_pairs`
     (the count of ids >= 0, known on the host from the exchange that sized the transfer) spares a host sync.
-    `sum_pairs` is the matching first half of combine. Both directions are gathers: deterministic, no atomics."""
+    `sum_pairs` is the matching first half of combine. Both directions are gathers: deterministic, no atomics.
+
+    `num_pairs=None` (the count is on the device only): all R x k slots become rows, the pairs first and in the same
+    order as with the count, then padding rows (`RoutedRows.padded`) whose values are undefined, which the grouped
+    GEMM skips (they lie past `offsets[-1]`), whose routing weight is 0 and whose gradients reach nothing: `combine`
+    reads only the pairs' rows, and their weights' gradients are masked. Padding tokens (`recv_idx` all -1) may hold
+    any bytes, NaN included."""
     k = recv_idx.shape[1]
     flat = recv_idx.reshape(-1)
     key = torch.where(flat >= 0, flat, num_local)  # other ranks' experts sort last and are cut off
     sorted_ids, perm = torch.sort(key, stable=True)
-    sorted_ids, perm = sorted_ids[:num_pairs], perm[:num_pairs]
+    if num_pairs is not None:
+        sorted_ids, perm = sorted_ids[:num_pairs], perm[:num_pairs]
     bounds = torch.arange(num_local, device=flat.device, dtype=sorted_ids.dtype)
     offsets = torch.searchsorted(sorted_ids, bounds, right=True).to(torch.int32)
-    pairs = SlotRows.build(perm // k, perm % k, recv_x.shape[0], k, triton_ok(recv_x, "auto"))
+    valid = None if num_pairs is not None else sorted_ids < num_local
+    pairs = SlotRows.build(perm // k, perm % k, recv_x.shape[0], k, triton_ok(recv_x, "auto"), valid)
     xs = gather_slots(recv_x, pairs)
-    row_weight = recv_weights.reshape(-1).index_select(0, perm).to(recv_x.dtype)
-    return RoutedRows(xs, offsets, sorted_ids, row_weight, pairs, source=recv_x, source_rows=pairs.token)
+    row_weight = recv_weights.reshape(-1).index_select(0, perm)
+    if valid is not None:  # padding rows: weight 0, and no gradient flows back into the (undefined) received weights
+        row_weight = torch.where(valid, row_weight, torch.zeros((), dtype=row_weight.dtype, device=row_weight.device))
+        sorted_ids = sorted_ids.clamp_max(num_local - 1)  # in range for per-expert biases; the rows stay padding
+    return RoutedRows(xs, offsets, sorted_ids, row_weight.to(recv_x.dtype), pairs, source=recv_x, source_rows=pairs.token,
+                      padded=valid is not None)
 
 
 def gather_slots(x: torch.Tensor, rows: SlotRows) -> torch.Tensor:

@@ -202,6 +202,10 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         routed = self.dispatcher.dispatch(x, indices, weights.to(x.dtype))
+        w1 = self.gate_up_proj.transpose(1, 2) if self.layout == "concat" else self.gate_up_proj
+        if routed.padded and not (self.impl in ("grouped_mm", "auto") and grouped_mm_ok(routed.x, w1)):
+            raise ValueError(f"dispatcher {self.dispatcher.name!r} pads its rows, which only experts='grouped_mm' skips "
+                             f"(this layer runs {self.impl!r} on {routed.x.dtype}); use --dispatcher deepep")
         if not (self.recompute and torch.is_grad_enabled()):
             y = self.run_grouped(routed.x, routed.offsets, routed.expert_ids, routed.weights)
             return self.dispatcher.combine(y, routed)
