@@ -19,6 +19,7 @@ from ep2_summary import rows_for  # noqa: E402
 def _label(r: dict) -> str:
     name = r["system"].replace("transformers FSDP2 dp=2", "transformers\nFSDP2").replace("NeMo AutoModel (deepep)", "NeMo\n(DeepEP)")
     name = name.replace("ours trainer(ep=2,world=2,deepep,noreshard", "ours EP=2").replace("ours trainer(ep=1,world=1)", "ours ep=1\n(1 GPU)")
+    name = name.replace("ours trainer(ep=2,world=2,deepep_static,noreshard", "ours EP=2\nstatic").replace(",expert_recompute=1", "\nrecompute")
     name = name.replace(",reduce=float32,fsdp-before)", "\nbefore").replace(")+overlap", "\n+overlap").replace(")", "")
     name = name.replace("(1 GPU", "(1 GPU)").replace("(DeepEP", "(DeepEP)")
     return name + ("\nbalanced" if r["gate"] == "balanced" else "")
