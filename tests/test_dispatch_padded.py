@@ -93,3 +93,16 @@ def test_experts_that_cannot_skip_padding_refuse_it():
     x, idx, w = _received(4)
     with pytest.raises(ValueError, match="pads its rows"):
         mod(x, idx, w)
+
+
+def test_deepep_static_without_a_token_bound_is_one_line(monkeypatch):
+    """Its buffers are sized from the tokens per rank; without that bound it refuses before touching DeepEP."""
+    from automodel_convert.parallel import ep_dispatch
+
+    monkeypatch.setattr(ep_dispatch, "deepep_available", lambda: True)
+    with pytest.raises(ep_dispatch.DispatcherError, match="needs the tokens per rank") as e:
+        ep_dispatch.make_dispatcher("deepep_static", 8, None, None)
+    assert "\n" not in str(e.value)
+    assert ep_dispatch.choose_dispatcher("deepep_static", 2, "cuda") == "deepep_static"
+    with pytest.raises(ep_dispatch.DispatcherError, match="CUDA GPUs only"):
+        ep_dispatch.choose_dispatcher("deepep_static", 2, "cpu")
