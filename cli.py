@@ -392,7 +392,7 @@ def list_types(as_json: Annotated[bool, typer.Option("--json")] = False) -> None
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
-        out.print(render_table(rows))
+        out.print(render_table(rows, out.width))
 
 
 def _interrupted() -> int:

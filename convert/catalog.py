@@ -218,21 +218,41 @@ def title(rows: list[dict]) -> str:
     return f"{len(rows)} supported model types ({n_ok} verified by fixture, {n_gen} translated from transformers)"
 
 
-def render_table(rows: list[dict]):
-    """The supported types, then the transformers types that are not supported (with the reason)."""
+WIDE = 150  # columns the full table needs before rich squeezes its layout columns to nothing
+
+
+def render_table(rows: list[dict], width: int | None = None):
+    """The supported types, then the transformers types that are not supported (with the reason). Narrower than
+    `WIDE` columns (an 80-column terminal, a pipe), the layout columns are left out and the caption says where they are."""
     from rich.console import Group
 
-    return Group(_supported_table(rows), render_unsupported(unsupported_rows()))
+    return Group(_supported_table(rows, width is not None and width < WIDE), render_unsupported(unsupported_rows()))
 
 
-def _supported_table(rows: list[dict]):
+COMPACT = ("model type", "zoo model", "status")
+
+
+def _compact(cells: dict[str, str]) -> dict[str, str]:
+    """Short forms for a narrow terminal: the zoo class and its EP mark without the reason; "translated" without the version."""
+    zoo = cells["zoo model"]
+    if "(" in zoo:
+        name, mark = zoo.split(" (", 1)
+        zoo = f"{name} ({'no EP' if mark.startswith('no EP') else 'EP'})"
+    return {**cells, "zoo model": zoo, "status": cells["status"].split(" from ")[0]}
+
+
+def _supported_table(rows: list[dict], compact: bool = False):
     from rich.table import Table
 
-    t = Table(title=title(rows))
-    for c in COLUMNS:
-        t.add_column(c, overflow="fold", no_wrap=c in ("model type", "family", "status"))
+    caption = (f"family, layouts and config fields are left out below {WIDE} columns: widen the terminal, or see "
+               "`list --json` or docs/MODELS.md") if compact else None
+    t = Table(title=title(rows), caption=caption)
+    for c in COMPACT if compact else COLUMNS:
+        t.add_column(c, overflow="fold", no_wrap=compact or c in ("model type", "family", "status"))
     for r in rows:
-        t.add_row(*_cells(r))
+        cells = dict(zip(COLUMNS, _cells(r)))
+        cells = _compact(cells) if compact else cells
+        t.add_row(*(cells[c] for c in (COMPACT if compact else COLUMNS)))
     return t
 
 

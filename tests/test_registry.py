@@ -95,6 +95,27 @@ def test_list_command(run_cli):
         assert row["model_type"] in flat
 
 
+@pytest.mark.parametrize("columns", [80, 120, 200])
+def test_list_shows_every_column_it_prints_at_any_terminal_width(run_cli, monkeypatch, columns):
+    """At 80 columns rich squeezed four of the seven columns to zero width (empty headers and cells); now a narrow
+    terminal gets the columns that fit, every one of them readable, and a caption saying where the rest are."""
+    from automodel_convert.convert.catalog import COLUMNS, COMPACT, WIDE
+
+    monkeypatch.setenv("COLUMNS", str(columns))
+    code, out, _ = run_cli("list")
+    assert code == 0
+    assert max(len(line) for line in out.splitlines()) <= columns
+    flat = re.sub(r"[│┃\s]+", " ", out)
+    shown = COLUMNS if columns >= WIDE else COMPACT
+    for header in shown:
+        assert header in flat, (columns, header)
+    assert ("docs/MODELS.md" in flat) == (columns < WIDE)
+    rows = catalog_rows()
+    for r in rows:  # every row's zoo class and status word, whole on one line
+        line = next(line for line in out.splitlines() if re.match(rf"[│┃] {re.escape(r['model_type'])} ", line))
+        assert r["zoo"].split()[0] in line and r["verified"].split()[0] in line, (columns, line)
+
+
 def _config_value(config: dict, dotted: str):
     for part in dotted.split("."):
         config = config.get(part) if isinstance(config, dict) else None
