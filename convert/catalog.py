@@ -212,6 +212,12 @@ def unsupported_rows() -> list[dict]:
     return rows
 
 
+def none_unsupported() -> str:
+    from importlib.metadata import version
+
+    return f"every model type with fused experts in transformers {version('transformers')} is supported"
+
+
 def title(rows: list[dict]) -> str:
     n_ok = sum(r["verified"].startswith("verified") for r in rows)
     n_gen = sum(r["verified"].startswith("translated") for r in rows)
@@ -264,6 +270,11 @@ def _cells(r: dict) -> tuple[str, ...]:
 
 def render_unsupported(rows: list[dict]):
     from rich.table import Table
+    from rich.text import Text
+
+    if not rows:
+        text = none_unsupported()
+        return Text(f"{text[0].upper()}{text[1:]}.")
 
     t = Table(title=f"{len(rows)} transformers types with fused experts not supported")
     t.add_column("model type", no_wrap=True)
@@ -288,6 +299,8 @@ def docs_table(text: str) -> str:
 
 
 def markdown_unsupported(rows: list[dict]) -> str:
+    if not rows:
+        return f"None: {none_unsupported()}.\n"
     lines = ["| model type | why not |", "|---|---|"]
     lines += [f"| {r['model_type']} | {r['reason'].replace('|', '/')} |" for r in rows]
     return "\n".join(lines) + "\n"

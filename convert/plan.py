@@ -87,8 +87,17 @@ def plan_conversion(
         _check_tiling(t)
     plan = Plan(model_type, mapping, layout, target, outputs, instances, passthrough)
     if layout is target:
-        plan.notes.append(f"the checkpoint is already in the {target} layout: tensors are copied through unchanged")
+        changed = sum(not _copied_unchanged(t) for t in outputs)
+        plan.notes.append(
+            f"the checkpoint is already in the {target} layout: tensors are copied through unchanged" if not changed else
+            f"the experts are already in the {target} layout on disk; {changed} tensor(s) are renamed or converted to the model's form, the rest copied through unchanged"
+        )
     return plan
+
+
+def _copied_unchanged(t: OutTensor) -> bool:
+    """The output is its one source tensor under the same name, byte for byte in place."""
+    return t.sources == (t.name,) and all(isinstance(p, Copy) and p.key == t.name and p.src == p.dst for p in t.pieces)
 
 
 def _rename_keys(ckpt: Checkpoint, mapping: MoEMapping, model_type: str) -> dict[str, str]:

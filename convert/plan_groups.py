@@ -256,16 +256,18 @@ class _InstanceEmitter:
         g, gi = self.g, self.gi
         encode = g.chain(dst, gi.part_shapes)
         expert_shape = encode.out_shapes(gi.part_shapes)[0]
-        pieces = [self._fused_pieces(e, encode) for e in range(gi.num_experts)]
+        pieces = [self._fused_pieces(e, encode, dst) for e in range(gi.num_experts)]
         name = self._name(g.fused_template.format(**gi.captures))
         flat = [p for ps in pieces for p in ps]
         if not g.stacked:
             return OutTensor(name, gi.dtype, tuple(expert_shape), flat, None, False, self.sources)
         return OutTensor(name, gi.dtype, (gi.num_experts, *expert_shape), flat, g.fused, True, self.sources)
 
-    def _fused_pieces(self, e: int, encode) -> list[Piece]:  # noqa: ANN001 - a Chain
+    def _fused_pieces(self, e: int, encode, dst: Layout) -> list[Piece]:  # noqa: ANN001 - a Chain
         g, gi = self.g, self.gi
         base, ex = e * self.expert_nbytes, (e if g.stacked else None)
+        if self.src is dst and gi.fused_key is not None:  # the source holds this very layout: its bytes, copied
+            return [Copy(gi.fused_key, base, self.expert_nbytes, base, ex)]
         ranges = [self.part_source(e, p) for p in range(len(g.parts))]
         if all(r is not None for r in ranges) and encode.is_byte_concat():
             out, off = [], base

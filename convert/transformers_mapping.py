@@ -53,6 +53,7 @@ from .transformers_translate import (  # noqa: F401 - fused_expert_types, is_fus
     is_fused_experts,
     kept_as_stored,
     language_model_types,
+    quantized_companions,
 )
 
 FAMILY = "transformers"
@@ -196,6 +197,9 @@ class _Translation:
             else:
                 self.refused.append(RefusedKeys(t, tuple(t._original_source_patterns), str(e)))
             return
+        companions = quantized_companions(t)
+        if companions is not None and companions not in self.refused:
+            self.refused.append(companions)
         if t.scope_prefix:
             self.unscoped_of.update({h: g for g, h in pairs})
         else:

@@ -1,7 +1,8 @@
-"""The ops transformers' declared conversions need that `convert.ops` lacks, bound from a checkpoint's config:
-`RopePermute` (transformers' `PermuteForRope`, its head count from the config) and `ModelSizedConcat` (the inverse of
-transformers' `Split`, sized like the parameters of the model built from the config). `transformers_translate`
-makes them from transformers' declarations; both only move elements (bit-exact)."""
+"""The ops transformers' declared conversions need that `convert.ops` lacks: `RopePermute` (transformers'
+`PermuteForRope`, its head count from the config), `ModelSizedConcat` (the inverse of transformers' `Split`, sized
+like the parameters of the model built from the config) and `MessageQueries` (transformers'
+`Inkling2LoopMergeMessageQueries`). `transformers_translate` makes them from transformers' declarations; all only
+move elements (bit-exact)."""
 
 from __future__ import annotations
 
@@ -64,6 +65,38 @@ class RopePermute(Op):
             if self.heads is not None and self._applies(i, tuple(sh)) and sh[0] % (2 * self.heads):
                 raise ValueError(f"dim 0 of {list(sh)} is not {self.heads} heads of rotary pairs")
         return [tuple(sh) for sh in shapes]
+
+
+@dataclass(frozen=True)
+class MessageQueries(Op):
+    """transformers' `Inkling2LoopMergeMessageQueries`: two `[2L, H]` tensors whose rows alternate (query, mlp) and
+    (key, value) per loop layer -> one `[L, 4, H]` holding (query, key, value, mlp) per layer (`split=False`, the load
+    direction), or back (`split=True`). It only moves rows (bit-exact)."""
+
+    split: bool = False
+
+    def apply(self, xs: Any) -> list:
+        import torch
+
+        if self.split:
+            (x,) = xs
+            return [x[:, [0, 3]].flatten(0, 1).contiguous(), x[:, 1:3].flatten(0, 1).contiguous()]
+        a, b = (t.unflatten(0, (-1, 2)) for t in xs)
+        return [torch.cat([a[:, :1], b, a[:, 1:]], dim=1)]
+
+    def inverse(self) -> MessageQueries:
+        return MessageQueries(split=not self.split)
+
+    def out_shapes(self, shapes: Any) -> list:
+        if self.split:
+            (s,) = shapes
+            if len(s) != 3 or s[1] != 4:
+                raise ValueError(f"message queries {list(s)} are not [loop layers, 4, hidden]")
+            return [(2 * s[0], s[2]), (2 * s[0], s[2])]
+        a, b = (tuple(s) for s in shapes)
+        if a != b or len(a) != 2 or a[0] % 2:
+            raise ValueError(f"message queries {list(a)} and {list(b)} are not two [2 x loop layers, hidden] tensors")
+        return [(a[0] // 2, 4, a[1])]
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 from .mapping import ExpertGroup, KeptAsStored, tensor_fusion
 from .ops import Concat, Deinterleave, Interleave, Op, Transpose
-from .transformers_ops import ModelSizedConcat, RopePermute, _transformers
+from .transformers_ops import MessageQueries, ModelSizedConcat, RopePermute, _transformers
 
 _PLAIN = re.compile(r"^[A-Za-z0-9_.*]+$")
 
@@ -115,11 +115,15 @@ class RefusedKeys:
     converter: Any = field(compare=False, hash=False, repr=False)
     sources: tuple[str, ...] = ()
     reason: str = ""
+    only: tuple[str, ...] = ()  # refuse only keys these source patterns match (a translated converter's extra sources)
 
     def to_model(self, key: str) -> str:
-        if self.converter._scoped_match(key) is not None:
-            from .errors import MappingError
+        from .errors import MappingError
 
+        if self.only:
+            if any(re.search(p, key) for p in self.only):
+                raise MappingError(f"{key!r} cannot be converted exactly: {self.reason}")
+        elif self.converter._scoped_match(key) is not None:
             raise MappingError(
                 f"{key!r} cannot be converted exactly: {self.reason} (a layer kind the type's default config leaves off)"
             )
@@ -201,6 +205,10 @@ def _group(conv: Any, model_type: str) -> ExpertGroup:
     sources, targets = conv._original_source_patterns, conv._original_target_patterns
     if len(targets) != 1:
         return _one_to_many(conv, ops, sources, targets, model_type)
+    if ops and _is(ops[0], "Inkling2LoopDequantizeExperts"):
+        # transformers returns the weight as it is when its quantization companions are absent (unquantized
+        # checkpoints, e.g. what it writes itself); checkpoints that hold them are refused (`quantized_companions`)
+        sources, ops = sources[:1], ops[1:]
     parts = tuple(_template(p) for p in sources)
     fused = _template(targets[0])
     if ops and _is(ops[0], "MergeModulelist") and ops[0].dim == 0:
@@ -218,6 +226,10 @@ def _group(conv: Any, model_type: str) -> ExpertGroup:
     if len(ops) == 1 and _is(ops[0], "Interleave") and not ops[0].inverse and len(parts) == 1:
         # transformers' Interleave(d) reads [g0, u0, g1, u1, ...] along d and holds [g..., u...]
         return tensor_fusion(fused, parts, (Deinterleave(ops[0].dim), Concat(ops[0].dim)))
+    if not ops and len(parts) == 1:  # a converter left with no operation: the tensor under its model name
+        return tensor_fusion(fused, parts, ())
+    if len(ops) == 1 and _is(ops[0], "Inkling2LoopMergeMessageQueries") and not ops[0].inverse and len(parts) == 2:
+        return tensor_fusion(fused, parts, (MessageQueries(),))
     if len(ops) == 1 and _is(ops[0], "PermuteForRope") and len(parts) == 1:
         names = ops[0].permute_layer_names
         permute = names is None or any(n in sources[0] for n in names)
@@ -272,10 +284,19 @@ def kept_as_stored(conv: Any) -> KeptAsStored | None:
 
 # Why transformers' custom ops have no exact translation here (the refusal says it in one line).
 _EXPLAIN = {
-    "Inkling2LoopMergeMessageQueries": "a custom interleaving of two tensors into one (no translated op)",
-    "Inkling2LoopDequantizeExperts": "NVFP4/MXFP8 experts dequantized on load: not reversible bit for bit",
     "PermuteForRope": "a rotary permutation in a position not translated",
 }
+
+
+def quantized_companions(conv: Any) -> RefusedKeys | None:
+    """transformers' `Inkling2LoopDequantizeExperts` reads a weight and, in quantized checkpoints, its NVFP4/MXFP8
+    scales: the weight alone is translated (`_group`), and a checkpoint holding the scales is refused by this."""
+    ops, sources = list(conv.operations), conv._original_source_patterns
+    if not ops or not _is(ops[0], "Inkling2LoopDequantizeExperts") or len(sources) < 2:
+        return None
+    reason = ("transformers dequantizes these NVFP4/MXFP8 experts on load, which is not reversible bit for bit; "
+              "there is nothing to merge: load the checkpoint as it is")
+    return RefusedKeys(conv, tuple(sources), reason, only=tuple(sources[1:]))
 
 
 def _why(sources: list, targets: list, ops: list) -> str:

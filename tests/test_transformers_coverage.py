@@ -68,10 +68,7 @@ def _supported(model_type: str) -> bool:
 
 
 # transformers types with fused experts that stay refused, and a word of the reason their refusal gives
-STILL_REFUSED = {
-    "inkling2_loop": "dequantized on load",  # NVFP4/MXFP8 experts dequantized, a custom interleave of two queries
-    "inkling2_loop_text": "dequantized on load",
-}
+STILL_REFUSED: dict[str, str] = {}
 
 
 def _types() -> list:
@@ -295,3 +292,32 @@ def test_ernie_vl_dry_run_tells_text_from_vision_experts(tmp_path: Path) -> None
     _ernie_vl_checkpoint(tmp_path / "more", 5, {"moe_num_experts": 2})
     problems = inspect_dry_run(tmp_path / "more")["problems"]
     assert len(problems) == 2 and all("vision_moe" in p and "experts [4] beyond num_experts=2" in p for p in problems), problems
+
+
+def test_inkling2_loop_quantized_experts_are_refused_in_one_line(tmp_path: Path, run_cli) -> None:
+    """transformers dequantizes Inkling2Loop's NVFP4/MXFP8 experts on load, which is not reversible: the unquantized
+    weights it writes itself round-trip (test_round_trip_against_transformers), and a checkpoint that holds the
+    scales is refused in one line, nothing written (it was a deinterleaved copy of the packed codes, exit 0)."""
+    from safetensors.torch import load_file
+
+    _save("inkling2_loop_text", "Inkling2LoopForCausalLM", tmp_path)
+    src = tmp_path / "src"
+    tensors = load_file(src / "model.safetensors")
+    w13 = next(k for k in tensors if k.endswith("experts.w13_weight"))
+    tensors[w13 + "_scale"] = torch.zeros(*tensors[w13].shape[:2], 2)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    code, out, err = run_cli("merge", src, tmp_path / "dst")
+    assert code == 2 and not out and len(err.strip().splitlines()) == 1, err
+    assert "w13_weight_scale" in err and "not reversible bit for bit" in " ".join(err.split())
+    assert not (tmp_path / "dst").exists()
+
+
+def test_merge_does_not_call_renamed_tensors_an_unchanged_copy(tmp_path: Path) -> None:
+    """Inkling2Loop's experts are fused on disk, but transformers renames every key (`model.llm.` -> `model.`) and
+    converts its experts and message queries: merge must not say the tensors were copied through unchanged."""
+    _save("inkling2_loop_text", "Inkling2LoopForCausalLM", tmp_path)
+    res = merge(tmp_path / "src", tmp_path / "dst")
+    assert not any("copied through unchanged" in n and "the rest" not in n for n in res.notes), res.notes
+    assert any("renamed or converted" in n for n in res.notes), res.notes
+    again = merge(tmp_path / "dst", tmp_path / "again")  # now nothing changes: the plain note
+    assert any(n.endswith("tensors are copied through unchanged") for n in again.notes), again.notes

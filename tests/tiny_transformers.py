@@ -47,6 +47,18 @@ _QWEN4_INDEXER = dict(
     split_ngram_parts=2,
     heads_per_ngram=2,
 )
+# a loop of 2 layers (1 and 2: the loop must start after layer 0, at a multiple of the attention-residual block)
+_INKLING2_LOOP = dict(
+    num_hidden_layers=3,
+    layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"],
+    unpadded_vocab_size=250,
+    loop_layer_index_start=1,
+    loop_layer_index_end=3,
+    n_layers_per_attn_res_block=1,
+    swa_num_attention_heads=4,
+    swa_num_key_value_heads=2,
+    swa_head_dim=16,
+)
 OVERRIDES: dict[str, dict[str, Any]] = {
     "longcat_flash": {"head_dim": 8},  # the fixture's MLA dims; the rotary size follows head_dim
     "zaya": {"num_experts_per_tok": 1},  # ZAYA supports top-1 only
@@ -58,6 +70,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "hy_v4_vl": {"text_config": {"rope_parameters": {"mrope_section": [2, 1, 1]}}},
     "inkling2_text": {"unpadded_vocab_size": 250},
     "inkling2": {"text_config": {"unpadded_vocab_size": 250}, "vision_config": {"text_hidden_size": 64}},
+    "inkling2_loop_text": _INKLING2_LOOP,
+    "inkling2_loop": {"text_config": _INKLING2_LOOP, "vision_config": {"text_hidden_size": 64}},
     "dots3_note_text": {"head_dim": 16},  # the sliding-window head is qk_nope + qk_rope
     "dots3_note": {
         "text_config": {"head_dim": 16},
