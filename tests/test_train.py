@@ -158,6 +158,16 @@ def test_dispatcher_that_cannot_run_is_a_one_line_error(ckpt, capsys, monkeypatc
     assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_deepep_static_with_experts_that_cannot_skip_padding_is_one_line(ckpt, capsys, monkeypatch):
+    """Refused before the mesh, the dispatcher or any weight: only the grouped-GEMM experts skip padded rows."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    argv = ["--model", ckpt, "--seq", "16", "--steps", "1", "--dispatcher", "deepep_static", "--backend", "experts=padded",
+            "--dtype", "float32", "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "deepep_static" in err and "experts=grouped_mm" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_activation_checkpointing_gives_the_same_losses(ckpt, tmp_path):
     """`--ac` recomputes each decoder layer in backward: same losses (float32, CPU), step for step."""
     runs = {}

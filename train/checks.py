@@ -56,6 +56,9 @@ def check_run(cfg: TrainConfig, config: Any, world: int) -> None:
     if cfg.overlap_optimizer and world != 1 and cfg.ep != world:
         raise TrainError(f"--overlap-optimizer with {world} ranks needs --ep {world} (experts on one rank each need no gradient reduction, "
                          "so they are updated inside backward); or drop --overlap-optimizer")
+    if cfg.dispatcher == "deepep_static" and cfg.backend_config().experts not in ("auto", "grouped_mm"):
+        raise TrainError(f"--dispatcher deepep_static pads its rows, which only the grouped-GEMM experts skip, not experts="
+                         f"{cfg.backend_config().experts}: use --backend experts=grouped_mm or --dispatcher deepep")
     if cfg.backend_config().expert_recompute and (cfg.ac or cfg.cuda_graphs):
         raise TrainError("--backend expert_recompute=1 rebuilds the experts' saved activations in backward; it is not supported with "
                          + ("--ac (which recomputes the whole layer anyway)" if cfg.ac else "--cuda-graphs") + ": drop one of them")
