@@ -255,11 +255,16 @@ def choose_dispatcher(name: str, ep: int, device_type: str) -> str:
     return name
 
 
+def check_token_bound(name: str, max_tokens: int | None) -> None:
+    """`deepep_static` needs `max_tokens`, the most tokens any rank passes to one experts module in one call (batch x
+    seq), to size its buffers; one line otherwise."""
+    if name == "deepep_static" and not max_tokens:
+        raise DispatcherError("dispatcher 'deepep_static' needs the tokens per rank (batch x seq) to size its buffers; use --dispatcher deepep")
+
+
 def make_dispatcher(name: str, num_experts: int, group, max_tokens: int | None = None) -> TokenDispatcher:  # noqa: ANN001
-    """A resolved dispatcher name (see `choose_dispatcher`) -> the dispatcher for one experts module. `deepep_static`
-    needs `max_tokens`, the most tokens any rank passes to one experts module in one call (batch x seq)."""
+    """A resolved dispatcher name (see `choose_dispatcher`) -> the dispatcher for one experts module (`check_token_bound`)."""
+    check_token_bound(name, max_tokens)
     if name == "deepep_static":
-        if not max_tokens:
-            raise DispatcherError("dispatcher 'deepep_static' needs the tokens per rank (batch x seq) to size its buffers; use --dispatcher deepep")
         return DeepEPDispatcher(num_experts, group, max_tokens)
     return DeepEPDispatcher(num_experts, group) if name == "deepep" else AllToAllDispatcher(num_experts, group)

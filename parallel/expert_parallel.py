@@ -41,7 +41,7 @@ from ..convert.registry import declared_spec
 from ..models.common.dispatch import TokenDispatcher
 from ..models.common.experts import GroupedExperts
 from ..models.common.hf_experts import default_gate
-from .ep_dispatch import DispatcherError, choose_dispatcher, expert_bounds, make_dispatcher
+from .ep_dispatch import DispatcherError, check_token_bound, choose_dispatcher, expert_bounds, make_dispatcher
 from .mesh import ParallelMesh
 
 if TYPE_CHECKING:
@@ -198,11 +198,10 @@ def _shard_and_dispatch(model: nn.Module, meshes: ParallelMesh, dispatcher: str,
     """Resolve the dispatcher, keep this rank's experts with it (`shard_experts`); the name goes to `model.ep_dispatcher`."""
     try:
         name = choose_dispatcher(dispatcher, meshes.ep, meshes.device_type)
+        check_token_bound(name, max_tokens)  # before any module is sharded
     except DispatcherError as e:
         raise ExpertParallelError(str(e)) from e
     group = meshes.ep_group if meshes.ep > 1 else None
-    if name == "deepep_static" and not max_tokens:
-        raise ExpertParallelError("dispatcher 'deepep_static' needs max_tokens (batch x seq per rank) to size its buffers; use --dispatcher deepep")
     experts = shard_experts(model, meshes.ep, meshes.ep_rank, lambda E: make_dispatcher(name, E, group, max_tokens))
     model.ep_dispatcher = name if meshes.ep > 1 else "local"
     return experts
