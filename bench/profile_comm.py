@@ -98,6 +98,8 @@ def profile_steps(kind: str, gate: str, step_fn, device: torch.device, path: str
             break
         except (AttributeError, KeyError, ValueError):
             continue
+    cpu_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
     with open(path, "a") as f:
         f.write(f"\n===== {kind} gate={gate} (2 steps, top kernels by device time) {exposure} =====\n{table}\n")
+        f.write(f"\n===== {kind} gate={gate} (the same 2 steps, top by host time) =====\n{cpu_table}\n")
     return exposure

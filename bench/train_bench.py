@@ -209,6 +209,8 @@ def run_trainer(gate: str, args: argparse.Namespace, device: torch.device, dtype
         torch.cuda.reset_peak_memory_stats(device)
     hist = trainer.run()[args.warmup :]
     exposure = profile_steps("trainer", gate, trainer.step, device, args.profile) if args.profile else {}
+    if args.cprofile:
+        python_profile(trainer.step, args.cprofile, f"{_trainer_label(args, trainer, gate)}, 3 steps")
     med = statistics.median
     step = med([m["step_ms"] for m in hist]) / 1e3
     peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0], device=device)
@@ -233,6 +235,26 @@ def run_trainer(gate: str, args: argparse.Namespace, device: torch.device, dtype
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return res
+
+
+def python_profile(step_fn, path: str, title: str, steps: int = 3) -> None:  # noqa: ANN001
+    """`steps` calls of `step_fn` under cProfile: the Python functions by own time and by cumulative time, appended
+    to `path` (where an EP step's host time goes; the torch profiler's table names aten ops, not Python)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step_fn()
+    prof.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out)
+    stats.sort_stats("tottime").print_stats(40)
+    stats.sort_stats("cumulative").print_stats(50)
+    with open(path, "a") as f:
+        f.write(f"\n===== cProfile: {title} =====\n{out.getvalue()}\n")
 
 
 def _trainer_label(args: argparse.Namespace, trainer, gate: str) -> str:  # noqa: ANN001
@@ -421,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="torch.compile our per-layer dense parts")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test)")
     ap.add_argument("--profile", default="", help="append a torch profiler summary of each run to this file")
+    ap.add_argument("--cprofile", default="", help="trainer runs: append a cProfile of 3 more steps to this file")
     ap.add_argument("--overlap-priority", type=int, default=0, help="_overlap runs: the side stream's CUDA priority (-1: high)")
     args = ap.parse_args(argv)
     global OVERLAP_PRIORITY
