@@ -126,22 +126,35 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     model.train()
     small = components(model, args.small_seq, device, dtype)
     real = components(model, args.seq, device, dtype)
+    from automodel_convert.models.common import attention
+
+    variants = {"fused-qk": True, "unfused-qk": False} if args.ab_qk else {"": attention.FUSE_QK_NORM_ROPE}
     rows = []
     for name in small:
-        for fn in (small[name], real[name]):
-            for _ in range(args.warmup):
-                fn()
-        host = [_timed(small[name], args.iters, device) for _ in range(args.repeat)]
-        big = [_timed(real[name], max(1, args.iters // 5), device) for _ in range(args.repeat)]
-        host_us, gpu_us = (statistics.median(v) for v in zip(*host))
-        real_host_us, real_gpu_us = (statistics.median(v) for v in zip(*big))
-        rows.append({
-            "component": name, "host_us": round(host_us, 1), "gpu_us": round(gpu_us, 1),
-            "gpu_bound": device.type == "cuda" and gpu_us > 0.8 * host_us, "kernels": _kernel_count(small[name], device),
-            "real_host_us": round(real_host_us, 1), "real_gpu_us": round(real_gpu_us, 1),
-            "seq": args.seq, "small_seq": args.small_seq, "backend": args.backend or "default", "device": str(device),
-            "torch": torch.__version__,
-        })
+        host: dict[str, list] = {v: [] for v in variants}
+        big: dict[str, list] = {v: [] for v in variants}
+        for fuse in variants.values():  # warm-up, then the variants interleaved round by round (A/B/A/B...)
+            attention.FUSE_QK_NORM_ROPE = fuse
+            for fn in (small[name], real[name]):
+                for _ in range(args.warmup):
+                    fn()
+        for _ in range(args.repeat):
+            for variant, fuse in variants.items():
+                attention.FUSE_QK_NORM_ROPE = fuse
+                host[variant].append(_timed(small[name], args.iters, device))
+                big[variant].append(_timed(real[name], max(1, args.iters // 5), device))
+        for variant, fuse in variants.items():
+            attention.FUSE_QK_NORM_ROPE = fuse
+            host_us, gpu_us = (statistics.median(v) for v in zip(*host[variant]))
+            real_host_us, real_gpu_us = (statistics.median(v) for v in zip(*big[variant]))
+            rows.append({
+                "component": name + (f" {variant}" if variant else ""), "host_us": round(host_us, 1), "gpu_us": round(gpu_us, 1),
+                "gpu_bound": device.type == "cuda" and gpu_us > 0.8 * host_us, "kernels": _kernel_count(small[name], device),
+                "real_host_us": round(real_host_us, 1), "real_gpu_us": round(real_gpu_us, 1),
+                "seq": args.seq, "small_seq": args.small_seq, "backend": args.backend or "default", "device": str(device),
+                "torch": torch.__version__,
+            })
+        attention.FUSE_QK_NORM_ROPE = True
         model.zero_grad(set_to_none=True)
     return rows
 
@@ -200,12 +213,12 @@ def micro(device: torch.device, iters: int) -> list[dict[str, Any]]:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'component':<11} {'host us':>9} {'kernels':>8} {'us/kernel':>10} {'real host us':>13} {'real GPU us':>12}  note")
+    print(f"{'component':<22} {'host us':>9} {'kernels':>8} {'us/kernel':>10} {'real host us':>13} {'real GPU us':>12}  note")
     for r in rows:
         k = r["kernels"]
         per = f"{r['host_us'] / k:.1f}" if k else "-"
         note = "gpu-bound at small seq" if r["gpu_bound"] else ""
-        print(f"{r['component']:<11} {r['host_us']:>9.1f} {k if k is not None else '-':>8} {per:>10} "
+        print(f"{r['component']:<22} {r['host_us']:>9.1f} {k if k is not None else '-':>8} {per:>10} "
               f"{r['real_host_us']:>13.1f} {r['real_gpu_us']:>12.1f}  {note}")
 
 
@@ -220,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test)")
     p.add_argument("--micro", action="store_true", help="first, host µs of single launches (CUDA only)")
+    p.add_argument("--ab-qk", action="store_true", help="each component with the fused q/k norm + rope kernel and without, interleaved")
     p.add_argument("--json", type=Path, help="also write the rows here, one JSON line each")
     args = p.parse_args(argv)
     if args.micro:

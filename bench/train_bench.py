@@ -262,6 +262,7 @@ def _trainer_label(args: argparse.Namespace, trainer, gate: str) -> str:  # noqa
     inner = [f"ep={args.ep}", f"world={trainer.world}"] + ([trainer.dispatcher] if args.ep > 1 else [])
     inner += ([] if args.reshard_after_forward else ["noreshard"]) + ([] if args.reduce_dtype == "auto" else [f"reduce={args.reduce_dtype}"])
     inner += (["fsdp-before"] if args.fsdp_before else []) + ([args.backend] if args.backend else [])
+    inner += ["unfused-qk"] if getattr(args, "unfused_qk", False) else []
     tail = ("+graphs" if args.cuda_graphs else "") + ("+overlap" if args.overlap_optimizer else "") + ("+balanced" if gate == "balanced" else "")
     return f"trainer({','.join(inner)}){tail}"
 
@@ -443,12 +444,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="torch.compile our per-layer dense parts")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test)")
     ap.add_argument("--profile", default="", help="append a torch profiler summary of each run to this file")
+    ap.add_argument("--unfused-qk", action="store_true", help="run q/k norm and rope as separate kernels (A/B of their fusion)")
     ap.add_argument("--cprofile", default="", help="trainer runs: append a cProfile of 3 more steps to this file")
     ap.add_argument("--overlap-priority", type=int, default=0, help="_overlap runs: the side stream's CUDA priority (-1: high)")
     args = ap.parse_args(argv)
     global OVERLAP_PRIORITY
     OVERLAP_PRIORITY = args.overlap_priority
     import_package()
+    if args.unfused_qk:  # the separate q/k norm and rope kernels, for an A/B of their fusion
+        from automodel_convert.models.common import attention
+
+        attention.FUSE_QK_NORM_ROPE = False
     import os
 
     if "LOCAL_RANK" in os.environ and args.device == "cuda":  # torchrun: one GPU per rank

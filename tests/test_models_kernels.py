@@ -63,6 +63,18 @@ def test_rms_norm_kernel(dtype: torch.dtype, shape: tuple) -> None:
         assert no_worse(a, b, t)
 
 
+def test_rms_norm_kernel_on_no_rows_gives_a_zero_weight_gradient() -> None:
+    """No rows, no program writes a partial sum: the weight's gradient is exactly 0, not uninitialised memory."""
+    from automodel_convert.models.common.kernels import rms_norm
+
+    x = torch.randn(0, 3, 64, device=DEV, requires_grad=True)
+    w = torch.ones(64, device=DEV, requires_grad=True)
+    for _ in range(3):  # reuse of freed (non-zero) allocations
+        torch.randn(4096, device=DEV)
+        dx, dw = torch.autograd.grad(rms_norm(x, w, 1e-6), (x, w), torch.randn(0, 3, 64, device=DEV))
+        assert dx.shape == x.shape and torch.equal(dw, torch.zeros_like(w))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("weighted", [True, False])
 def test_swiglu_kernel(dtype: torch.dtype, weighted: bool) -> None:
@@ -239,3 +251,73 @@ def test_rope_kernel(dtype: torch.dtype, heads: int, dim: int, rotary: int) -> N
     g_same = torch.autograd.grad(same.transpose(1, 2), x, dy)[0]
     g_truth = torch.autograd.grad(truth.transpose(1, 2), x32, dy.float())[0]
     assert no_worse(g_got, g_same, g_truth)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("hq", "hk", "dim", "rotary"), [(4, 2, 32, 32), (3, 1, 24, 12), (8, 2, 128, 128)])
+def test_qk_norm_rope_kernel_equals_the_separate_kernels(dtype: torch.dtype, hq: int, hk: int, dim: int, rotary: int) -> None:
+    """One launch for both per-head norms and both rotations: values and every gradient (inputs and both norm
+    weights) bit-identical to rms_norm then rope_half, the kernels it replaces; strided gradients as attention gives."""
+    from automodel_convert.models.common.kernels import qk_norm_rope, rms_norm, rope_half
+
+    torch.manual_seed(11)
+    b, s, eps = 2, 37, 1e-6
+    q = torch.randn(b, s, hq, dim, device=DEV).to(dtype).requires_grad_()
+    k = torch.randn(b, s, hk, dim, device=DEV).to(dtype).requires_grad_()
+    wq = (1 + 0.3 * torch.randn(dim, device=DEV)).to(dtype).requires_grad_()
+    wk = (1 + 0.3 * torch.randn(dim, device=DEV)).to(dtype).requires_grad_()
+    freqs = torch.rand(b, s, rotary // 2, device=DEV) * 6
+    cos, sin = torch.cat([freqs.cos(), freqs.cos()], -1).to(dtype), torch.cat([freqs.sin(), freqs.sin()], -1).to(dtype)
+    fused = qk_norm_rope(q, k, wq, wk, eps, cos, sin)
+    separate = (rope_half(rms_norm(q, wq, eps), cos, sin), rope_half(rms_norm(k, wk, eps), cos, sin))
+    for got, want in zip(fused, separate):
+        assert torch.equal(got, want)
+    # attention hands back gradients laid out [B, heads, S, D] transposed to [B, S, heads, D]
+    dq = torch.randn(b, hq, s, dim, device=DEV).to(dtype).transpose(1, 2)
+    dk = torch.randn(b, hk, s, dim, device=DEV).to(dtype).transpose(1, 2)
+    inputs = (q, k, wq, wk)
+    g_fused = torch.autograd.grad(fused, inputs, (dq, dk))
+    g_separate = torch.autograd.grad(separate, inputs, (dq, dk))
+    for name, got, want in zip(("q", "k", "q_norm.weight", "k_norm.weight"), g_fused, g_separate):
+        assert torch.equal(got, want), name
+    if INTERPRET and dtype == torch.bfloat16:
+        return  # Triton's CPU interpreter truncates fp32 -> bf16: only the bit-equality above means anything there
+    # and as accurate as the plain torch computation in the same dtype, both against fp32 math
+    from automodel_convert.models.common.rotary import apply_rotary
+
+    def torch_path(q, k, wq, wk, cos, sin):  # noqa: ANN001, ANN202
+        qq, kk = apply_rotary(rms_norm_reference(q, wq, eps).transpose(1, 2), rms_norm_reference(k, wk, eps).transpose(1, 2), cos, sin, "half")
+        return qq.transpose(1, 2), kk.transpose(1, 2)
+
+    same = torch_path(q, k, wq, wk, cos, sin)
+    truth = torch_path(*(t.detach().float() for t in (q, k, wq, wk, cos, sin)))
+    for got, want_same, want in zip(fused, same, truth):
+        assert no_worse(got, want_same, want)
+
+
+@needs_cuda
+def test_attention_fuses_qk_norm_and_rope_without_changing_a_bit() -> None:
+    """A Qwen3 layer's attention (qk_norm "head", Triton norms and rope) takes the fused kernel; switching the fusion
+    off changes no output and no gradient."""
+    from automodel_convert.models.common import attention as attn_mod
+    from automodel_convert.models.common.attention import GQAttention, Masks
+
+    torch.manual_seed(3)
+    layer = GQAttention(256, 4, 2, 64, qk_norm="head", norm_impl="triton", rope_impl="triton").to(DEV, torch.bfloat16)
+    for norm in (layer.q_norm, layer.k_norm):
+        norm.weight.data.normal_(1, 0.2)
+    x = torch.randn(2, 33, 256, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    freqs = torch.rand(2, 33, 32, device=DEV) * 6
+    cos, sin = torch.cat([freqs.cos()] * 2, -1).bfloat16(), torch.cat([freqs.sin()] * 2, -1).bfloat16()
+    assert layer._fused_qk_rope(torch.empty(1, 1, 4, 64, device=DEV, dtype=torch.bfloat16), cos)
+    dy = torch.randn(2, 33, 256, device=DEV, dtype=torch.bfloat16)
+    runs = []
+    for fuse in (True, False):
+        attn_mod.FUSE_QK_NORM_ROPE = fuse
+        try:
+            y = layer(x, cos, sin, Masks(None, 33, x.device))
+            runs.append((y, *torch.autograd.grad(y, (x, *layer.parameters()), dy)))
+        finally:
+            attn_mod.FUSE_QK_NORM_ROPE = True
+    for got, want in zip(*runs):
+        assert torch.equal(got, want)

@@ -21,7 +21,9 @@ Contract:
   reasons varlen did not.
 - `GQAttention`: parameters `q_proj, k_proj, v_proj, o_proj[, q_norm, k_norm][, sinks]` named as in transformers.
   qk_norm "head" normalises each head (Qwen3, GLM, dots1), "full" the whole projection (OLMoE). Rotary in the
-  "half" style runs as one fused Triton kernel on CUDA when `rope_impl` is "triton"/"auto" (kernels.rope_half).
+  "half" style runs as one fused Triton kernel on CUDA when `rope_impl` is "triton"/"auto" (kernels.rope_half); with
+  qk_norm "head" and Triton RMSNorms too, both norms and both rotations are one kernel (kernels.qk_norm_rope,
+  bit-identical to the separate kernels).
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backend import pick_attn, triton_ok
-from .norms import _compiling, make_rms_norm
+from .norms import RMSNorm, _compiling, make_rms_norm
 from .rotary import apply_rotary
 
 if TYPE_CHECKING:
     from transformers import Cache
+
+FUSE_QK_NORM_ROPE = True  # benchmarks set False to measure the unfused kernels (bench/host_overhead.py --unfused-qk)
 
 
 def make_linear(in_features: int, out_features: int, bias: bool, impl: str = "torch") -> nn.Module:
@@ -426,6 +430,26 @@ class GQAttention(nn.Module):
         self.te_attn = make_te_attention(num_heads, num_kv_heads, head_dim, self.scaling, impl)
         self.layer_idx = 0  # its index in the decoder (the KV cache's layer), set by the model that holds it
 
+    def _fused_qk_rope(self, q: torch.Tensor, cos: torch.Tensor) -> bool:
+        """Per-head q/k norm and "half" rope as one Triton kernel: where both norms and the rope would run Triton."""
+        if self.qk_norm != "head" or self.rope_style != "half" or not FUSE_QK_NORM_ROPE or _compiling() or q.numel() == 0:
+            return False
+        qn, kn = self.q_norm, self.k_norm
+        return (
+            isinstance(qn, RMSNorm) and isinstance(kn, RMSNorm) and triton_ok(q, self.rope_impl) and triton_ok(q, qn.impl)
+            and triton_ok(q, kn.impl) and qn.cast_before_weight and kn.cast_before_weight
+            and q.dtype == qn.weight.dtype == kn.weight.dtype and qn.variance_epsilon == kn.variance_epsilon
+            and cos.shape[-1] <= self.head_dim
+        )
+
+    def _rope(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[B, S, heads, D]` in, rotated `[B, heads, S, D]` out."""
+        if self.rope_style == "half" and not _compiling() and triton_ok(q, self.rope_impl):
+            from .kernels import rope_half  # fused, on the [B, S, heads, D] layout
+
+            return rope_half(q, cos, sin).transpose(1, 2), rope_half(k, cos, sin).transpose(1, 2)
+        return apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin, self.rope_style)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, masks: Masks) -> torch.Tensor:
         b, s, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -435,15 +459,16 @@ class GQAttention(nn.Module):
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q = q.view(b, s, -1, self.head_dim)
         k = k.view(b, s, -1, self.head_dim)
-        if self.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
         v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
-        if self.rope_style == "half" and not _compiling() and triton_ok(q, self.rope_impl):
-            from .kernels import rope_half  # fused, on the [B, S, heads, D] layout
+        if self._fused_qk_rope(q, cos):
+            from .kernels import qk_norm_rope  # one launch for both norms and both rotations
 
-            q, k = rope_half(q, cos, sin).transpose(1, 2), rope_half(k, cos, sin).transpose(1, 2)
+            q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.variance_epsilon, cos, sin)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
         else:
-            q, k = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin, self.rope_style)
+            if self.qk_norm == "head":
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self._rope(q, k, cos, sin)
         k, v = masks.update(self.layer_idx, k, v, self.sliding_window)
         out = attention(
             q, k, v, masks, scale=self.scaling, sliding_window=self.sliding_window, sinks=self.sinks,

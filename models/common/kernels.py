@@ -13,6 +13,12 @@ Imported lazily, only when a layer runs on CUDA with Triton installed (backend "
   embedding in the "half" convention (`x1 * cos - x2 * sin`, `x2 * cos + x1 * sin` on the first R dims, the rest
   passed through), fp32 inside, one rounding; backward applies the inverse rotation. Replaces torch's rotate_half /
   cat / broadcast multiplies on transposed views (about ten memory passes) with one read and one write.
+- `qk_norm_rope(q [B, S, Hq, D], k [B, S, Hk, D], wq [D], wk [D], eps, cos, sin) -> (q', k')`: Qwen3-style per-head
+  RMSNorm of q and k followed by `rope_half`, both tensors in ONE launch forward and one backward (instead of four
+  each, plus their allocations and weight-gradient reductions). Bit-identical to `rope_half(rms_norm(q, wq, eps), cos,
+  sin)` and the same for k, values and every gradient: each row runs the two kernels' arithmetic in their order,
+  with the normalised row rounded to the dtype in between (through the output buffer), and the weight gradients
+  are reduced over the same row partition as `rms_norm`'s backward.
 - `cross_entropy_fwd_bwd(logits [C, V], targets [C], grad_scale | None, ignore_index) -> (loss [C] fp32, grad)`:
   per row an online max / sum-exp pass then, if `grad_scale` (0-dim tensor) is given, a second pass that overwrites
   the logits IN PLACE with `(softmax - onehot) * grad_scale` (0 on ignored rows) in the logits dtype.
@@ -98,7 +104,8 @@ class _RMSNorm(torch.autograd.Function):
         sms = _sm_count(x2.device.index if x2.device.index is not None else torch.cuda.current_device()) if x2.is_cuda else 4
         progs = max(1, min(rows, sms * 8))
         per = triton.cdiv(rows, progs) if rows else 1
-        dw_part = torch.zeros(progs, n, dtype=torch.float32, device=x2.device)
+        # every program writes its whole row of partial sums: nothing to clear unless no program runs
+        dw_part = (torch.empty if rows else torch.zeros)(progs, n, dtype=torch.float32, device=x2.device)
         block = triton.next_power_of_2(n)
         if rows:
             _rms_bwd[(progs,)](dy2, x2, weight, rstd, dx, dw_part, rows, n, per, BLOCK=block, num_warps=_warps(block))
@@ -312,3 +319,158 @@ class _RopeHalf(torch.autograd.Function):
 
 def rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return _RopeHalf.apply(x, cos, sin)
+
+
+# ---------------------------------------------------------------- per-head q/k RMSNorm + rope, fused
+
+
+@triton.jit
+def _norm_rope_row(X, W, Y, RSTD, row, COS, SIN, S, H, scb, scs, N, eps,
+                   HALF: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
+    # _rms_fwd's arithmetic on one row, written to Y, then _rope_kernel's on the rounded row, in place
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(X + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+    xhat = (x * rstd).to(Y.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * N + cols, (w * xhat).to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + row, rstd)
+    tl.debug_barrier()
+    tok = row // H
+    b = tok // S
+    s = tok % S
+    p = tl.arange(0, BLOCK_P)
+    pm = p < HALF
+    c = tl.load(COS + b * scb + s * scs + p, mask=pm, other=0.0).to(tl.float32)
+    sn = tl.load(SIN + b * scb + s * scs + p, mask=pm, other=0.0).to(tl.float32)
+    x1 = tl.load(Y + row * N + p, mask=pm, other=0.0).to(tl.float32)
+    x2 = tl.load(Y + row * N + HALF + p, mask=pm, other=0.0).to(tl.float32)
+    tl.debug_barrier()
+    tl.store(Y + row * N + p, (x1 * c - x2 * sn).to(Y.dtype.element_ty), mask=pm)
+    tl.store(Y + row * N + HALF + p, (x2 * c + x1 * sn).to(Y.dtype.element_ty), mask=pm)
+
+
+@triton.jit
+def _qk_norm_rope_fwd(Q, K, WQ, WK, QO, KO, RQ, RK, COS, SIN, S, HQ, HK, scb, scs, rows_q, N, eps,
+                      HALF: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    if row < rows_q:
+        _norm_rope_row(Q, WQ, QO, RQ, row, COS, SIN, S, HQ, scb, scs, N, eps, HALF, BLOCK, BLOCK_P)
+    else:
+        _norm_rope_row(K, WK, KO, RK, row - rows_q, COS, SIN, S, HK, scb, scs, N, eps, HALF, BLOCK, BLOCK_P)
+
+
+@triton.jit
+def _rope_norm_bwd_rows(DY, X, W, RSTD, DX, DW, pid, rows, per, H, sdb, sds, sdh, COS, SIN, S, scb, scs, N,
+                        HALF: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr):
+    # per row: _rope_kernel's inverse rotation of dy, rounded into DX; then _rms_bwd's arithmetic on it
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    p = tl.arange(0, BLOCK_P)
+    pm = p < HALF
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    start = pid * per
+    end = tl.minimum(start + per, rows)
+    for row in range(start, end):
+        r = tl.cast(row, tl.int64)
+        tok = r // H
+        b = tok // S
+        s = tok % S
+        dbase = DY + b * sdb + s * sds + (r % H) * sdh
+        off = r * N
+        c = tl.load(COS + b * scb + s * scs + p, mask=pm, other=0.0).to(tl.float32)
+        sn = -tl.load(SIN + b * scb + s * scs + p, mask=pm, other=0.0).to(tl.float32)
+        d1 = tl.load(dbase + p, mask=pm, other=0.0).to(tl.float32)
+        d2 = tl.load(dbase + HALF + p, mask=pm, other=0.0).to(tl.float32)
+        tl.store(DX + off + p, (d1 * c - d2 * sn).to(DX.dtype.element_ty), mask=pm)
+        tl.store(DX + off + HALF + p, (d2 * c + d1 * sn).to(DX.dtype.element_ty), mask=pm)
+        if 2 * HALF < BLOCK:  # partial rotary: the rest passes through
+            d = 2 * HALF + tl.arange(0, BLOCK_R)
+            dm = d < N
+            tl.store(DX + off + d, tl.load(dbase + d, mask=dm, other=0.0), mask=dm)
+        tl.debug_barrier()
+        x = tl.load(X + off + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DX + off + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + r)
+        xhat = x * rstd
+        g = dy * w
+        dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / N))
+        tl.debug_barrier()
+        tl.store(DX + off + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        dw += dy * xhat.to(X.dtype.element_ty).to(tl.float32)
+    tl.store(DW + pid.to(tl.int64) * N + cols, dw, mask=mask)
+
+
+@triton.jit
+def _qk_norm_rope_bwd(DQO, DKO, Q, K, WQ, WK, RQ, RK, DQ, DK, DWQ, DWK, COS, SIN, S, HQ, HK,
+                      sqb, sqs, sqh, skb, sks, skh, scb, scs, rows_q, rows_k, per_q, per_k, progs_q, N,
+                      HALF: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr):
+    pid = tl.program_id(0)
+    if pid < progs_q:
+        _rope_norm_bwd_rows(DQO, Q, WQ, RQ, DQ, DWQ, pid, rows_q, per_q, HQ, sqb, sqs, sqh, COS, SIN, S, scb, scs, N,
+                            HALF, BLOCK, BLOCK_P, BLOCK_R)
+    else:
+        _rope_norm_bwd_rows(DKO, K, WK, RK, DK, DWK, pid - progs_q, rows_k, per_k, HK, skb, sks, skh, COS, SIN, S,
+                            scb, scs, N, HALF, BLOCK, BLOCK_P, BLOCK_R)
+
+
+def _rope_tables(cos: torch.Tensor, sin: torch.Tensor, b: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = cos.expand(b, s, -1), sin.expand(b, s, -1)
+    if cos.stride(2) != 1 or cos.stride() != sin.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin
+
+
+def _row_partition(rows: int, device: torch.device) -> tuple[int, int]:
+    """`rms_norm` backward's programs and rows per program (the weight gradient's summation order)."""
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 4
+    progs = max(1, min(rows, sms * 8))
+    return progs, triton.cdiv(rows, progs) if rows else 1
+
+
+class _QKNormRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, wq, wk, eps, cos, sin):  # noqa: ANN001, ANN205, PLR0913
+        b, s, hq, n = q.shape
+        hk = k.shape[2]
+        q2, k2 = q.reshape(-1, n).contiguous(), k.reshape(-1, n).contiguous()
+        cos, sin = _rope_tables(cos, sin, b, s)
+        qo, ko = torch.empty_like(q2), torch.empty_like(k2)
+        rq = torch.empty(q2.shape[0], dtype=torch.float32, device=q.device)
+        rk = torch.empty(k2.shape[0], dtype=torch.float32, device=q.device)
+        half, block = cos.shape[-1] // 2, triton.next_power_of_2(n)
+        _qk_norm_rope_fwd[(q2.shape[0] + k2.shape[0],)](
+            q2, k2, wq, wk, qo, ko, rq, rk, cos, sin, s, hq, hk, cos.stride(0), cos.stride(1), q2.shape[0], n, eps,
+            HALF=half, BLOCK=block, BLOCK_P=triton.next_power_of_2(half), num_warps=_warps(block),
+        )
+        ctx.save_for_backward(q2, k2, wq, wk, rq, rk, cos, sin)
+        ctx.shapes = (q.shape, k.shape)
+        return qo.view(q.shape), ko.view(k.shape)
+
+    @staticmethod
+    def backward(ctx, dqo: torch.Tensor, dko: torch.Tensor):  # noqa: ANN001, ANN205
+        q2, k2, wq, wk, rq, rk, cos, sin = ctx.saved_tensors
+        (_, s, hq, n), hk = ctx.shapes[0], ctx.shapes[1][2]
+        dqo = dqo if dqo.stride(3) == 1 else dqo.contiguous()
+        dko = dko if dko.stride(3) == 1 else dko.contiguous()
+        dq, dk = torch.empty_like(q2), torch.empty_like(k2)
+        (pq, per_q), (pk, per_k) = _row_partition(q2.shape[0], q2.device), _row_partition(k2.shape[0], q2.device)
+        part = torch.empty(pq + pk, n, dtype=torch.float32, device=q2.device)  # every program writes its row
+        half, block = cos.shape[-1] // 2, triton.next_power_of_2(n)
+        _qk_norm_rope_bwd[(pq + pk,)](
+            dqo, dko, q2, k2, wq, wk, rq, rk, dq, dk, part[:pq], part[pq:], cos, sin, s, hq, hk,
+            dqo.stride(0), dqo.stride(1), dqo.stride(2), dko.stride(0), dko.stride(1), dko.stride(2),
+            cos.stride(0), cos.stride(1), q2.shape[0], k2.shape[0], per_q, per_k, pq, n,
+            HALF=half, BLOCK=block, BLOCK_P=triton.next_power_of_2(half),
+            BLOCK_R=triton.next_power_of_2(max(n - 2 * half, 1)), num_warps=_warps(block),
+        )
+        dwq, dwk = part[:pq].sum(0).to(wq.dtype), part[pq:].sum(0).to(wk.dtype)
+        return dq.view(ctx.shapes[0]), dk.view(ctx.shapes[1]), dwq, dwk, None, None, None
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: float,
+                 cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of q [B, S, Hq, D] and k [B, S, Hk, D] (any row count > 0), see the module docstring."""
+    return _QKNormRope.apply(q, k, wq, wk, eps, cos, sin)
