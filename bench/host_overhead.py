@@ -203,13 +203,53 @@ def micro(device: torch.device, iters: int) -> list[dict[str, Any]]:
         "rms_norm torch fwd+bwd": lambda: rms_norm_reference(xg, w, 1e-6).backward(g),
         "empty Function fwd+bwd": lambda: Empty.apply(xg).backward(g),
     }
+    # EP=2's combine at Qwen3-30B-A3B shapes: 8192 received tokens x 8 slots over 32768 rows, half the slots empty
+    src = torch.randn(32768, 2048, device=device, dtype=torch.bfloat16)
+    slots = torch.randperm(8192 * 8, device=device) % 32768
+    slots[torch.rand(slots.numel(), device=device) < 0.5] = 32768
+    cases["EP sum_slots: gather_sum, empty slot masked"] = lambda: kernels.gather_sum(src, slots, 8)
+    cases["EP sum_slots: cat a zero row, then gather_sum"] = lambda: kernels.gather_sum(torch.cat([src, src.new_zeros(1, 2048)]), slots, 8)
     rows = []
     for name, fn in cases.items():
         for _ in range(20):
             fn()
-        host = statistics.median(_timed(fn, iters, device)[0] for _ in range(5))
-        rows.append({"micro": name, "host_us": round(host, 1), "triton": triton.__version__})
+        times = [_timed(fn, iters, device) for _ in range(5)]
+        rows.append({"micro": name, "host_us": round(statistics.median(t[0] for t in times), 1),
+                     "gpu_us": round(statistics.median(t[1] for t in times), 1), "triton": triton.__version__})
     return rows
+
+
+def op_counts(args: argparse.Namespace) -> str:
+    """The aten ops and Triton/autograd-Function calls of one decoder layer's forward + backward, by count."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import_package()
+    from automodel_convert.models.backend import as_backend
+    from automodel_convert.models.qwen3_moe import Qwen3MoeForCausalLM
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = qwen3_config(1, args.tiny)
+    cfg._attn_implementation = "sdpa"
+    model = Qwen3MoeForCausalLM.from_config(cfg, as_backend(args.backend or None), dtype=dtype, device=device).train()
+    fns = components(model, args.small_seq, device, dtype)
+    counts: collections.Counter = collections.Counter()
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, a=(), kw=None):  # noqa: ANN001, ANN204
+            counts[str(func.overloadpacket.__name__)] += 1
+            return func(*a, **(kw or {}))
+
+    out = []
+    for name in ("attention", "moe_block", "rms_norm"):
+        fns[name]()
+        counts.clear()
+        with Log():
+            fns[name]()
+        out.append(f"{name}: {sum(counts.values())} aten ops: " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
+    return "\n".join(out)
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -233,9 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test)")
     p.add_argument("--micro", action="store_true", help="first, host µs of single launches (CUDA only)")
+    p.add_argument("--ops", action="store_true", help="only list the aten ops of attention, MoE block, RMSNorm by count")
     p.add_argument("--ab-qk", action="store_true", help="each component with the fused q/k norm + rope kernel and without, interleaved")
     p.add_argument("--json", type=Path, help="also write the rows here, one JSON line each")
     args = p.parse_args(argv)
+    if args.ops:
+        print(op_counts(args))
+        return 0
     if args.micro:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         import_package()

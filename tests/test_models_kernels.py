@@ -211,6 +211,23 @@ def test_gather_sum_kernel(dtype: torch.dtype) -> None:
     assert no_worse(got, ref_same_dtype, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_sum_reads_the_one_past_the_end_index_as_a_zero_row(dtype: torch.dtype) -> None:
+    """Empty slots (index == len(src)) sum a zero row: bit-identical to appending one, as the EP gathers did."""
+    from automodel_convert.models.common.kernels import gather_sum
+
+    torch.manual_seed(6)
+    t, k, h = 41, 4, 300
+    src = torch.randn(t * 2, h, device=DEV).to(dtype)
+    idx = torch.randint(0, t * 2, (t * k,), device=DEV)
+    idx[torch.rand(t * k, device=DEV) < 0.3] = t * 2  # empty slots
+    idx[:k] = t * 2  # a token with no rows at all
+    padded = torch.cat([src, src.new_zeros(1, h)])
+    got = gather_sum(src, idx, k)
+    assert torch.equal(got, gather_sum(padded, idx, k))
+    assert torch.equal(got[0], torch.zeros_like(got[0]))
+
+
 @needs_cuda
 def test_compiled_dense_parts_match_eager() -> None:
     from automodel_convert.models.testing import tiny_config

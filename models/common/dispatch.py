@@ -56,6 +56,14 @@ def _sum_slots(src: torch.Tensor, idx: torch.Tensor, top_k: int, fused: bool) ->
     return g.view(-1, top_k, g.shape[-1]).sum(dim=1)
 
 
+def _sum_filled_slots(src: torch.Tensor, slots: torch.Tensor, top_k: int, fused: bool) -> torch.Tensor:
+    """`_sum_slots` where an empty slot holds `len(src)`: a zero row. The Triton kernel reads it as zeros; the torch
+    path appends the zero row (a copy of `src`)."""
+    if fused:
+        return _sum_slots(src, slots, top_k, fused)
+    return _sum_slots(torch.cat([src, src.new_zeros(1, src.shape[1])]), slots, top_k, fused)
+
+
 class _GatherRows(torch.autograd.Function):
     """x[token_idx]; backward sums the K copies of each token by gathering in (token, slot) order."""
 
@@ -179,7 +187,7 @@ class _GatherSlots(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
         p = ctx.pairs
-        return _sum_slots(torch.cat([grad, grad.new_zeros(1, grad.shape[1])]), p.slots, p.top_k, p.fused), None
+        return _sum_filled_slots(grad, p.slots, p.top_k, p.fused), None
 
 
 class _SumSlots(torch.autograd.Function):
@@ -188,7 +196,7 @@ class _SumSlots(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y: torch.Tensor, pairs: SlotRows) -> torch.Tensor:  # noqa: ANN001
         ctx.pairs = pairs
-        return _sum_slots(torch.cat([y, y.new_zeros(1, y.shape[1])]), pairs.slots, pairs.top_k, pairs.fused)
+        return _sum_filled_slots(y, pairs.slots, pairs.top_k, pairs.fused)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205

@@ -8,7 +8,8 @@ Imported lazily, only when a layer runs on CUDA with Triton installed (backend "
   grouped GEMM backward wants) and reduces d(row_weight) per row.
 - `gather_sum(src [S, H], idx [T*K], K) -> [T, H]`: `out[t] = sum_k src[idx[t*K + k]]` in fp32, one rounding: the
   MoE combine (y back to token order, summed over the K slots) and the backward of the dispatch gather, in one pass
-  without the [T*K, H] intermediate torch's index_select + sum writes.
+  without the [T*K, H] intermediate torch's index_select + sum writes. An index equal to S (one past the last row)
+  reads a row of zeros: the empty slots of expert parallelism's gathers, without appending a zero row to `src`.
 - `rope_half(x [B, S, H, D] any strides, cos [B, S, R], sin [B, S, R]) -> [B, S, H, D]` contiguous: rotary
   embedding in the "half" convention (`x1 * cos - x2 * sin`, `x2 * cos + x1 * sin` on the first R dims, the rest
   passed through), fp32 inside, one rounding; backward applies the inverse rotation. Replaces torch's rotate_half /
@@ -234,14 +235,14 @@ def cross_entropy_fwd_bwd(
 
 
 @triton.jit
-def _gather_sum_kernel(SRC, IDX, OUT, H, K: tl.constexpr, BLOCK: tl.constexpr):
+def _gather_sum_kernel(SRC, IDX, OUT, H, ROWS, K: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < H
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for k in tl.static_range(K):
         r = tl.load(IDX + t * K + k).to(tl.int64)
-        acc += tl.load(SRC + r * H + cols, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(SRC + r * H + cols, mask=mask & (r < ROWS), other=0.0).to(tl.float32)  # r == ROWS: a zero row
     tl.store(OUT + t * H + cols, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -252,7 +253,7 @@ def gather_sum(src: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
     out = torch.empty(t, h, dtype=src.dtype, device=src.device)
     block = min(triton.next_power_of_2(h), 2048)
     if t:
-        _gather_sum_kernel[(t, triton.cdiv(h, block))](src, idx.contiguous(), out, h, K=k, BLOCK=block, num_warps=_warps(block))
+        _gather_sum_kernel[(t, triton.cdiv(h, block))](src, idx.contiguous(), out, h, src.shape[0], K=k, BLOCK=block, num_warps=_warps(block))
     return out
 
 
