@@ -49,26 +49,33 @@ def _received(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, idx, w
 
 
-def _run(padded: bool, recompute: bool, seed: int) -> dict[str, torch.Tensor]:
+def _run(padded: bool, recompute: bool, seed: int, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """On CUDA: bf16, Triton SwiGLU, and the fused gathers (an empty slot read as zeros inside the kernel)."""
     torch.manual_seed(0)
-    mod = GroupedExperts(E_LOCAL, H, I, impl="grouped_mm", recompute=recompute)
+    cuda = device == "cuda"
+    mod = GroupedExperts(E_LOCAL, H, I, impl="grouped_mm", recompute=recompute, swiglu_impl="triton" if cuda else "torch")
     with torch.no_grad():
         mod.gate_up_proj.normal_(0, 0.1)
         mod.down_proj.normal_(0, 0.1)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    mod.to(device, dtype)
     mod.dispatcher = _Received(padded)
-    x, idx, w = _received(seed)
-    x.requires_grad_(True)
-    w.requires_grad_(True)
+    x, idx, w = (t.to(device) for t in _received(seed))
+    x, w = x.to(dtype).requires_grad_(True), w.to(dtype).requires_grad_(True)
     out = mod(x, idx, w)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1))
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
     (out[:R] * g[:R]).sum().backward()
     return {"out": out[:R], "dx": x.grad[:R], "dw": w.grad[:R], "d_gate_up": mod.gate_up_proj.grad, "d_down": mod.down_proj.grad}
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("seed", [1, 2])
-def test_padded_rows_give_bit_identical_outputs_and_gradients(recompute, seed):
-    exact, padded = _run(False, recompute, seed), _run(True, recompute, seed)
+def test_padded_rows_give_bit_identical_outputs_and_gradients(recompute, seed, device):
+    exact, padded = _run(False, recompute, seed, device), _run(True, recompute, seed, device)
     for key, ref in exact.items():
         assert torch.isfinite(padded[key]).all(), key
         assert torch.equal(padded[key], ref), key
