@@ -7,9 +7,10 @@
 An EP step that leaves the GPU idle half the time (`gpu_idle_ms` of `train_bench --profile`) is bound by the host's
 work of issuing kernels. This script measures that work directly, one module at a time, for the zoo's Qwen3-MoE
 decoder layer (bf16, the back-end given by `--backend`, the local dispatcher):
-- `host_us`: CPU wall time to issue one forward + backward, with `--small-seq` tokens, so that the GPU finishes
-  each kernel before the next is issued and the wall time is the host's alone (checked: `gpu_us` is printed beside
-  it; a row where `gpu_us` is not well below `host_us` is marked `gpu-bound`);
+- `host_us`: CPU wall time to issue one forward + backward, with `--small-seq` tokens (kernels short enough that
+  the launch queue never fills, so the wall time is the host's own); `gpu_us` is the GPU's time over the same calls
+  (CUDA events). When the host is the bottleneck the GPU waits for it and `gpu_us` follows `host_us`; a row whose
+  `gpu_us` clearly exceeds `host_us` (> 1.2x) is marked `gpu-bound`: its host figure is then an upper bound;
 - `kernels`: device kernels launched by that forward + backward (torch profiler);
 - `real_host_us` / `real_gpu_us`: the same forward + backward at `--seq` tokens: the host's issue time against the
   GPU's time (CUDA events). A layer whose real_host_us approaches real_gpu_us cannot keep the GPU busy.
@@ -149,7 +150,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             real_host_us, real_gpu_us = (statistics.median(v) for v in zip(*big[variant]))
             rows.append({
                 "component": name + (f" {variant}" if variant else ""), "host_us": round(host_us, 1), "gpu_us": round(gpu_us, 1),
-                "gpu_bound": device.type == "cuda" and gpu_us > 0.8 * host_us, "kernels": _kernel_count(small[name], device),
+                "gpu_bound": device.type == "cuda" and gpu_us > 1.2 * host_us, "kernels": _kernel_count(small[name], device),
                 "real_host_us": round(real_host_us, 1), "real_gpu_us": round(real_gpu_us, 1),
                 "seq": args.seq, "small_seq": args.small_seq, "backend": args.backend or "default", "device": str(device),
                 "torch": torch.__version__,
