@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test)")
     p.add_argument("--micro", action="store_true", help="first, host µs of single launches (CUDA only)")
+    p.add_argument("--micro-only", action="store_true", help="with --micro: only those rows")
     p.add_argument("--ops", action="store_true", help="only list the aten ops of attention, MoE block, RMSNorm by count")
     p.add_argument("--ab-qk", action="store_true", help="each component with the fused q/k norm + rope kernel and without, interleaved")
     p.add_argument("--json", type=Path, help="also write the rows here, one JSON line each")
@@ -286,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         import_package()
         for r in micro(device, 200):
             print(json.dumps(r))
+        if args.micro_only:
+            return 0
     rows = measure(args)
     for r in rows:
         print(json.dumps(r))
