@@ -43,7 +43,7 @@ from .rotary import apply_rotary
 if TYPE_CHECKING:
     from transformers import Cache
 
-FUSE_QK_NORM_ROPE = True  # benchmarks set False to measure the unfused kernels (bench/host_overhead.py --unfused-qk)
+FUSE_QK_NORM_ROPE = True  # benchmarks set False to measure the separate kernels (host_overhead.py --ab-qk, train_bench.py --unfused-qk)
 
 
 def make_linear(in_features: int, out_features: int, bias: bool, impl: str = "torch") -> nn.Module:
