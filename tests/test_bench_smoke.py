@@ -43,3 +43,22 @@ def test_comm_exposure_counts_only_communication_no_compute_overlaps(tmp_path) -
     # RS 0-100 overlaps the GEMM 50-100: 50 exposed; DeepEP 30 exposed; AG 300-340 overlaps 320-340: 20 exposed
     assert got == {"comm_ms": 0.17, "exposed_comm_ms": 0.1, "exposed_reduce_scatter_ms": 0.05, "exposed_all_gather_ms": 0.02, "exposed_deepep_ms": 0.03,
                    "gpu_idle_ms": 0.12}  # no kernel in 150-200 and 230-300
+
+
+def test_host_overhead_runs_every_component_on_cpu() -> None:
+    """`bench/host_overhead.py` (host time per decoder-layer component) with its A/B of the fused q/k kernel, and its
+    op listing: every component reports both variants with positive times."""
+    script = str(ROOT / "bench" / "host_overhead.py")
+    base = [sys.executable, script, "--device", "cpu", "--tiny"]
+    proc = subprocess.run([*base, "--seq", "32", "--small-seq", "16", "--iters", "1", "--repeat", "1", "--warmup", "1", "--ab-qk"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"component"')]
+    names = {r["component"] for r in rows}
+    for component in ("layer", "rms_norm", "attention", "router", "experts", "moe_block"):
+        assert {f"{component} fused-qk", f"{component} unfused-qk"} <= names, names
+    assert all(r["host_us"] > 0 and r["real_host_us"] > 0 for r in rows), rows
+    ops = subprocess.run([*base, "--small-seq", "16", "--ops"], capture_output=True, text=True, timeout=600)
+    assert ops.returncode == 0, ops.stderr[-2000:]
+    listed = [line for line in ops.stdout.splitlines() if line.split(":")[0] in ("attention", "moe_block", "rms_norm")]
+    assert len(listed) == 3 and all(" aten ops: " in line for line in listed), ops.stdout[-2000:]
