@@ -113,7 +113,8 @@ def components(model: torch.nn.Module, seq: int, device: torch.device, dtype: to
             "experts": run_experts, "moe_block": run_moe}
 
 
-def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
+def one_layer_model(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.device, torch.dtype]:
+    """The zoo's Qwen3-MoE with one decoder layer, on `--device` (bf16 on CUDA), back-end `--backend`, training mode."""
     import_package()
     from automodel_convert.models.backend import as_backend
     from automodel_convert.models.qwen3_moe import Qwen3MoeForCausalLM
@@ -124,7 +125,11 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = Qwen3MoeForCausalLM.from_config(cfg, as_backend(args.backend or None), dtype=dtype, device=device)
-    model.train()
+    return model.train(), device, dtype
+
+
+def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
+    model, device, dtype = one_layer_model(args)
     small = components(model, args.small_seq, device, dtype)
     real = components(model, args.seq, device, dtype)
     from automodel_convert.models.common import attention
@@ -221,20 +226,13 @@ def micro(device: torch.device, iters: int) -> list[dict[str, Any]]:
 
 
 def op_counts(args: argparse.Namespace) -> str:
-    """The aten ops and Triton/autograd-Function calls of one decoder layer's forward + backward, by count."""
+    """The aten ops of the attention, MoE block and RMSNorm forward + backward, by count (Triton kernels are not
+    aten ops and do not appear)."""
     import collections
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    import_package()
-    from automodel_convert.models.backend import as_backend
-    from automodel_convert.models.qwen3_moe import Qwen3MoeForCausalLM
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = qwen3_config(1, args.tiny)
-    cfg._attn_implementation = "sdpa"
-    model = Qwen3MoeForCausalLM.from_config(cfg, as_backend(args.backend or None), dtype=dtype, device=device).train()
+    model, device, dtype = one_layer_model(args)
     fns = components(model, args.small_seq, device, dtype)
     counts: collections.Counter = collections.Counter()
 

@@ -262,7 +262,7 @@ def _trainer_label(args: argparse.Namespace, trainer, gate: str) -> str:  # noqa
     inner = [f"ep={args.ep}", f"world={trainer.world}"] + ([trainer.dispatcher] if args.ep > 1 else [])
     inner += ([] if args.reshard_after_forward else ["noreshard"]) + ([] if args.reduce_dtype == "auto" else [f"reduce={args.reduce_dtype}"])
     inner += (["fsdp-before"] if args.fsdp_before else []) + ([args.backend] if args.backend else [])
-    inner += ["unfused-qk"] if getattr(args, "unfused_qk", False) else []
+    inner += ["unfused-qk"] if args.unfused_qk else []
     tail = ("+graphs" if args.cuda_graphs else "") + ("+overlap" if args.overlap_optimizer else "") + ("+balanced" if gate == "balanced" else "")
     return f"trainer({','.join(inner)}){tail}"
 

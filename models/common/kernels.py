@@ -81,6 +81,20 @@ def _rms_bwd(DY, X, W, RSTD, DX, DW, rows, N, rows_per_prog, BLOCK: tl.constexpr
     tl.store(DW + pid.to(tl.int64) * N + cols, dw, mask=mask)
 
 
+def _rope_tables(cos: torch.Tensor, sin: torch.Tensor, b: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = cos.expand(b, s, -1), sin.expand(b, s, -1)
+    if cos.stride(2) != 1 or cos.stride() != sin.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin
+
+
+def _row_partition(rows: int, device: torch.device) -> tuple[int, int]:
+    """`rms_norm` backward's programs and rows per program (the weight gradient's summation order)."""
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 4
+    progs = max(1, min(rows, sms * 8))
+    return progs, triton.cdiv(rows, progs) if rows else 1
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # noqa: ANN001
@@ -102,9 +116,7 @@ class _RMSNorm(torch.autograd.Function):
         rows = x2.shape[0]
         dy2 = dy.reshape(-1, n).contiguous()
         dx = torch.empty_like(x2)
-        sms = _sm_count(x2.device.index if x2.device.index is not None else torch.cuda.current_device()) if x2.is_cuda else 4
-        progs = max(1, min(rows, sms * 8))
-        per = triton.cdiv(rows, progs) if rows else 1
+        progs, per = _row_partition(rows, x2.device)
         # every program writes its whole row of partial sums: nothing to clear unless no program runs
         dw_part = (torch.empty if rows else torch.zeros)(progs, n, dtype=torch.float32, device=x2.device)
         block = triton.next_power_of_2(n)
@@ -292,9 +304,7 @@ def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse:
     half = cos.shape[-1] // 2
     if x.stride(3) != 1:
         x = x.contiguous()
-    cos, sin = cos.expand(b, s, -1), sin.expand(b, s, -1)
-    if cos.stride(2) != 1 or cos.stride() != sin.stride():
-        cos, sin = cos.contiguous(), sin.contiguous()
+    cos, sin = _rope_tables(cos, sin, b, s)
     y = torch.empty(b, s, h, d, dtype=x.dtype, device=x.device)
     if x.numel():
         rest = d - 2 * half
@@ -415,20 +425,6 @@ def _qk_norm_rope_bwd(DQO, DKO, Q, K, WQ, WK, RQ, RK, DQ, DK, DWQ, DWK, COS, SIN
     else:
         _rope_norm_bwd_rows(DKO, K, WK, RK, DK, DWK, pid - progs_q, rows_k, per_k, HK, skb, sks, skh, COS, SIN, S,
                             scb, scs, N, HALF, BLOCK, BLOCK_P, BLOCK_R)
-
-
-def _rope_tables(cos: torch.Tensor, sin: torch.Tensor, b: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
-    cos, sin = cos.expand(b, s, -1), sin.expand(b, s, -1)
-    if cos.stride(2) != 1 or cos.stride() != sin.stride():
-        cos, sin = cos.contiguous(), sin.contiguous()
-    return cos, sin
-
-
-def _row_partition(rows: int, device: torch.device) -> tuple[int, int]:
-    """`rms_norm` backward's programs and rows per program (the weight gradient's summation order)."""
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 4
-    progs = max(1, min(rows, sms * 8))
-    return progs, triton.cdiv(rows, progs) if rows else 1
 
 
 class _QKNormRope(torch.autograd.Function):
